@@ -1,0 +1,299 @@
+"""Weights in and out: darknet ``.weights``, ``.pt`` checkpoints, and ``load_model`` for both.
+
+Darknet ``.weights`` layout: int32 major, minor, revision; ``seen`` as int64 when
+major*10 + minor >= 2 (else int32); then, for every ``[convolutional]`` in cfg order, float32
+biases (or, with batch_normalize, BN beta, gamma, running mean, running variance) followed by the
+conv weights (filters × in/groups × size × size). Nothing else in our sections has weights.
+
+A checkpoint is a plain dict that ``torch.load(weights_only=True)`` accepts and that carries its own
+cfg text, so the checkpoint alone rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.cfg import ModelCfg, parse_cfg, read_cfg, write_cfg
+from models.darknet import Darknet
+from models.shapes import head_channels, infer_shapes, layer_inputs
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "yolo-compress-checkpoint"
+CHECKPOINT_VERSION = 1
+WEIGHTS_VERSION = (0, 2, 5)  # major, minor, revision written to new .weights (int64 `seen`)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The tensors one ``[convolutional]`` layer stores in a ``.weights`` file, in file order."""
+    index: int
+    line: int
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]  # (state-dict key, shape)
+
+    @property
+    def size(self) -> int:
+        return sum(int(np.prod(shape)) for _, shape in self.tensors)
+
+
+def conv_specs(cfg: ModelCfg) -> list[ConvSpec]:
+    """Per conv layer, the state-dict keys and shapes in darknet's file order."""
+    shapes = infer_shapes(cfg)
+    specs = []
+    for i, (b, srcs) in enumerate(zip(cfg.layers, layer_inputs(cfg))):
+        if b.type != "convolutional":
+            continue
+        c_in = shapes[srcs[0]].c if srcs[0] >= 0 else cfg.net["channels"]
+        f, p = b["filters"], f"layers.{i}"
+        weight = (f"{p}.conv.weight", (f, c_in // b["groups"], b["size"], b["size"]))
+        if b["batch_normalize"]:
+            head = tuple((f"{p}.bn.{n}", (f,)) for n in ("bias", "weight", "running_mean", "running_var"))
+        else:
+            head = ((f"{p}.conv.bias", (f,)),)
+        specs.append(ConvSpec(i, b.line, (*head, weight)))
+    return specs
+
+
+@dataclass
+class LoadReport:
+    """What a weights load did: how many tensors it set and which it skipped (and why)."""
+    loaded: int = 0
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.loaded} tensors", *self.notes]
+        lines += [f"skipped {s}" for s in self.skipped]
+        return "; ".join(lines)
+
+
+def _read_header(path: Path) -> tuple[tuple[int, int, int], int, np.ndarray]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"weights file not found: {path}") from None
+    if len(raw) < 16:
+        raise UserError(f"{path}: {len(raw)} bytes is too short for a darknet .weights header")
+    major, minor, revision = (int(v) for v in np.frombuffer(raw, "<i4", 3))
+    if major > 1000 or minor > 1000:
+        raise UserError(f"{path}: transposed darknet weights (version {major}.{minor}) are not "
+                        f"supported")
+    wide = major * 10 + minor >= 2
+    offset = 12 + (8 if wide else 4)
+    seen = int(np.frombuffer(raw, "<i8" if wide else "<i4", 1, 12)[0])
+    body = len(raw) - offset
+    if body % 4:
+        raise UserError(f"{path}: {body} bytes after the header is not a whole number of float32 "
+                        f"values; the file is damaged")
+    return (major, minor, revision), seen, np.frombuffer(raw, "<f4", offset=offset)
+
+
+def read_darknet_state(cfg: ModelCfg, path: str | Path, cutoff: int | None = None
+                       ) -> tuple[dict[str, torch.Tensor], int]:
+    """Read ``path`` against ``cfg``: the state-dict entries of every conv below ``cutoff``, and seen.
+
+    The file must hold exactly the cfg's weights, or (with ``cutoff``) at least those of layers
+    ``0..cutoff-1``. Any other length is a UserError with the counts that disagree.
+    """
+    path = Path(path)
+    _, seen, data = _read_header(path)
+    specs = conv_specs(cfg)
+    if cutoff is not None:
+        specs = [s for s in specs if s.index < cutoff]
+    need = sum(s.size for s in specs)
+    if len(data) < need or (cutoff is None and len(data) > need):
+        raise UserError(_length_message(path, cfg, specs, len(data), need, cutoff))
+    state, pos = {}, 0
+    for spec in specs:
+        for key, shape in spec.tensors:
+            n = int(np.prod(shape))
+            state[key] = torch.from_numpy(data[pos:pos + n].reshape(shape).copy())
+            pos += n
+    return state, seen
+
+
+def _length_message(path: Path, cfg: ModelCfg, specs: list[ConvSpec], have: int, need: int,
+                    cutoff: int | None) -> str:
+    where = f" (layers below cutoff {cutoff})" if cutoff is not None else ""
+    msg = f"{path}: the cfg {cfg.source}{where} needs {need} weights after the header, the file has {have}"
+    if have > need:
+        return msg + ": the weights belong to a different cfg (or pass a cutoff to load only a prefix)"
+    pos = 0
+    for spec in specs:
+        if pos == have:
+            return (msg + f": the file holds exactly layers 0..{spec.index - 1}; to load a backbone-"
+                    f"only file like this, pass cutoff={spec.index} (--cutoff {spec.index})")
+        if pos + spec.size > have:
+            return msg + (f": it ends inside layer {spec.index} ({cfg.source}:{spec.line}); "
+                          f"the file is truncated or belongs to a different cfg")
+        pos += spec.size
+    return msg
+
+
+def with_classes(cfg: ModelCfg, classes: int) -> ModelCfg:
+    """A copy of ``cfg`` whose heads predict ``classes`` classes, head convs resized to match."""
+    out = cfg.copy()
+    for i in out.heads:
+        head = out.layers[i]
+        head.set("classes", classes)
+        feeder = out.layers[i - 1]
+        if feeder.type != "convolutional":
+            raise UserError(f"{head.where()}: cannot change the class count: the layer before this "
+                            f"head is a [{feeder.type}], not a [convolutional]")
+        feeder.set("filters", head_channels(head))
+    return out
+
+
+def _source_classes(cfg: ModelCfg, n_floats: int) -> int | None:
+    """The class count whose head sizes make ``cfg`` need exactly ``n_floats`` weights, if any."""
+    def total(c: int) -> int:
+        return sum(s.size for s in conv_specs(with_classes(cfg, c)))
+    base, per_class = total(1), total(2) - total(1)
+    if per_class <= 0 or (n_floats - base) % per_class:
+        return None
+    classes = 1 + (n_floats - base) // per_class
+    return classes if classes >= 1 else None
+
+
+def transfer_state(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> None:
+    """Copy every tensor of ``state`` whose key and shape match ``model``; note the others."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            report.skipped.append(f"{key} (not in the model)")
+        elif own[key].shape != value.shape:
+            report.skipped.append(f"{key} (shape {tuple(value.shape)} in the weights, "
+                                  f"{tuple(own[key].shape)} in the model)")
+        else:
+            with torch.no_grad():
+                own[key].copy_(value)
+            report.loaded += 1
+
+
+def load_darknet_weights(model: Darknet, path: str | Path, cutoff: int | None = None) -> LoadReport:
+    """Load darknet ``.weights`` into ``model``.
+
+    If the file's length fits the same cfg with another class count (a COCO file into a 3-class
+    model, say), the heads whose shapes differ are skipped and listed in the report.
+    """
+    if model.fused:
+        raise UserError("cannot load darknet weights into a fused model; load first, then fuse()")
+    report = LoadReport()
+    try:
+        state, seen = read_darknet_state(model.cfg, path, cutoff)
+    except UserError:
+        classes = None
+        # a cfg whose heads cannot be resized keeps the length-mismatch error
+        with contextlib.suppress(UserError):
+            if cutoff is None:
+                classes = _source_classes(model.cfg, len(_read_header(Path(path))[2]))
+        if classes is None or classes == model.cfg.classes:
+            raise
+        state, seen = read_darknet_state(with_classes(model.cfg, classes), path)
+        report.notes.append(f"the weights are for {classes} classes, the model has "
+                            f"{model.cfg.classes}: head layers keep their initial weights")
+    transfer_state(model, state, report)
+    model.seen = seen
+    return report
+
+
+def save_darknet_weights(model: Darknet, path: str | Path, cutoff: int | None = None,
+                         seen: int | None = None) -> None:
+    """Write ``model`` (layers below ``cutoff``, all by default) as darknet ``.weights``."""
+    if model.fused:
+        raise UserError("cannot write darknet weights from a fused model: batch norms are folded")
+    state = model.state_dict()
+    specs = [s for s in conv_specs(model.cfg) if cutoff is None or s.index < cutoff]
+    header = np.array(WEIGHTS_VERSION, "<i4").tobytes()
+    header += np.array([seen if seen is not None else getattr(model, "seen", 0)], "<i8").tobytes()
+    chunks = [state[key].detach().float().cpu().numpy().astype("<f4").ravel()
+              for spec in specs for key, _ in spec.tensors]
+    _atomic_write(Path(path), lambda f: (f.write(header), *(f.write(c.tobytes()) for c in chunks)))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file and rename, so an interruption never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: Darknet, **meta: Any) -> None:
+    """Write ``{format, version, cfg text, model state, meta}`` atomically; ``meta`` must be plain
+    (tensors, numbers, strings, lists, dicts) so that ``weights_only`` loading accepts it."""
+    if model.fused:
+        raise UserError("save the model before fuse(): a checkpoint keeps batch norms unfolded")
+    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "cfg": write_cfg(model.cfg),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
+    _atomic_write(Path(path), lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint`` (``weights_only``: no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format "
+                        f"tag); darknet weights end in .weights and need --cfg")
+    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint version {ckpt['version']} is newer than this code "
+                        f"reads ({CHECKPOINT_VERSION})")
+    return ckpt
+
+
+def load_model(weights: str | Path | None = None, cfg: str | Path | ModelCfg | None = None,
+               device: str | torch.device = "cpu", cutoff: int | None = None) -> Darknet:
+    """The one entry for every script: a ``.pt`` checkpoint alone, cfg + darknet ``.weights``,
+    or a cfg alone (random initial weights).
+
+    With a ``.pt`` and a cfg, the model is built from the cfg and the checkpoint's tensors whose
+    shapes fit are copied in (e.g. to change the class count); what was skipped is logged.
+    """
+    if weights is None and cfg is None:
+        raise UserError("give --weights (a .pt checkpoint, or darknet .weights with --cfg) or --cfg")
+    weights = Path(weights) if weights is not None else None
+    ckpt = None
+    if weights is not None and weights.suffix == ".pt":
+        ckpt = load_checkpoint(weights)
+        model_cfg = parse_cfg(ckpt["cfg"], f"{weights} (embedded cfg)")
+    elif weights is not None and weights.suffix != ".weights":
+        raise UserError(f"{weights}: unknown weights type {weights.suffix!r}; expected .pt or .weights")
+    elif cfg is None:
+        raise UserError(f"{weights}: darknet .weights carry no architecture: give its --cfg")
+    if cfg is not None:
+        model_cfg = cfg if isinstance(cfg, ModelCfg) else read_cfg(cfg)
+    model = Darknet(model_cfg)
+    if ckpt is not None:
+        report = LoadReport()
+        transfer_state(model, ckpt["model"], report)
+        missing = set(model.state_dict()) - set(ckpt["model"])
+        report.skipped += [f"{k} (not in the checkpoint)" for k in sorted(missing)]
+    elif weights is not None:
+        report = load_darknet_weights(model, weights, cutoff)
+    else:
+        report = None
+    if report is not None and (report.skipped or report.notes):
+        log.warning("%s: %s", weights, report)
+    return model.to(device)

@@ -1,0 +1,1 @@
+"""Shared helpers: errors, command-line plumbing (datasets, loss and metrics arrive with training)."""
