@@ -129,11 +129,12 @@ def _length_message(path: Path, cfg: ModelCfg, specs: list[ConvSpec], have: int,
     msg = f"{path}: the cfg {cfg.source}{where} needs {need} weights after the header, the file has {have}"
     if have > need:
         return msg + ": the weights belong to a different cfg (or pass a cutoff to load only a prefix)"
-    pos = 0
+    pos, last = 0, -1
     for spec in specs:
-        if pos == have:
-            return (msg + f": the file holds exactly layers 0..{spec.index - 1}; to load a backbone-"
-                    f"only file like this, pass cutoff={spec.index} (--cutoff {spec.index})")
+        if pos == have and last >= 0:
+            return (msg + f": the file holds exactly layers 0..{last}; to load a backbone-only "
+                    f"file like this, pass cutoff={last + 1} (--cutoff {last + 1})")
+        last = spec.index
         if pos + spec.size > have:
             return msg + (f": it ends inside layer {spec.index} ({cfg.source}:{spec.line}); "
                           f"the file is truncated or belongs to a different cfg")

@@ -70,11 +70,12 @@ class ConvBN(nn.Module):
         if not isinstance(self.bn, nn.BatchNorm2d):
             return
         bn, conv = self.bn, self.conv
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        # fold in float64 so the folded weights carry no extra rounding
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
         fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                           conv.padding, groups=conv.groups, bias=True).to(conv.weight)
-        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        fused.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_(bn.bias.double() - bn.running_mean.double() * scale)
         self.conv, self.bn = fused, nn.Identity()
 
 

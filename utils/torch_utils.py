@@ -57,7 +57,7 @@ def tame_random_weights(model: nn.Module, seed: int = 0, img_size: int = 64,
             if m.bias is None:
                 m.weight.mul_(10.0)
             else:
-                m.weight.mul_(0.5)
+                m.weight.mul_(0.1)
                 nn.init.uniform_(m.bias, -0.5, 0.5, generator=gen)
     for bn in _batchnorms(model):
         bn.weight.copy_(torch.rand(bn.num_features, generator=gen) * 0.2 + 0.4)

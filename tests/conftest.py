@@ -1,0 +1,61 @@
+"""Shared test fixtures: every cfg the project ships or the reference set holds, and tame models."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from models.darknet import Darknet
+from utils.torch_utils import tame_random_weights
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference" / "darknet-cfg"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def all_cfgs() -> list[Path]:
+    """cfg/*.cfg, then every reference cfg whose content is not already among them."""
+    seen: set[str] = set()
+    out = []
+    for path in [*sorted((REPO / "cfg").glob("*.cfg")), *sorted(REFERENCE.glob("*.cfg")),
+                 *sorted(TEST_DATA.glob("*.cfg"))]:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            out.append(path)
+    return out
+
+
+def cfg_id(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+CFGS = all_cfgs()
+TINY_CFGS = [p for p in CFGS if "tiny" in p.name or "small" in p.name]
+
+
+@functools.cache
+def _tame(path: Path) -> Darknet:
+    return tame_random_weights(Darknet(path), seed=0, img_size=64)
+
+
+def tame_model(path: Path) -> Darknet:
+    """A fresh copy of the cfg's model with tame random weights (built once per session)."""
+    return copy.deepcopy(_tame(path))
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|: one number for how far a tensor is from its reference."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.fixture(params=CFGS, ids=cfg_id)
+def cfg_path(request) -> Path:
+    return request.param
