@@ -1,0 +1,82 @@
+"""CPU forward latency, batch 1: this project's PyTorch model against OpenCV DNN on the same
+cfg and weights. Prints the median of repeated runs and the ratio measured in the same run.
+
+    .venv/bin/python -m bench.latency_opencv                      # yolov3-tiny and yolov3 at 416
+    .venv/bin/python -m bench.latency_opencv --cfgs cfg/yolov4-tiny.cfg --runs 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from models.cfg import write_cfg
+from models.darknet import Darknet
+from models.io import save_darknet_weights
+from utils.torch_utils import tame_random_weights
+
+
+def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def bench_cfg(cfg_path: str, size: int, runs: int, warmup: int) -> dict[str, float]:
+    model = tame_random_weights(Darknet(cfg_path), seed=0, img_size=64)
+    image = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, weights = Path(tmp) / "m.cfg", Path(tmp) / "m.weights"
+        cfg.write_text(write_cfg(model.cfg))
+        save_darknet_weights(model, weights)
+        net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
+    names = net.getUnconnectedOutLayersNames()
+
+    def opencv() -> object:
+        net.setInput(image)
+        return net.forward(names)
+
+    x = torch.from_numpy(image)
+    fused = Darknet(model.cfg)
+    fused.load_state_dict(model.state_dict())
+    fused = fused.eval().fuse()
+    with torch.inference_mode():
+        return {
+            "opencv": median_ms(opencv, runs, warmup),
+            "torch": median_ms(lambda: model(x), runs, warmup),
+            "torch_fused": median_ms(lambda: fused(x), runs, warmup),
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfgs", nargs="+", default=["cfg/yolov3-tiny.cfg", "cfg/yolov3.cfg"])
+    ap.add_argument("--img-size", type=int, default=416)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args(argv)
+    print(f"CPU latency, batch 1, {args.img_size}x{args.img_size}, median of {args.runs} runs "
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads; OpenCV {cv2.__version__})")
+    print(f"{'cfg':<22}{'OpenCV ms':>11}{'torch ms':>10}{'fused ms':>10}{'torch/OpenCV':>14}"
+          f"{'fused/OpenCV':>14}")
+    for cfg in args.cfgs:
+        r = bench_cfg(cfg, args.img_size, args.runs, args.warmup)
+        print(f"{Path(cfg).name:<22}{r['opencv']:>11.1f}{r['torch']:>10.1f}{r['torch_fused']:>10.1f}"
+              f"{r['torch'] / r['opencv']:>14.2f}{r['torch_fused'] / r['opencv']:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()
