@@ -34,8 +34,7 @@ class Darknet(nn.Module):
             build_layer(block, [shapes[j] if j >= 0 else image for j in srcs])
             for block, srcs in zip(self.cfg.layers, self.inputs))
         self.heads = self.cfg.heads
-        if not self.heads:
-            raise UserError(f"{self.cfg.source}: the cfg has no [yolo] head")
+        self.cfg.classes  # noqa: B018 -- raises UserError unless every head has the same class count
         self.max_stride = max_stride(self.cfg)
         # outputs a later layer reads out of order; everything else is dropped as soon as it is used
         self._keep = {j for i, srcs in enumerate(self.inputs) for j in srcs if j != i - 1}

@@ -195,3 +195,9 @@ def test_writer_round_trips_a_modified_cfg(tmp_path):
     path.write_text(write_cfg(cfg))
     model = Darknet(path)
     assert model.layers[0].conv.out_channels == 24 and model.layers[1].conv.in_channels == 24
+
+
+def test_heads_must_agree_on_classes():
+    text = tiny() + "[route]\nlayers=-3\n" + HEAD.format(f=24).replace("classes=2", "classes=3")
+    with pytest.raises(UserError, match=r"heads disagree on classes \(\[2, 3\]\)"):
+        Darknet(parse_cfg(text))

@@ -19,3 +19,10 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def not_yet(script: str, issue: int) -> int:
+    """For scripts whose issue has not landed: say so on one line and return exit status 2."""
+    print(f"error: {script} is not implemented yet (issue #{issue}); see README.md for what works "
+          f"today", file=sys.stderr)
+    return 2
