@@ -191,3 +191,16 @@ def test_fused_models_refuse_to_save(tmp_path):
         save_darknet_weights(model, tmp_path / "f.weights")
     with pytest.raises(UserError, match="fuse"):
         save_checkpoint(tmp_path / "f.pt", model)
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    model = Darknet("tests/data/exotic-layers.cfg")
+    save_darknet_weights(model, tmp_path / "a.weights")
+    save_checkpoint(tmp_path / "a.pt", model)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("a.weights", "a.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
