@@ -94,6 +94,13 @@ def _at_least(parse: Callable[[str], Any], low: float) -> Callable[[str], Any]:
     return check
 
 
+def _probability(s: str) -> float:
+    v = _float(s)
+    if not 0 <= v < 1:
+        raise _ValueError(f"must be in [0, 1), got {s!r}")
+    return v
+
+
 _ints = _list(_int)
 _floats = _list(_float)
 _positive = _at_least(_int, 1)
@@ -173,7 +180,7 @@ SCHEMAS: dict[str, dict[str, Option]] = {
     },
     "avgpool": {},
     "dropout": {
-        "probability": _opt(_float, 0.5),
+        "probability": _opt(_probability, 0.5),
     },
     "scale_channels": {
         "from": _opt(_int),

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "yolo-compress-checkpoint"
 CHECKPOINT_VERSION = 1
+# suffixes that are certainly not darknet weights (everything but .pt is read as darknet weights,
+# since darknet names backbone files like yolov3-tiny.conv.15)
+NOT_DARKNET = (".onnx", ".engine", ".trt", ".pth", ".pkl", ".cfg", ".yaml", ".json")
 WEIGHTS_VERSION = (0, 2, 5)  # major, minor, revision written to new .weights (int64 `seen`)
 
 
@@ -78,57 +81,89 @@ class LoadReport:
         return "; ".join(lines)
 
 
-def _read_header(path: Path) -> tuple[tuple[int, int, int], int, np.ndarray]:
+@dataclass(frozen=True)
+class DarknetFile:
+    """A ``.weights`` file: its path, header version, ``seen`` and the float32 values after the header."""
+    path: Path
+    version: tuple[int, int, int]
+    seen: int
+    data: np.ndarray
+
+
+def read_darknet_file(path: str | Path) -> DarknetFile:
+    path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"weights file not found: {path}") from None
-    if len(raw) < 16:
+    except OSError as e:
+        raise UserError(f"cannot read weights {path}: {e.strerror or e}") from None
+    if len(raw) >= 12:
+        major, minor, revision = (int(v) for v in np.frombuffer(raw, "<i4", 3))
+        wide = major * 10 + minor >= 2
+        offset = 12 + (8 if wide else 4)  # `seen` is uint64 from version 0.2 on, uint32 before
+    if len(raw) < 12 or len(raw) < offset:
         raise UserError(f"{path}: {len(raw)} bytes is too short for a darknet .weights header")
-    major, minor, revision = (int(v) for v in np.frombuffer(raw, "<i4", 3))
     if major > 1000 or minor > 1000:
         raise UserError(f"{path}: transposed darknet weights (version {major}.{minor}) are not "
                         f"supported")
-    wide = major * 10 + minor >= 2
-    offset = 12 + (8 if wide else 4)
-    seen = int(np.frombuffer(raw, "<i8" if wide else "<i4", 1, 12)[0])
+    seen = int(np.frombuffer(raw, "<u8" if wide else "<u4", 1, 12)[0])
     body = len(raw) - offset
     if body % 4:
         raise UserError(f"{path}: {body} bytes after the header is not a whole number of float32 "
                         f"values; the file is damaged")
-    return (major, minor, revision), seen, np.frombuffer(raw, "<f4", offset=offset)
+    return DarknetFile(path, (major, minor, revision), seen, np.frombuffer(raw, "<f4", offset=offset))
 
 
-def read_darknet_state(cfg: ModelCfg, path: str | Path, cutoff: int | None = None
-                       ) -> tuple[dict[str, torch.Tensor], int]:
-    """Read ``path`` against ``cfg``: the state-dict entries of every conv below ``cutoff``, and seen.
+def _prefix(specs: list[ConvSpec], cutoff: int | None) -> list[ConvSpec]:
+    return specs if cutoff is None else [s for s in specs if s.index < cutoff]
 
-    The file must hold exactly the cfg's weights, or (with ``cutoff``) at least those of layers
-    ``0..cutoff-1``. Any other length is a UserError with the counts that disagree.
+
+def _fits(cfg: ModelCfg, n_floats: int, cutoff: int | None) -> bool:
+    """Whether a file of ``n_floats`` values can be read as ``cfg``'s weights below ``cutoff``.
+
+    Exactly the whole cfg always fits. With a cutoff, exactly the layers below it fit too, and so
+    does any longer file when no head conv lies below the cutoff: a backbone prefix is the same
+    whatever the class count (darknet's partial load). Past a head conv, a longer file could be one
+    for another class count, whose later layers would be read shifted, so it does not fit.
     """
-    path = Path(path)
-    _, seen, data = _read_header(path)
     specs = conv_specs(cfg)
-    if cutoff is not None:
-        specs = [s for s in specs if s.index < cutoff]
-    need = sum(s.size for s in specs)
-    if len(data) < need or (cutoff is None and len(data) > need):
-        raise UserError(_length_message(path, cfg, specs, len(data), need, cutoff))
+    need = sum(s.size for s in _prefix(specs, cutoff))
+    if n_floats == sum(s.size for s in specs) or n_floats == need:
+        return True
+    head_convs = {i - 1 for i in cfg.heads}
+    return (cutoff is not None and n_floats > need
+            and not any(s.index in head_convs for s in _prefix(specs, cutoff)))
+
+
+def read_darknet_state(cfg: ModelCfg, file: DarknetFile, cutoff: int | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """The state-dict entries of every conv of ``cfg`` below ``cutoff``, read from ``file``.
+
+    A file whose length does not fit (see ``_fits``) is a UserError with the counts that disagree.
+    """
+    specs = _prefix(conv_specs(cfg), cutoff)
+    if not _fits(cfg, len(file.data), cutoff):
+        need = sum(s.size for s in specs)
+        raise UserError(_length_message(file.path, cfg, specs, len(file.data), need, cutoff))
     state, pos = {}, 0
     for spec in specs:
         for key, shape in spec.tensors:
             n = int(np.prod(shape))
-            state[key] = torch.from_numpy(data[pos:pos + n].reshape(shape).copy())
+            state[key] = torch.from_numpy(file.data[pos:pos + n].reshape(shape).copy())
             pos += n
-    return state, seen
+    return state
 
 
 def _length_message(path: Path, cfg: ModelCfg, specs: list[ConvSpec], have: int, need: int,
                     cutoff: int | None) -> str:
     where = f" (layers below cutoff {cutoff})" if cutoff is not None else ""
     msg = f"{path}: the cfg {cfg.source}{where} needs {need} weights after the header, the file has {have}"
-    if have > need:
+    if have > need and cutoff is None:
         return msg + ": the weights belong to a different cfg (or pass a cutoff to load only a prefix)"
+    if have > need:
+        return msg + (": below the cutoff lies a head conv, so the file must hold exactly those "
+                      "layers or the whole cfg (for any class count)")
     pos, last = 0, -1
     for spec in specs:
         if pos == have and last >= 0:
@@ -183,29 +218,30 @@ def transfer_state(model: nn.Module, state: dict[str, torch.Tensor], report: Loa
 
 
 def load_darknet_weights(model: Darknet, path: str | Path, cutoff: int | None = None) -> LoadReport:
-    """Load darknet ``.weights`` into ``model``.
+    """Load darknet ``.weights`` into ``model`` (only layers below ``cutoff``, if given).
 
     If the file's length fits the same cfg with another class count (a COCO file into a 3-class
     model, say), the heads whose shapes differ are skipped and listed in the report.
     """
     if model.fused:
         raise UserError("cannot load darknet weights into a fused model; load first, then fuse()")
-    report = LoadReport()
-    try:
-        state, seen = read_darknet_state(model.cfg, path, cutoff)
-    except UserError:
-        classes = None
+    if cutoff is not None and cutoff < 1:
+        raise UserError(f"cutoff={cutoff}: must be at least 1 (the number of layers to load)")
+    file = read_darknet_file(path)
+    source = model.cfg
+    if not _fits(source, len(file.data), cutoff):
         # a cfg whose heads cannot be resized keeps the length-mismatch error
         with contextlib.suppress(UserError):
-            if cutoff is None:
-                classes = _source_classes(model.cfg, len(_read_header(Path(path))[2]))
-        if classes is None or classes == model.cfg.classes:
-            raise
-        state, seen = read_darknet_state(with_classes(model.cfg, classes), path)
-        report.notes.append(f"the weights are for {classes} classes, the model has "
+            classes = _source_classes(model.cfg, len(file.data))
+            if classes is not None and classes != model.cfg.classes:
+                source = with_classes(model.cfg, classes)
+    report = LoadReport()
+    state = read_darknet_state(source, file, cutoff)
+    if source is not model.cfg:
+        report.notes.append(f"the weights are for {source.classes} classes, the model has "
                             f"{model.cfg.classes}: head layers keep their initial weights")
     transfer_state(model, state, report)
-    model.seen = seen
+    model.seen = file.seen
     return report
 
 
@@ -268,13 +304,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise UserError(f"{path}: checkpoint version {ckpt['version']} is newer than this code "
                         f"reads ({CHECKPOINT_VERSION})")
+    if not isinstance(ckpt.get("cfg"), str) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{path}: damaged checkpoint: it lacks the cfg text or the model state")
     return ckpt
 
 
 def load_model(weights: str | Path | None = None, cfg: str | Path | ModelCfg | None = None,
                device: str | torch.device = "cpu", cutoff: int | None = None) -> Darknet:
-    """The one entry for every script: a ``.pt`` checkpoint alone, cfg + darknet ``.weights``,
-    or a cfg alone (random initial weights).
+    """The one entry for every script: a ``.pt`` checkpoint alone, cfg + darknet weights (any
+    other file name, since darknet's own are ``.weights`` or ``.conv.74``), or a cfg alone
+    (random initial weights).
 
     With a ``.pt`` and a cfg, the model is built from the cfg and the checkpoint's tensors whose
     shapes fit are copied in (e.g. to change the class count); what was skipped is logged.
@@ -286,8 +325,9 @@ def load_model(weights: str | Path | None = None, cfg: str | Path | ModelCfg | N
     if weights is not None and weights.suffix == ".pt":
         ckpt = load_checkpoint(weights)
         model_cfg = parse_cfg(ckpt["cfg"], f"{weights} (embedded cfg)")
-    elif weights is not None and weights.suffix != ".weights":
-        raise UserError(f"{weights}: unknown weights type {weights.suffix!r}; expected .pt or .weights")
+    elif weights is not None and weights.suffix in NOT_DARKNET:
+        raise UserError(f"{weights}: {weights.suffix} files are not model weights this script "
+                        f"reads; give a .pt checkpoint or darknet weights with --cfg")
     elif cfg is None:
         raise UserError(f"{weights}: darknet .weights carry no architecture: give its --cfg")
     if cfg is not None:

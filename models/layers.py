@@ -24,6 +24,13 @@ class HardMish(nn.Module):
         return x * torch.clamp(x + 2, 0, 2) / 2
 
 
+class DarknetSELU(nn.Module):
+    """darknet's selu, with its rounded constants: 1.0507 * (x if x >= 0 else 1.6732 * (e^x - 1))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.0507 * torch.where(x >= 0, x, 1.6732 * torch.expm1(x))
+
+
 _ACTIVATIONS = {
     "linear": nn.Identity,
     "leaky": lambda: nn.LeakyReLU(0.1),
@@ -34,8 +41,8 @@ _ACTIVATIONS = {
     "logistic": nn.Sigmoid,
     "tanh": nn.Tanh,
     "elu": nn.ELU,
-    "selu": nn.SELU,
-    "gelu": nn.GELU,
+    "selu": DarknetSELU,
+    "gelu": lambda: nn.GELU(approximate="tanh"),  # darknet: 0.5x(1 + tanh(0.797885x + 0.035677x^3))
     "hard_mish": HardMish,
 }
 

@@ -142,4 +142,4 @@ def max_stride(cfg: ModelCfg) -> int:
     """The largest downsampling factor in the network: input sizes must be multiples of it."""
     size = 4096
     shapes = infer_shapes(cfg, size, size)
-    return max(size // s.h for s in shapes if s.h > 1)
+    return max((size // s.h for s in shapes if s.h > 1), default=1)

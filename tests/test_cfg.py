@@ -123,6 +123,7 @@ BAD_CFGS = {
                         "not supported by this project"),
     "option before section": ("width=3\n" + tiny(), "width=3", "before the first"),
     "no equals sign": (tiny().replace("pad=1", "pad 1", 1), "pad 1", "expected 'key=value'"),
+    "dropout probability": (tiny("[dropout]\nprobability=1.5\n"), "probability", r"must be in \[0, 1\)"),
     "groups do not divide": (tiny().replace("filters=16", "filters=16\ngroups=3"), "groups=3",
                              "groups=3 must divide"),
 }
@@ -155,6 +156,9 @@ def test_structure_errors():
     with pytest.raises(UserError, match="too small"):
         small = tiny().replace("width=64\nheight=64", "width=2\nheight=2").replace("pad=1", "pad=0")
         Darknet(parse_cfg(small))
+    # a network without any spatial layer still builds (its largest stride is 1)
+    flat = NET + "[avgpool]\n" + HEAD.format(f=21)
+    assert Darknet(parse_cfg(flat)).max_stride == 1
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:

@@ -107,7 +107,52 @@ def test_backbone_prefix_and_cutoff(tmp_path):
     assert report.loaded == sum(len(s.tensors) for s in conv_specs(fresh.cfg) if s.index < 74)
     # a full file also loads with a cutoff (darknet's partial load); the rest is ignored
     save_darknet_weights(model, tmp_path / "full.weights")
-    load_darknet_weights(Darknet("cfg/yolov3.cfg"), tmp_path / "full.weights", cutoff=74)
+    partial = Darknet("cfg/yolov3.cfg")
+    initial = {k: v.clone() for k, v in _conv_state(partial).items()}
+    load_darknet_weights(partial, tmp_path / "full.weights", cutoff=74)
+    for k, v in _conv_state(partial).items():
+        assert torch.equal(v, ref[k] if int(k.split(".")[1]) < 74 else initial[k]), k
+    # backbone files keep darknet's names; anything but .pt is read as darknet weights
+    assert load_model(path, "cfg/yolov3.cfg", cutoff=74).layers[0].conv.weight.equal(
+        model.layers[0].conv.weight)
+    for bad in (0, -5):
+        with pytest.raises(UserError, match="must be at least 1"):
+            load_darknet_weights(Darknet("cfg/yolov3.cfg"), path, cutoff=bad)
+
+
+def test_cutoff_past_a_head_with_another_class_count(tmp_path):
+    """Past a head conv, a longer file is read as its own class count or refused, never shifted."""
+    coco = tame_model(Path("cfg/yolov3-tiny.cfg"))
+    save_darknet_weights(coco, tmp_path / "coco.weights")
+    three = Darknet(with_classes(coco.cfg, 3))
+    initial = {k: v.clone() for k, v in _conv_state(three).items()}
+    report = load_darknet_weights(three, tmp_path / "coco.weights", cutoff=20)
+    assert any("80 classes" in n for n in report.notes)
+    assert sorted(report.skipped) == [
+        "layers.15.conv.bias (shape (255,) in the weights, (24,) in the model)",
+        "layers.15.conv.weight (shape (255, 512, 1, 1) in the weights, (24, 512, 1, 1) in the model)"]
+    ref = _conv_state(coco)
+    for k, v in _conv_state(three).items():
+        layer = int(k.split(".")[1])
+        assert torch.equal(v, ref[k] if layer < 20 and layer != 15 else initial[k]), k
+    # a file that fits no class count is refused, even though it is longer than the prefix
+    with open(tmp_path / "coco.weights", "ab") as f:
+        f.write(np.zeros(5, "<f4").tobytes())
+    with pytest.raises(UserError, match="head conv"):
+        load_darknet_weights(Darknet("cfg/yolov3-tiny.cfg"), tmp_path / "coco.weights", cutoff=20)
+
+
+def test_seen_is_unsigned_and_short_headers_are_refused(tmp_path):
+    body = np.zeros(sum(s.size for s in conv_specs(read_cfg("cfg/yolov3-tiny.cfg"))), "<f4")
+    with open(tmp_path / "old.weights", "wb") as f:
+        f.write(np.array([0, 1, 0], "<i4").tobytes() + np.array([3_000_000_000], "<u4").tobytes())
+        f.write(body.tobytes())
+    model = Darknet("cfg/yolov3-tiny.cfg")
+    load_darknet_weights(model, tmp_path / "old.weights")
+    assert model.seen == 3_000_000_000
+    (tmp_path / "h18.weights").write_bytes(np.array([0, 2, 0], "<i4").tobytes() + b"\0" * 6)
+    with pytest.raises(UserError, match="18 bytes is too short"):
+        load_darknet_weights(model, tmp_path / "h18.weights")
 
 
 def test_truncated_weights_name_the_layer(tmp_path):
@@ -175,8 +220,13 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path / "x.weights", "cfg/yolov3-tiny.cfg")
     with pytest.raises(UserError, match="checkpoint not found"):
         load_model(tmp_path / "x.pt")
-    with pytest.raises(UserError, match="unknown weights type"):
-        load_model(tmp_path / "x.onnx")
+    with pytest.raises(UserError, match=r"\.onnx files are not model weights"):
+        load_model(tmp_path / "x.onnx", "cfg/yolov3-tiny.cfg")
+    with pytest.raises(UserError, match="cannot read weights"):
+        load_model(tmp_path, "cfg/yolov3-tiny.cfg")  # a directory
+    torch.save({"format": "yolo-compress-checkpoint", "version": 1}, tmp_path / "empty.pt")
+    with pytest.raises(UserError, match="lacks the cfg text"):
+        load_model(tmp_path / "empty.pt")
     torch.save({"some": "dict"}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="not a checkpoint of this project"):
         load_checkpoint(tmp_path / "foreign.pt")
