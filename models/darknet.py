@@ -39,6 +39,7 @@ class Darknet(nn.Module):
         # outputs a later layer reads out of order; everything else is dropped as soon as it is used
         self._keep = {j for i, srcs in enumerate(self.inputs) for j in srcs if j != i - 1}
         self.fused = False
+        self.seen = 0  # images trained on, as darknet counts them in the .weights header
 
     @classmethod
     def from_text(cls, text: str, source: str = "<cfg>") -> Darknet:

@@ -251,9 +251,9 @@ def save_darknet_weights(model: Darknet, path: str | Path, cutoff: int | None = 
     if model.fused:
         raise UserError("cannot write darknet weights from a fused model: batch norms are folded")
     state = model.state_dict()
-    specs = [s for s in conv_specs(model.cfg) if cutoff is None or s.index < cutoff]
+    specs = _prefix(conv_specs(model.cfg), cutoff)
     header = np.array(WEIGHTS_VERSION, "<i4").tobytes()
-    header += np.array([seen if seen is not None else getattr(model, "seen", 0)], "<i8").tobytes()
+    header += np.array([model.seen if seen is None else seen], "<u8").tobytes()
     chunks = [state[key].detach().float().cpu().numpy().astype("<f4").ravel()
               for spec in specs for key, _ in spec.tensors]
     _atomic_write(Path(path), lambda f: (f.write(header), *(f.write(c.tobytes()) for c in chunks)))
