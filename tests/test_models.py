@@ -62,10 +62,10 @@ def test_train_mode_returns_raw_and_backward_is_finite(cfg_path):
         assert model.layers[i - 1].conv.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_fuse_matches_unfused(cfg_path, dtype, tol):
-    # In float64 any folding mistake shows far above 1e-5; in float32 a 100-layer network's own
-    # rounding is already ~1e-5, so there the bound is 1e-4.
+    # float64 shows the folding itself is exact (measured <= 3e-14); float32 adds rounding
+    # (measured <= 7e-6 for yolov4 with tame weights).
     model = tame_model(cfg_path).to(dtype)
     x = torch.rand(1, 3, 96, 96, dtype=dtype)
     with torch.no_grad():
