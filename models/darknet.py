@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.cfg import ModelCfg, parse_cfg, read_cfg, write_cfg
+from models.cfg import ModelCfg, read_cfg, write_cfg
 from models.layers import ConvBN, YoloHead, build_layer
 from models.shapes import Shape, infer_shapes, layer_inputs, max_stride
 from utils.errors import UserError
@@ -40,10 +40,6 @@ class Darknet(nn.Module):
         self._keep = {j for i, srcs in enumerate(self.inputs) for j in srcs if j != i - 1}
         self.fused = False
         self.seen = 0  # images trained on, as darknet counts them in the .weights header
-
-    @classmethod
-    def from_text(cls, text: str, source: str = "<cfg>") -> Darknet:
-        return cls(parse_cfg(text, source))
 
     @property
     def cfg_text(self) -> str:

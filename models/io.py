@@ -35,7 +35,7 @@ CHECKPOINT_VERSION = 1
 # suffixes that are certainly not darknet weights (everything but .pt is read as darknet weights,
 # since darknet names backbone files like yolov3-tiny.conv.15)
 NOT_DARKNET = (".onnx", ".engine", ".trt", ".pth", ".pkl", ".cfg", ".yaml", ".json")
-WEIGHTS_VERSION = (0, 2, 5)  # major, minor, revision written to new .weights (int64 `seen`)
+WEIGHTS_VERSION = (0, 2, 5)  # major, minor, revision written to new .weights (uint64 `seen`)
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,14 @@ def read_darknet_file(path: str | Path) -> DarknetFile:
         raise UserError(f"weights file not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read weights {path}: {e.strerror or e}") from None
-    if len(raw) >= 12:
-        major, minor, revision = (int(v) for v in np.frombuffer(raw, "<i4", 3))
-        wide = major * 10 + minor >= 2
-        offset = 12 + (8 if wide else 4)  # `seen` is uint64 from version 0.2 on, uint32 before
-    if len(raw) < 12 or len(raw) < offset:
-        raise UserError(f"{path}: {len(raw)} bytes is too short for a darknet .weights header")
+    too_short = UserError(f"{path}: {len(raw)} bytes is too short for a darknet .weights header")
+    if len(raw) < 12:
+        raise too_short
+    major, minor, revision = (int(v) for v in np.frombuffer(raw, "<i4", 3))
+    wide = major * 10 + minor >= 2
+    offset = 12 + (8 if wide else 4)  # `seen` is uint64 from version 0.2 on, uint32 before
+    if len(raw) < offset:
+        raise too_short
     if major > 1000 or minor > 1000:
         raise UserError(f"{path}: transposed darknet weights (version {major}.{minor}) are not "
                         f"supported")

@@ -35,7 +35,6 @@ def cfg_id(path: Path) -> str:
 
 
 CFGS = all_cfgs()
-TINY_CFGS = [p for p in CFGS if "tiny" in p.name or "small" in p.name]
 
 
 @functools.cache

@@ -9,6 +9,8 @@ import torch
 from models.cfg import ACTIVATIONS
 from models.layers import activation
 
+TEST_NET = "[net]\nwidth=32\nheight=32\nchannels=3\n"
+
 
 def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
@@ -56,5 +58,3 @@ def test_upsample_scale_multiplies():
     x = torch.rand(1, 3, 2, 2)
     assert torch.equal(up(x), x.repeat_interleave(2, 2).repeat_interleave(2, 3) * 0.5)
 
-
-TEST_NET = "[net]\nwidth=32\nheight=32\nchannels=3\n"
