@@ -62,12 +62,13 @@ def test_train_mode_returns_raw_and_backward_is_finite(cfg_path):
         assert model.layers[i - 1].conv.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 5e-5)])
 def test_fuse_matches_unfused(cfg_path, dtype, tol):
-    # float64 shows the folding itself is exact (measured <= 3e-14); float32 adds rounding
-    # (measured <= 7e-6 for yolov4 with tame weights).
+    # float64 shows the folding itself is exact (measured <= 3e-14). float32 adds the rounding of
+    # a different operation order: below 1e-5 for most cfgs, up to 1.5e-5 for yolov4x-mish over
+    # 8 random inputs, so its bound is 5e-5 on a fixed input.
     model = tame_model(cfg_path).to(dtype)
-    x = torch.rand(1, 3, 96, 96, dtype=dtype)
+    x = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         ref, _ = model(x)
         fused = copy.deepcopy(model).fuse()
