@@ -1,8 +1,83 @@
-"""test.py: mAP evaluation (issue #3). Not implemented yet."""
+"""test.py: mAP@0.5, mAP@0.5:0.95, P, R, F1 per class, speed, PR curve and confusion matrix.
 
+    python test.py --weights runs/train/exp/weights/best.pt            # built-in benchmark, val split
+    python test.py --cfg cfg/yolov3-tiny.cfg --weights yolov3-tiny.weights --data my.data --save-json
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
 
-from utils.cli import not_yet
+from models.io import load_checkpoint, load_model
+from utils.cli import run_cli
+from utils.datasets import create_dataloader, read_data_file
+from utils.errors import UserError
+from utils.evaluate import EvalResult, evaluate, format_table
+from utils.files import new_run_dir
+from utils.torch_utils import select_device
+from utils.trainer import resolve_data
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help=".pt checkpoint, or darknet weights with --cfg")
+    p.add_argument("--cfg", default=None, help="cfg for darknet .weights")
+    p.add_argument("--data", default="", help=".data file (default: built-in shapes benchmark)")
+    p.add_argument("--task", default="valid", choices=["valid", "train"], help="which split")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's, else 416")
+    p.add_argument("--conf-thres", type=float, default=0.001)
+    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU")
+    p.add_argument("--max-det", type=int, default=300, help="detections per image after NMS")
+    p.add_argument("--save-json", action="store_true",
+                   help="write COCO-format detections and ground truth, and score them with pycocotools")
+    p.add_argument("--device", default="")
+    p.add_argument("--half", action="store_true", help="float16 inference (CUDA only)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--name", default="exp")
+    p.add_argument("--project", default="runs/test")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> EvalResult:
+    a = parse_args(argv)
+    device = select_device(a.device)
+    weights = Path(a.weights)
+    if not weights.is_file():
+        raise UserError(f"--weights {weights}: file not found")
+    meta = load_checkpoint(weights)["meta"] if weights.suffix == ".pt" else {}
+    model = load_model(weights, a.cfg, device).eval()
+    data = read_data_file(resolve_data(a.data))
+    names = data.names
+    if model.yolo_heads[0].classes != data.classes:
+        raise UserError(f"{weights}: the model predicts {model.yolo_heads[0].classes} classes, "
+                        f"{data.path} has {data.classes}")
+    img_size = a.img_size or meta.get("img_size", 416)
+    if img_size % model.max_stride:
+        raise UserError(f"--img-size {img_size}: must be a multiple of {model.max_stride}")
+    half = a.half and device.type == "cuda"
+    if a.half and not half:
+        print("warning: --half needs CUDA; evaluating in float32")
+    loader, _ = create_dataloader(data.split(a.task), data.classes, img_size, a.batch_size,
+                                  model.max_stride, rect=True, workers=a.workers)
+    out_dir = new_run_dir(a.project, a.name)
+    result = evaluate(model, loader, names, a.conf_thres, a.iou_thres, max_det=a.max_det, half=half,
+                      json_path=out_dir / "detections.json" if a.save_json else None)
+    print(format_table(result, names))
+    sp = result.speed_ms
+    print(f"speed per image at {img_size}: {sp['pre']:.1f} ms pre, {sp['inference']:.1f} ms inference, "
+          f"{sp['nms']:.1f} ms NMS ({device}, batch {a.batch_size})")
+    if result.coco:
+        print(f"pycocotools: mAP@0.5 {result.coco['map50']:.4f} mAP@0.5:0.95 {result.coco['map']:.4f}")
+    from utils.plots import plot_confusion_matrix, plot_pr_curve
+
+    plot_pr_curve(result.stats, out_dir / "pr_curve.png")
+    plot_confusion_matrix(result.confusion, names, out_dir / "confusion_matrix.png")
+    print(f"results in {out_dir}")
+    return result
+
 
 if __name__ == "__main__":
-    sys.exit(not_yet("test.py", 3))
+    sys.exit(run_cli(main))

@@ -1,8 +1,54 @@
-"""train.py: training (issue #3), with sparsity, distillation and QAT hooks. Not implemented yet."""
+"""train.py: train a darknet-cfg detector (the built-in shapes benchmark by default).
 
+    python train.py                                   # yolo-small on the built-in benchmark
+    python train.py --cfg cfg/yolov3-tiny.cfg --data my.data --weights yolov3-tiny.weights --epochs 100
+    python train.py --resume runs/train/exp/weights/last.pt
+    torchrun --nproc_per_node 2 train.py --device cpu # DistributedDataParallel (gloo on CPU, nccl on GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
-from utils.cli import not_yet
+from utils.cli import run_cli
+from utils.trainer import Trainer, TrainOptions
+
+
+def parse_args(argv: list[str] | None = None) -> TrainOptions:
+    d = TrainOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", default=d.cfg, help="model cfg")
+    p.add_argument("--data", default=d.data, help=".data file (default: built-in shapes benchmark)")
+    p.add_argument("--weights", default=d.weights, help="initial weights: .pt, or darknet weights for --cfg")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="total over all processes")
+    p.add_argument("--img-size", type=int, nargs="+", default=d.img_size, help="[min-train max-train] test")
+    p.add_argument("--multi-scale", action="store_true", help="vary the size between min and max train")
+    p.add_argument("--rect", action="store_true", help="rectangular training batches (no mosaic)")
+    p.add_argument("--resume", nargs="?", const="runs/train/exp/weights/last.pt", default="",
+                   help="continue a run from its last.pt")
+    p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
+    p.add_argument("--notest", action="store_true", help="only evaluate after the final epoch")
+    p.add_argument("--name", default=d.name, help="run folder runs/train/<name> (numbered if it exists)")
+    p.add_argument("--project", default=d.project)
+    p.add_argument("--exist-ok", action="store_true", help="reuse runs/train/<name> instead of numbering")
+    p.add_argument("--device", default=d.device, help="cpu, 0, cuda:1 (default: cpu)")
+    p.add_argument("--adam", action="store_true", help="Adam instead of SGD")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=d.ema,
+                   help="exponential moving average of the weights (evaluated and saved)")
+    p.add_argument("--amp", "-mpt", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--workers", type=int, default=d.workers, help="dataloader processes")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--hyp", default=d.hyp, help="YAML overriding data/hyp.scratch.yaml")
+    p.add_argument("--cache-images", action="store_true", help="keep resized images in memory")
+    a = p.parse_args(argv)
+    return TrainOptions(**{k: getattr(a, k) for k in TrainOptions.__dataclass_fields__})
+
+
+def main(argv: list[str] | None = None):
+    return Trainer(parse_args(argv)).fit()
+
 
 if __name__ == "__main__":
-    sys.exit(not_yet("train.py", 3))
+    sys.exit(run_cli(main))

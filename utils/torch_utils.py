@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -64,3 +65,47 @@ def tame_random_weights(model: nn.Module, seed: int = 0, img_size: int = 64,
         bn.bias.copy_(torch.rand(bn.num_features, generator=gen) * 1.5 - 0.5)
     recalibrate_bn(model, [torch.rand(2, channels, img_size, img_size, generator=gen)])
     return model.eval()
+
+
+def select_device(device: str = "") -> torch.device:
+    """``""``/``"cpu"``/``"0"``/``"cuda:1"`` -> a torch device; asking for CUDA without one is an error."""
+    from utils.errors import UserError
+
+    d = str(device).strip().lower()
+    if d in ("", "cpu"):
+        return torch.device("cpu")
+    if d.isdigit():
+        d = f"cuda:{d}"
+    if d.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        return torch.device(d)
+    raise UserError(f"--device {device}: expected cpu, a GPU index like 0, or cuda:N")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel/DistributedDataParallel, or the model itself."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) else model
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights; the ramp keeps early averages from lagging."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
+        import copy
+
+        self.ema = copy.deepcopy(unwrap(model)).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.decay, self.tau, self.updates = decay, tau, updates
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        state = unwrap(model).state_dict()
+        for k, v in self.ema.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(state[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(state[k])

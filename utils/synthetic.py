@@ -1,0 +1,242 @@
+"""The built-in benchmark: a deterministic synthetic detection dataset of six shape classes.
+
+Every image has a smooth random colour field with line clutter and sensor noise as background, and
+1..``max_objects`` shapes (circle, square, triangle, star, cross, ring) of random size, aspect, rotation
+and colour (class comes from shape only). Shapes may overlap while every earlier shape keeps at least
+``min_visible`` of its pixels; a box is the whole shape's extent (amodal), also where it is partly
+hidden. Some images are blurred. Images have random sizes and are saved as JPEG (quality 92).
+
+The same ``ShapesParams`` give byte-identical files with the same NumPy and OpenCV, because each
+image draws from its own generator seeded by (seed, split, index). Layout (the ``.data`` convention)::
+
+    root/shapes.data  shapes.names  train.txt  val.txt  VERSION
+    root/images/{train,val}/000000.jpg     root/labels/{train,val}/000000.txt
+
+Regenerate elsewhere with ``python -m utils.synthetic --root DIR``. Bump ``VERSION`` whenever the
+drawing changes: every later result is reported on this dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from utils.errors import UserError
+
+VERSION = "shapes-1"
+NAMES = ["circle", "square", "triangle", "star", "cross", "ring"]
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "datasets" / "shapes"
+
+
+@dataclass(frozen=True)
+class ShapesParams:
+    seed: int = 0
+    n_train: int = 2000
+    n_val: int = 250
+    img_min: int = 224  # each side drawn in [img_min, img_max]
+    img_max: int = 384
+    max_objects: int = 8
+    size_min: float = 0.06  # object size as a fraction of the shorter image side
+    size_max: float = 0.40
+    min_visible: float = 0.5  # an occluded shape keeps at least this fraction of its pixels
+    noise: float = 10.0  # sensor noise sigma (grey levels)
+    clutter_lines: int = 12  # at most this many random lines in the background
+    blur_prob: float = 0.25
+    jpeg_quality: int = 92
+
+    def digest(self) -> str:
+        text = json.dumps({"version": VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+DEFAULT_PARAMS = ShapesParams()
+
+
+def _outline(cls: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Polygon(s) of a unit-size shape centred at 0 (the second polygon of a ring is its hole)."""
+    t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    circle = np.stack((np.cos(t), np.sin(t)), 1) * 0.5
+    if cls == 0:
+        return [circle]
+    if cls == 1:
+        return [np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])]
+    if cls == 2:
+        a = np.pi / 2 + np.array([0, 2, 4]) * np.pi / 3
+        return [np.stack((np.cos(a), -np.sin(a)), 1) * 0.58 + (0, 0.12)]
+    if cls == 3:
+        a = np.pi / 2 + np.arange(10) * np.pi / 5
+        r = np.where(np.arange(10) % 2 == 0, 0.5, rng.uniform(0.2, 0.28))
+        return [np.stack((r * np.cos(a), -r * np.sin(a)), 1)]
+    if cls == 4:
+        w = rng.uniform(0.14, 0.2)
+        return [np.array([[-w, -0.5], [w, -0.5], [w, -w], [0.5, -w], [0.5, w], [w, w], [w, 0.5], [-w, 0.5],
+                          [-w, w], [-0.5, w], [-0.5, -w], [-w, -w]])]
+    return [circle, circle * rng.uniform(0.45, 0.65)]
+
+
+def _shape_mask(cls: int, rng: np.random.Generator, hw: tuple[int, int], centre: np.ndarray, size: float,
+                aspect: float, angle: float) -> np.ndarray:
+    """Binary mask (uint8 0/1) of one shape drawn into an image of shape ``hw``."""
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    scale = np.array([size * aspect, size / aspect])
+    mask = np.zeros(hw, np.uint8)
+    for k, poly in enumerate(_outline(cls, rng)):
+        pts = ((poly * scale) @ rot.T + centre) * 16  # 4 fractional bits for smooth edges
+        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1 if k == 0 else 0, cv2.LINE_8, shift=4)
+    return mask
+
+
+def _background(rng: np.random.Generator, h: int, w: int, p: ShapesParams) -> np.ndarray:
+    g = rng.integers(3, 7)
+    field = rng.uniform(0, 255, (g, g, 3)).astype(np.float32)
+    img = cv2.resize(field, (w, h), interpolation=cv2.INTER_CUBIC)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(rng.integers(0, p.clutter_lines + 1)):
+        a, b = rng.integers(0, (w, h), 2), rng.integers(0, (w, h), 2)
+        colour = rng.integers(0, 256, 3).tolist()
+        cv2.line(img, tuple(int(x) for x in a), tuple(int(x) for x in b), colour, int(rng.integers(1, 3)),
+                 cv2.LINE_AA)
+    return img
+
+
+def _contrasting_colour(rng: np.random.Generator, local: np.ndarray) -> np.ndarray:
+    """A random colour at least ~80 grey levels (Euclidean) from the local background mean."""
+    for _ in range(20):
+        c = rng.integers(0, 256, 3).astype(np.float32)
+        if np.linalg.norm(c - local) > 80:
+            return c
+    return 255 - local
+
+
+def render_image(rng: np.random.Generator, p: ShapesParams) -> tuple[np.ndarray, np.ndarray]:
+    """One image (BGR uint8) and its labels (n, 5) [class, cx, cy, w, h] normalized."""
+    h, w = (int(x) for x in rng.integers(p.img_min, p.img_max + 1, 2))
+    img = _background(rng, h, w, p).astype(np.float32)
+    owner = np.full((h, w), -1, np.int16)  # which object shows at each pixel
+    areas: list[int] = []
+    labels = []
+    short = min(h, w)
+    for _ in range(int(rng.integers(1, p.max_objects + 1))):
+        cls = int(rng.integers(0, len(NAMES)))
+        size = rng.uniform(p.size_min, p.size_max) * short
+        aspect, angle = np.sqrt(rng.uniform(0.7, 1.4)), rng.uniform(0, 2 * np.pi)
+        for _attempt in range(10):
+            centre = rng.uniform((size / 2, size / 2), (w - size / 2, h - size / 2))
+            mask = _shape_mask(cls, rng, (h, w), centre, size, aspect, angle).astype(bool)
+            if mask.sum() < 16:
+                continue
+            hidden = np.bincount(owner[mask & (owner >= 0)], minlength=len(areas))
+            visible = np.bincount(owner[owner >= 0], minlength=len(areas))
+            if all(visible[k] - hidden[k] >= p.min_visible * areas[k] for k in range(len(areas))):
+                break
+        else:
+            continue
+        ys, xs = np.nonzero(mask)
+        x1, x2, y1, y2 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        colour = _contrasting_colour(rng, img[mask].mean(0))
+        shade = np.linspace(rng.uniform(0.75, 1.0), rng.uniform(1.0, 1.2), x2 - x1)[None, :, None]
+        patch = np.clip(colour * shade, 0, 255)
+        alpha = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0)[y1:y2, x1:x2, None]
+        region = img[y1:y2, x1:x2]
+        img[y1:y2, x1:x2] = region * (1 - alpha) + patch * alpha
+        owner[mask] = len(areas)
+        areas.append(int(mask.sum()))
+        labels.append([cls, (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h])
+    if rng.random() < p.blur_prob:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.5))
+    img += rng.normal(0, p.noise, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8), np.array(labels, np.float32).reshape(-1, 5)
+
+
+def _write_split(root: Path, split: str, n: int, p: ShapesParams) -> None:
+    (root / "images" / split).mkdir(parents=True)
+    (root / "labels" / split).mkdir(parents=True)
+    split_id = {"train": 0, "val": 1}[split]
+    lines = []
+    for i in range(n):
+        rng = np.random.default_rng((p.seed, split_id, i))
+        img, labels = render_image(rng, p)
+        rel = f"images/{split}/{i:06d}.jpg"
+        cv2.imwrite(str(root / rel), img, [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
+        rows = "".join(f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
+        (root / "labels" / split / f"{i:06d}.txt").write_text(rows)
+        lines.append(rel)
+    (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def _marker(p: ShapesParams) -> str:
+    return f"{VERSION} {p.digest()}\n"
+
+
+def generate_shapes(root: str | Path, params: ShapesParams = DEFAULT_PARAMS) -> Path:
+    """Write the dataset to ``root`` (atomically, via a temporary sibling) and return its ``.data`` file.
+
+    An existing ``root`` with the same version marker is reused as is; any other existing ``root`` is
+    an error (it is never deleted or overwritten).
+    """
+    root = Path(root)
+    data_file = root / "shapes.data"
+    if root.exists():
+        marker = root / "VERSION"
+        if marker.is_file() and marker.read_text() == _marker(params) and data_file.is_file():
+            return data_file
+        raise UserError(f"{root}: exists but is not the shapes benchmark {VERSION} with these parameters; "
+                        f"move it away or choose another --root")
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        _write_split(tmp, "train", params.n_train, params)
+        _write_split(tmp, "val", params.n_val, params)
+        (tmp / "shapes.names").write_text("\n".join(NAMES) + "\n")
+        (tmp / "shapes.data").write_text(f"classes={len(NAMES)}\ntrain=train.txt\nvalid=val.txt\n"
+                                         f"names=shapes.names\n")
+        (tmp / "VERSION").write_text(_marker(params))
+        tmp.rename(root)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # only the temporary folder this call created
+        raise
+    return data_file
+
+
+def ensure_shapes(root: str | Path | None = None, params: ShapesParams = DEFAULT_PARAMS) -> Path:
+    """The benchmark's ``.data`` file, generating the dataset on first use (default ``datasets/shapes``)."""
+    root = Path(root) if root is not None else DEFAULT_ROOT
+    if not (root / "VERSION").is_file():
+        print(f"generating the built-in shapes benchmark in {root} (first use)", flush=True)
+    return generate_shapes(root, params)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description="Generate the built-in shapes benchmark dataset.")
+    ap.add_argument("--root", default=str(DEFAULT_ROOT))
+    ap.add_argument("--n-train", type=int, default=DEFAULT_PARAMS.n_train)
+    ap.add_argument("--n-val", type=int, default=DEFAULT_PARAMS.n_val)
+    ap.add_argument("--seed", type=int, default=DEFAULT_PARAMS.seed)
+    a = ap.parse_args(argv)
+    params = dataclasses.replace(DEFAULT_PARAMS, n_train=a.n_train, n_val=a.n_val, seed=a.seed)
+    data = ensure_shapes(a.root, params)
+    for split in ("train", "val"):
+        counts = np.zeros(len(NAMES), int)
+        for f in sorted((Path(a.root) / "labels" / split).glob("*.txt")):
+            for line in f.read_text().splitlines():
+                counts[int(line.split()[0])] += 1
+        print(f"{split}: " + ", ".join(f"{n} {c}" for n, c in zip(NAMES, counts)))
+    print(data)
+    return data
+
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+
+    sys.exit(run_cli(main))
