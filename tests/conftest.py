@@ -58,3 +58,17 @@ def rel_err(a, b) -> float:
 @pytest.fixture(params=CFGS, ids=cfg_id)
 def cfg_path(request) -> Path:
     return request.param
+
+
+TINY_SHAPES = dict(n_train=8, n_val=4, img_min=64, img_max=96, max_objects=3, size_min=0.15)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """A tiny copy of the built-in benchmark (8 train, 4 val images): the .data file."""
+    import dataclasses
+
+    from utils.synthetic import DEFAULT_PARAMS, generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes") / "shapes"
+    return generate_shapes(root, dataclasses.replace(DEFAULT_PARAMS, **TINY_SHAPES))

@@ -101,6 +101,12 @@ class TrainHook:
         pass
 
 
+def in_repo(path: str | Path) -> Path:
+    """A relative path that is missing here but exists in the repository (the shipped cfgs) goes there."""
+    p = Path(path)
+    return REPO / p if not p.is_absolute() and not p.exists() and (REPO / p).exists() else p
+
+
 def load_hyp(path: str | Path = "") -> dict[str, Any]:
     """The default hyperparameters, overridden by the keys of a user YAML (unknown keys are an error)."""
     hyp = yaml.safe_load(DEFAULT_HYP.read_text())
@@ -201,6 +207,8 @@ class Trainer:
         for s in (self.min_size, self.max_size, self.test_size):
             if s % stride:
                 raise UserError(f"--img-size {s}: must be a multiple of the model's largest stride {stride}")
+        if not opts.weights and not self.resume_ckpt:
+            init_head_biases(self.model, self.max_size)
         self.run_dir = Path(self.resume_ckpt["meta"]["run_dir"]) if self.resume_ckpt else None
         if self.main and self.run_dir is None:
             self.run_dir = new_run_dir(opts.project, opts.name, opts.exist_ok)
@@ -245,15 +253,12 @@ class Trainer:
         opts = self.opts
         if self.resume_ckpt:
             return Darknet(parse_cfg(self.resume_ckpt["cfg"], f"{opts.resume} (embedded cfg)"))
-        cfg = read_cfg(opts.cfg)
+        cfg = read_cfg(in_repo(opts.cfg))
         if cfg.classes != self.data.classes:
             print(f"{opts.cfg}: {cfg.classes} classes, {self.data_file} has {self.data.classes}: "
                   f"resizing the heads")
             cfg = with_classes(cfg, self.data.classes)
-        model = load_model(opts.weights or None, cfg)
-        if not opts.weights:
-            init_head_biases(model, self.max_size)
-        return model
+        return load_model(opts.weights or None, cfg)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         hyp, opts = self.hyp, self.opts
@@ -383,7 +388,19 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} in epoch {epoch + 1}, batch {i}: lower lr0 "
                                 f"(--hyp) or check the labels")
+        if self.world_size > 1:
+            self._average_bn_statistics()
         return mean_losses
+
+    def _average_bn_statistics(self) -> None:
+        """DDP keeps weights equal but each rank's BN statistics saw its own shard: average them."""
+        import torch.distributed as dist
+
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for buf in (m.running_mean, m.running_var):
+                    dist.all_reduce(buf)
+                    buf.div_(self.world_size)
 
     def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
