@@ -1,0 +1,89 @@
+"""Training speed on the built-in benchmark: the trainer's full step against a bare step, and the
+dataloader with mosaic. Medians of repeated measurements; the ratio comes from the same run.
+
+    .venv/bin/python -m bench.train_speed                         # yolo-small, batch 16 at 256
+    .venv/bin/python -m bench.train_speed --cfg cfg/yolov3-tiny.cfg --batches 8
+
+full step: what ``Trainer.train_one_epoch`` does per batch (loading with mosaic in --workers processes,
+warm-up/LR schedule, forward, loss, backward, accumulation, EMA, progress bar);
+bare step: forward + the same loss + backward + optimizer step on one batch already in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from utils.datasets import read_data_file, set_epoch
+from utils.trainer import Trainer, TrainOptions, resolve_data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg", default="cfg/yolo-small.cfg")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--img-size", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=12, help="batches per measurement")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    data = read_data_file(resolve_data(""))
+    with tempfile.TemporaryDirectory() as tmp:
+        n_img = a.batch_size * a.batches
+        train_list = Path(tmp) / "train.txt"
+        images = data.train.read_text().splitlines()[:n_img]
+        train_list.write_text("\n".join(str(data.train.parent / p) for p in images) + "\n")
+        data_file = Path(tmp) / "bench.data"
+        data_file.write_text(f"classes={data.classes}\ntrain={train_list}\nvalid={train_list}\n")
+        opts = TrainOptions(cfg=a.cfg, data=str(data_file), epochs=100, batch_size=a.batch_size,
+                            img_size=[a.img_size], workers=a.workers, project=tmp, notest=True)
+        t = Trainer(opts)
+        t.setup()
+        loader = t.train_loader
+
+        # dataloader alone (mosaic, affine, HSV, flips, collate)
+        load_rates = []
+        for r in range(a.repeats):
+            set_epoch(loader, r)
+            t0 = time.perf_counter()
+            n = sum(imgs.shape[0] for imgs, *_ in loader)
+            load_rates.append(n / (time.perf_counter() - t0))
+
+        # full trainer step
+        full = []
+        for r in range(a.repeats):
+            t0 = time.perf_counter()
+            t.train_one_epoch(r + 1)
+            full.append((time.perf_counter() - t0) / len(loader))
+
+        # bare step on one in-memory batch
+        imgs, targets, _, _ = next(iter(loader))
+        x = imgs.float() / 255
+        model, opt = t.model, t.optimizer
+        model.train()
+        bare = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            for _ in range(a.batches):
+                out = t.loss_fn(model(x), targets, tuple(x.shape[2:]))
+                out.total.backward()
+                opt.step()
+                opt.zero_grad()
+            bare.append((time.perf_counter() - t0) / a.batches)
+
+    f, b = statistics.median(full), statistics.median(bare)
+    print(f"{a.cfg} batch {a.batch_size} at {a.img_size}, {torch.get_num_threads()} threads, "
+          f"{a.workers} loader workers, median of {a.repeats} x {a.batches} batches")
+    print(f"dataloader with mosaic: {statistics.median(load_rates):.1f} images/s")
+    print(f"full train step:        {1000 * f:.0f} ms/batch = {a.batch_size / f:.1f} images/s")
+    print(f"bare fwd+loss+bwd+opt:  {1000 * b:.0f} ms/batch = {a.batch_size / b:.1f} images/s")
+    print(f"overhead ratio full/bare: {f / b:.3f}")
+
+
+if __name__ == "__main__":
+    main()
