@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from utils.cli import run_cli
+from utils.errors import UserError
 from utils.trainer import Trainer, TrainOptions
 
 
@@ -26,15 +28,16 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     p.add_argument("--img-size", type=int, nargs="+", default=d.img_size, help="[min-train max-train] test")
     p.add_argument("--multi-scale", action="store_true", help="vary the size between min and max train")
     p.add_argument("--rect", action="store_true", help="rectangular training batches (no mosaic)")
-    p.add_argument("--resume", nargs="?", const="runs/train/exp/weights/last.pt", default="",
-                   help="continue a run from its last.pt")
+    p.add_argument("--resume", nargs="?", const="latest", default="",
+                   help="continue a run from its last.pt (alone: the newest under --project)")
     p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
     p.add_argument("--notest", action="store_true", help="only evaluate after the final epoch")
     p.add_argument("--name", default=d.name, help="run folder runs/train/<name> (numbered if it exists)")
     p.add_argument("--project", default=d.project)
     p.add_argument("--exist-ok", action="store_true", help="reuse runs/train/<name> instead of numbering")
     p.add_argument("--device", default=d.device, help="cpu, 0, cuda:1 (default: cpu)")
-    p.add_argument("--adam", action="store_true", help="Adam instead of SGD")
+    p.add_argument("--adam", action=argparse.BooleanOptionalAction, default=d.adam,
+                   help="Adam at lr0/10 (default); --no-adam: SGD with Nesterov momentum at lr0")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=d.ema,
                    help="exponential moving average of the weights (evaluated and saved)")
     p.add_argument("--amp", "-mpt", action="store_true", help="mixed precision (CUDA only)")
@@ -43,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     p.add_argument("--hyp", default=d.hyp, help="YAML overriding data/hyp.scratch.yaml")
     p.add_argument("--cache-images", action="store_true", help="keep resized images in memory")
     a = p.parse_args(argv)
+    if a.resume == "latest":
+        found = sorted(Path(a.project).glob("*/weights/last.pt"), key=lambda f: f.stat().st_mtime)
+        if not found:
+            raise UserError(f"--resume: no {a.project}/*/weights/last.pt to continue; name the checkpoint")
+        a.resume = str(found[-1])
     return TrainOptions(**{k: getattr(a, k) for k in TrainOptions.__dataclass_fields__})
 
 

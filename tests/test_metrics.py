@@ -130,3 +130,16 @@ def test_plots_write_readable_pngs(tmp_path):
                  plot_results(csv, tmp_path / "results.png")):
         img = cv2.imread(str(path))
         assert img is not None and img.shape[0] > 100 and img.std() > 1
+
+
+def test_trained_detector_output_agrees_with_pycocotools():
+    """Detections of yolo-small trained on the benchmark (tests/data/make_trained_detections.py)."""
+    from tests.conftest import TEST_DATA
+
+    z = np.load(TEST_DATA / "trained_detections.npz")
+    n = len([k for k in z.files if k.startswith("labels_")])
+    labels = [z[f"labels_{i}"].astype(np.float64) for i in range(n)]
+    dets = [z[f"dets_{i}"].astype(np.float64) for i in range(n)]
+    ours, ref = compare_with_pycocotools(labels, dets, names=[str(i) for i in range(6)])
+    assert ref[1] > 0.05
+    assert ours == pytest.approx(ref, abs=1e-9)

@@ -125,7 +125,6 @@ def test_ddp_two_processes_end_with_identical_weights(shapes_data, tmp_path):
 def test_bad_hyp_key_and_bad_img_size_are_clear_errors(shapes_data, tmp_path):
     hyp = tmp_path / "hyp.yaml"
     hyp.write_text("lr0: 0.01\nlearning_rate: 0.1\n")
-    assert train_script.main is not None
     with pytest.raises(UserError, match="learning_rate"):
         Trainer(tiny_opts(shapes_data, tmp_path, hyp=str(hyp)))
     with pytest.raises(UserError, match="--img-size 72"):
@@ -151,3 +150,11 @@ def test_test_py_on_pt_and_on_cfg_plus_weights_agree(shapes_data, tmp_path):
     out = tmp_path / "t" / "exp"
     assert (out / "pr_curve.png").stat().st_size > 0 and (out / "confusion_matrix.png").is_file()
     assert (out / "detections.json").is_file() and (out / "detections_gt.json").is_file()
+
+
+def test_resume_alone_finds_the_newest_last_pt(shapes_data, tmp_path):
+    with pytest.raises(UserError, match=r"no .*last\.pt"):
+        train_script.parse_args(["--resume", "--project", str(tmp_path)])
+    Trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
+    opts = train_script.parse_args(["--resume", "--project", str(tmp_path)])
+    assert opts.resume == str(tmp_path / "exp" / "weights" / "last.pt")

@@ -7,7 +7,10 @@ and colour (class comes from shape only). Shapes may overlap while every earlier
 hidden. Some images are blurred. Images have random sizes and are saved as JPEG (quality 92).
 
 The same ``ShapesParams`` give byte-identical files with the same NumPy and OpenCV, because each
-image draws from its own generator seeded by (seed, split, index). Layout (the ``.data`` convention)::
+image draws from its own generator seeded by (seed, split, index). Generation writes into a sibling
+``root.tmp-<pid>-*`` folder and renames it into place, so an interrupted run leaves no half dataset; the
+``VERSION`` marker (version + parameter hash) says whether an existing folder is this dataset.
+Layout (the ``.data`` convention, paths relative to the ``.data`` folder)::
 
     root/shapes.data  shapes.names  train.txt  val.txt  VERSION
     root/images/{train,val}/000000.jpg     root/labels/{train,val}/000000.txt
@@ -23,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +36,7 @@ import numpy as np
 
 from utils.errors import UserError
 
-VERSION = "shapes-1"
+VERSION = "shapes-2"
 NAMES = ["circle", "square", "triangle", "star", "cross", "ring"]
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "datasets" / "shapes"
 
@@ -44,14 +48,32 @@ class ShapesParams:
     n_val: int = 250
     img_min: int = 224  # each side drawn in [img_min, img_max]
     img_max: int = 384
-    max_objects: int = 8
-    size_min: float = 0.06  # object size as a fraction of the shorter image side
+    max_objects: int = 6
+    size_min: float = 0.10  # object size as a fraction of the shorter image side
     size_max: float = 0.40
-    min_visible: float = 0.5  # an occluded shape keeps at least this fraction of its pixels
-    noise: float = 10.0  # sensor noise sigma (grey levels)
-    clutter_lines: int = 12  # at most this many random lines in the background
-    blur_prob: float = 0.25
+    min_visible: float = 0.6  # an occluded shape keeps at least this fraction of its pixels
+    noise: float = 6.0  # sensor noise sigma (grey levels)
+    clutter_lines: int = 6  # at most this many random lines in the background
+    blur_prob: float = 0.15
     jpeg_quality: int = 92
+
+    def __post_init__(self) -> None:
+        rules = {  # option: (holds, what it must be)
+            "n_train": (self.n_train >= 1, "at least 1 (--n-train)"),
+            "n_val": (self.n_val >= 1, "at least 1 (--n-val)"),
+            "img_min": (32 <= self.img_min <= self.img_max, "in [32, img_max]"),
+            "max_objects": (self.max_objects >= 1, "at least 1"),
+            "size_min": (0.0 < self.size_min <= self.size_max, "in (0, size_max]"),
+            "size_max": (self.size_max <= 0.8, "at most 0.8"),
+            "min_visible": (0.0 <= self.min_visible <= 1.0, "in [0, 1]"),
+            "noise": (self.noise >= 0, "at least 0"),
+            "clutter_lines": (self.clutter_lines >= 0, "at least 0"),
+            "blur_prob": (0.0 <= self.blur_prob <= 1.0, "in [0, 1]"),
+            "jpeg_quality": (1 <= self.jpeg_quality <= 100, "in [1, 100]"),
+        }
+        for name, (holds, need) in rules.items():
+            if not holds:
+                raise UserError(f"shapes parameter {name}={getattr(self, name)}: must be {need}")
 
     def digest(self) -> str:
         text = json.dumps({"version": VERSION, **dataclasses.asdict(self)}, sort_keys=True)
@@ -117,10 +139,14 @@ def _contrasting_colour(rng: np.random.Generator, local: np.ndarray) -> np.ndarr
     return 255 - local
 
 
-def render_image(rng: np.random.Generator, p: ShapesParams) -> tuple[np.ndarray, np.ndarray]:
-    """One image (BGR uint8) and its labels (n, 5) [class, cx, cy, w, h] normalized."""
-    h, w = (int(x) for x in rng.integers(p.img_min, p.img_max + 1, 2))
-    img = _background(rng, h, w, p).astype(np.float32)
+def draw_shapes(rng: np.random.Generator, img: np.ndarray, p: ShapesParams) -> tuple[np.ndarray, np.ndarray]:
+    """Draw up to ``max_objects`` shapes into ``img`` (float32 BGR, in place; a shape that finds no
+    place within the occlusion limit in 10 tries is left out).
+
+    Returns labels (n, 5) [class, cx, cy, w, h] normalized, each box the whole shape's tight extent, and the
+    fraction of each shape's pixels still visible after the later shapes were drawn.
+    """
+    h, w = img.shape[:2]
     owner = np.full((h, w), -1, np.int16)  # which object shows at each pixel
     areas: list[int] = []
     labels = []
@@ -135,8 +161,8 @@ def render_image(rng: np.random.Generator, p: ShapesParams) -> tuple[np.ndarray,
             if mask.sum() < 16:
                 continue
             hidden = np.bincount(owner[mask & (owner >= 0)], minlength=len(areas))
-            visible = np.bincount(owner[owner >= 0], minlength=len(areas))
-            if all(visible[k] - hidden[k] >= p.min_visible * areas[k] for k in range(len(areas))):
+            shown = np.bincount(owner[owner >= 0], minlength=len(areas))
+            if all(shown[k] - hidden[k] >= p.min_visible * areas[k] for k in range(len(areas))):
                 break
         else:
             continue
@@ -151,10 +177,19 @@ def render_image(rng: np.random.Generator, p: ShapesParams) -> tuple[np.ndarray,
         owner[mask] = len(areas)
         areas.append(int(mask.sum()))
         labels.append([cls, (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h])
+    visible = np.bincount(owner[owner >= 0], minlength=len(areas)) / np.maximum(areas, 1)
+    return np.array(labels, np.float32).reshape(-1, 5), visible
+
+
+def render_image(rng: np.random.Generator, p: ShapesParams) -> tuple[np.ndarray, np.ndarray]:
+    """One image (BGR uint8) and its labels (n, 5) [class, cx, cy, w, h] normalized."""
+    h, w = (int(x) for x in rng.integers(p.img_min, p.img_max + 1, 2))
+    img = _background(rng, h, w, p).astype(np.float32)
+    labels, _ = draw_shapes(rng, img, p)
     if rng.random() < p.blur_prob:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.5))
     img += rng.normal(0, p.noise, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8), np.array(labels, np.float32).reshape(-1, 5)
+    return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
 def _write_split(root: Path, split: str, n: int, p: ShapesParams) -> None:
@@ -169,42 +204,56 @@ def _write_split(root: Path, split: str, n: int, p: ShapesParams) -> None:
         cv2.imwrite(str(root / rel), img, [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
         rows = "".join(f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
         (root / "labels" / split / f"{i:06d}.txt").write_text(rows)
-        lines.append(rel)
-    (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        lines.append(rel + "\n")
+    (root / f"{split}.txt").write_text("".join(lines))
 
 
 def _marker(p: ShapesParams) -> str:
     return f"{VERSION} {p.digest()}\n"
 
 
+def _is_dataset(root: Path, p: ShapesParams) -> bool:
+    """Whether ``root`` holds a complete dataset generated with these parameters."""
+    marker = root / "VERSION"
+    return marker.is_file() and marker.read_text() == _marker(p) and (root / "shapes.data").is_file()
+
+
+def _write_dataset(root: Path, p: ShapesParams) -> None:
+    _write_split(root, "train", p.n_train, p)
+    _write_split(root, "val", p.n_val, p)
+    (root / "shapes.names").write_text("\n".join(NAMES) + "\n")
+    data = f"classes={len(NAMES)}\ntrain=train.txt\nvalid=val.txt\nnames=shapes.names\n"
+    (root / "shapes.data").write_text(data)
+    (root / "VERSION").write_text(_marker(p))  # written last: a folder with the marker is complete
+
+
 def generate_shapes(root: str | Path, params: ShapesParams = DEFAULT_PARAMS) -> Path:
     """Write the dataset to ``root`` (atomically, via a temporary sibling) and return its ``.data`` file.
 
     An existing ``root`` with the same version marker is reused as is; any other existing ``root`` is
-    an error (it is never deleted or overwritten).
+    an error (it is never deleted or overwritten). When another process finishes the same dataset first
+    (e.g. several training ranks), its copy is used and this one's temporary folder is removed.
     """
     root = Path(root)
     data_file = root / "shapes.data"
     if root.exists():
-        marker = root / "VERSION"
-        if marker.is_file() and marker.read_text() == _marker(params) and data_file.is_file():
+        if _is_dataset(root, params):
             return data_file
         raise UserError(f"{root}: exists but is not the shapes benchmark {VERSION} with these parameters; "
                         f"move it away or choose another --root")
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    tmp.mkdir()  # not mkdtemp: the dataset keeps the usual (umask) permissions
     try:
-        _write_split(tmp, "train", params.n_train, params)
-        _write_split(tmp, "val", params.n_val, params)
-        (tmp / "shapes.names").write_text("\n".join(NAMES) + "\n")
-        (tmp / "shapes.data").write_text(f"classes={len(NAMES)}\ntrain=train.txt\nvalid=val.txt\n"
-                                         f"names=shapes.names\n")
-        (tmp / "VERSION").write_text(_marker(params))
-        tmp.rename(root)
-    except BaseException:
-        import shutil
-
+        _write_dataset(tmp, params)
+        os.rename(tmp, root)  # fails when root appeared meanwhile (unless it is an empty folder)
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # only the temporary folder this call created
+        if _is_dataset(root, params):
+            return data_file
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return data_file
 
@@ -212,7 +261,7 @@ def generate_shapes(root: str | Path, params: ShapesParams = DEFAULT_PARAMS) -> 
 def ensure_shapes(root: str | Path | None = None, params: ShapesParams = DEFAULT_PARAMS) -> Path:
     """The benchmark's ``.data`` file, generating the dataset on first use (default ``datasets/shapes``)."""
     root = Path(root) if root is not None else DEFAULT_ROOT
-    if not (root / "VERSION").is_file():
+    if not root.exists():
         print(f"generating the built-in shapes benchmark in {root} (first use)", flush=True)
     return generate_shapes(root, params)
 

@@ -63,7 +63,7 @@ class TrainOptions:
     project: str = "runs/train"
     exist_ok: bool = False
     device: str = ""
-    adam: bool = False
+    adam: bool = True  # Adam at lr0 / 10; --no-adam for SGD (see README for why Adam is the default)
     ema: bool = True
     amp: bool = False
     workers: int = 2
@@ -162,6 +162,7 @@ class Trainer:
             self.resume_ckpt, opts = self._resume_options(opts.resume)
         self.opts = opts
         self.hyp = load_hyp(opts.hyp) if not self.resume_ckpt else self.resume_ckpt["meta"]["hyp"]
+        self.lr0 = self.hyp["lr0"] / 10 if opts.adam else self.hyp["lr0"]  # Adam steps are larger
 
     # ---------------------------------------------------------------- setup
     @staticmethod
@@ -272,13 +273,13 @@ class Trainer:
                 decay.append(m.weight)
         wd = hyp["weight_decay"] * opts.batch_size * self.accumulate / NOMINAL_BATCH
         if opts.adam:
-            opt = torch.optim.Adam(no_decay, lr=hyp["lr0"], betas=(hyp["momentum"], 0.999))
+            opt = torch.optim.Adam(no_decay, lr=self.lr0, betas=(hyp["momentum"], 0.999))
         else:
-            opt = torch.optim.SGD(no_decay, lr=hyp["lr0"], momentum=hyp["momentum"], nesterov=True)
+            opt = torch.optim.SGD(no_decay, lr=self.lr0, momentum=hyp["momentum"], nesterov=True)
         opt.add_param_group({"params": decay, "weight_decay": wd})
         opt.add_param_group({"params": biases})
         for g in opt.param_groups:
-            g["initial_lr"] = hyp["lr0"]
+            g["initial_lr"] = self.lr0
         return opt
 
     def _load_train_state(self, ckpt: dict) -> None:
@@ -416,7 +417,7 @@ class Trainer:
     def _set_lr(self, ni: int, n_warmup: int, lr_epoch: float) -> None:
         hyp = self.hyp
         for j, g in enumerate(self.optimizer.param_groups):
-            target = hyp["lr0"] * lr_epoch
+            target = self.lr0 * lr_epoch
             if ni < n_warmup:
                 start = hyp["warmup_bias_lr"] if j == 2 else 0.0  # biases start high, the rest at zero
                 g["lr"] = float(np.interp(ni, [0, n_warmup], [start, target]))
