@@ -179,17 +179,21 @@ def _length_message(path: Path, cfg: ModelCfg, specs: list[ConvSpec], have: int,
     return msg
 
 
+def fit_head_conv(cfg: ModelCfg, head_index: int, what: str) -> None:
+    """After a head's classes or masks changed, resize the conv feeding it (in place)."""
+    head, feeder = cfg.layers[head_index], cfg.layers[head_index - 1]
+    if feeder.type != "convolutional":
+        raise UserError(f"{head.where()}: cannot change the {what}: the layer before this head is a "
+                        f"[{feeder.type}], not a [convolutional]")
+    feeder.set("filters", head_channels(head))
+
+
 def with_classes(cfg: ModelCfg, classes: int) -> ModelCfg:
     """A copy of ``cfg`` whose heads predict ``classes`` classes, head convs resized to match."""
     out = cfg.copy()
     for i in out.heads:
-        head = out.layers[i]
-        head.set("classes", classes)
-        feeder = out.layers[i - 1]
-        if feeder.type != "convolutional":
-            raise UserError(f"{head.where()}: cannot change the class count: the layer before this "
-                            f"head is a [{feeder.type}], not a [convolutional]")
-        feeder.set("filters", head_channels(head))
+        out.layers[i].set("classes", classes)
+        fit_head_conv(out, i, "class count")
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from models.cfg import ModelCfg, read_cfg, save_cfg
-from models.shapes import head_channels
+from models.io import fit_head_conv
 from utils.errors import UserError
 
 
@@ -89,11 +89,7 @@ def write_anchors(cfg: ModelCfg, anchors: np.ndarray, img_size: int | None = Non
         block.set("num", len(anchors))
         if not same_count:
             block.set("mask", masks[i])
-            feeder = out.layers[i - 1]
-            if feeder.type != "convolutional":
-                raise UserError(f"{block.where()}: cannot change the anchor count: the layer before this "
-                                f"head is a [{feeder.type}], not a [convolutional]")
-            feeder.set("filters", head_channels(block))
+            fit_head_conv(out, i, "anchor count")
     return out
 
 

@@ -45,7 +45,7 @@ class EvalResult:
         return float(self.stats.map)
 
 
-def _labels_to_original(targets: torch.Tensor, img_hw: tuple[int, int], shape) -> np.ndarray:
+def labels_to_original(targets: torch.Tensor, img_hw: tuple[int, int], shape) -> np.ndarray:
     """(n, 5) [cls, cx, cy, w, h] normalized to the batch image -> [cls, x1, y1, x2, y2] original px."""
     h, w = img_hw
     boxes = xywh2xyxy(targets[:, 1:5].clone()) * torch.tensor([w, h, w, h], dtype=targets.dtype)
@@ -96,7 +96,7 @@ def evaluate(model: nn.Module, loader, names: list[str], conf_thres: float = 0.0
         for i, pred in enumerate(out):
             pred = pred.cpu()
             pred[:, :4] = scale_boxes(pred[:, :4], img_hw, shapes[i][0], shapes[i][1])
-            labels = _labels_to_original(targets[targets[:, 0] == i, 1:], img_hw, shapes[i])
+            labels = labels_to_original(targets[targets[:, 0] == i, 1:], img_hw, shapes[i])
             d = pred.numpy()
             stats.update(d, labels)
             confusion.update(d, labels)

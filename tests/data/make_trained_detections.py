@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from models.io import load_model
 from utils.boxes import non_max_suppression, scale_boxes
 from utils.datasets import create_dataloader, read_data_file
-from utils.evaluate import _labels_to_original
+from utils.evaluate import labels_to_original
 from utils.synthetic import ensure_shapes
 
 N_IMAGES = 60
@@ -38,7 +38,7 @@ def main(weights: str) -> None:
             for i, d in enumerate(out):
                 d[:, :4] = scale_boxes(d[:, :4], x.shape[2:], shapes[i][0], shapes[i][1])
                 dets.append(d.numpy().astype(np.float32))
-                labels.append(_labels_to_original(targets[targets[:, 0] == i, 1:], tuple(x.shape[2:]),
+                labels.append(labels_to_original(targets[targets[:, 0] == i, 1:], tuple(x.shape[2:]),
                                                   shapes[i]).astype(np.float32))
             if len(dets) >= N_IMAGES:
                 break
