@@ -14,7 +14,7 @@ from utils.metrics import (
     match_detections,
     pycocotools_eval,
 )
-from utils.plots import plot_confusion_matrix, plot_pr_curve, plot_results
+from utils.plots import class_colour, draw_detections, plot_confusion_matrix, plot_pr_curve, plot_results
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -102,6 +102,23 @@ def test_match_takes_the_best_unmatched_truth_per_threshold():
     assert tp.all()  # the first takes the exact box 2, the second the exact box 1
 
 
+def test_ties_follow_pycocotools():
+    """Equal IoUs go to the later ground truth; equal scores keep image order (pycocotools' rules)."""
+    lab = np.array([[0, 0, 0, 10, 10], [0, 10, 0, 20, 10]], float)
+    # the first detection overlaps both truths with IoU exactly 0.5, the second only the first truth
+    dets = np.array([[0, 0, 20, 10, 0.9, 0], [0, 0, 10, 10, 0.8, 0]], float)
+    np.testing.assert_array_equal(match_detections(dets, lab)[:, 0], [True, True])
+    ours, ref = compare_with_pycocotools([lab], [dets])
+    assert ref[1] == pytest.approx(1.0)
+    assert ours == pytest.approx(ref, abs=1e-12)
+    # equal scores in two images: the false positive of image 0 ranks above the hit of image 1
+    labels = [np.array([[1, 0, 0, 10, 10]], float)] * 2
+    tied = [np.array([[50, 50, 60, 60, 0.5, 1]], float), np.array([[0, 0, 10, 10, 0.5, 1]], float)]
+    ours, ref = compare_with_pycocotools(labels, tied)
+    assert ref[1] == pytest.approx(51 * 0.5 / 101)
+    assert ours == pytest.approx(ref, abs=1e-12)
+
+
 def test_confusion_matrix_counts():
     cm = ConfusionMatrix(2, conf=0.25, iou_thres=0.45)
     lab = np.array([[0, 0, 0, 10, 10], [1, 20, 20, 30, 30], [1, 40, 40, 50, 50]], float)
@@ -130,6 +147,19 @@ def test_plots_write_readable_pngs(tmp_path):
                  plot_results(csv, tmp_path / "results.png")):
         img = cv2.imread(str(path))
         assert img is not None and img.shape[0] > 100 and img.std() > 1
+
+
+def test_draw_detections_boxes_in_a_fixed_colour_per_class():
+    img = np.zeros((120, 160, 3), np.uint8)
+    dets = np.array([[20, 40, 70, 100, 0.9, 0], [90, 40, 150, 100, 0.5, 3]], float)
+    out = draw_detections(img, dets, NAMES)
+    assert class_colour(0) == class_colour(0) != class_colour(3)
+    def near(pixel, colour):  # anti-aliased lines blend a little with the background
+        return np.abs(pixel.astype(int) - colour).max() <= 40
+
+    assert near(out[70, 20], class_colour(0)) and not near(out[70, 20], class_colour(3))  # box 0 edge
+    assert near(out[70, 150], class_colour(3)) and not near(out[70, 150], class_colour(0))  # box 1 edge
+    assert not out[70, 40:60].any() and not out[5:30, 5:15].any()  # inside and outside stay untouched
 
 
 def test_trained_detector_output_agrees_with_pycocotools():

@@ -153,7 +153,11 @@ def _interpolated_precision(recall: np.ndarray, precision: np.ndarray) -> np.nda
 
 
 class DetectionStats:
-    """Accumulates matches image by image; ``compute`` gives the :class:`ClassStats`."""
+    """Accumulates matches image by image; ``compute`` gives the :class:`ClassStats`.
+
+    Feed images in increasing COCO image id to match pycocotools, which breaks score ties across
+    images in that order.
+    """
 
     def __init__(self, iouv: np.ndarray = IOU_THRESHOLDS, max_det: int = COCO_MAX_DETS):
         self.iouv, self.max_det = iouv, max_det
