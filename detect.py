@@ -3,6 +3,11 @@
     python detect.py --weights runs/train/exp/weights/best.pt --source data/images
     python detect.py --cfg cfg/yolov3-tiny.cfg --weights yolov3-tiny.weights --source video.mp4
     python detect.py --weights model.onnx --source 0 --view-img
+
+Images are written annotated under the same file name, videos as annotated .mp4 with the source's
+frame rate; ``--save-txt`` writes ``labels/<stem>.txt`` (videos ``<stem>_<frame>.txt``) with rows
+``class xc yc w h conf`` normalised to the original image. The output folder is created (default
+runs/detect/exp, exp2, ...); an existing --output is added to, never emptied.
 """
 
 from __future__ import annotations
@@ -17,15 +22,16 @@ import cv2
 import numpy as np
 import torch
 
-from models.backends import load_detector
-from utils.augment import letterbox
+from models.backends import Detector, load_detector
 from utils.boxes import non_max_suppression, scale_boxes
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.files import new_run_dir
 from utils.plots import draw_detections
-from utils.sources import open_source
+from utils.sources import Frame, open_source
 from utils.torch_utils import select_device
+
+DEFAULT_IMG_SIZE = 256  # when neither the checkpoint nor the ONNX says
 
 
 @dataclass
@@ -33,118 +39,161 @@ class DetectSummary:
     output: Path
     frames: int = 0
     detections: int = 0
-    skipped: list[str] = field(default_factory=list)
-    per_frame: list[np.ndarray] = field(default_factory=list)  # (n, 6) in original pixels
+    skipped: list[str] = field(default_factory=list)  # unreadable images passed over
+    written: list[Path] = field(default_factory=list)  # annotated images and videos
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help=".pt, darknet weights with --cfg, or .onnx")
-    p.add_argument("--cfg", default=None)
+    p.add_argument("--cfg", default=None, help="darknet cfg (needed with darknet weights)")
     p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index, URL, .txt")
-    p.add_argument("--img-size", type=int, default=None, help="default: the model's, else 416")
+    p.add_argument("--img-size", type=int, default=None,
+                   help=f"default: the checkpoint's or ONNX's size, else {DEFAULT_IMG_SIZE}")
     p.add_argument("--conf-thres", type=float, default=0.25)
     p.add_argument("--iou-thres", type=float, default=0.45)
     p.add_argument("--max-det", type=int, default=1000)
     p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these class indices")
     p.add_argument("--agnostic-nms", action="store_true")
-    p.add_argument("--half", action="store_true", help="float16 (CUDA only)")
-    p.add_argument("--device", default="")
-    p.add_argument("--view-img", action="store_true")
-    p.add_argument("--names", default=None, help="class names file (one per line)")
-    p.add_argument("--save-txt", action="store_true", help="labels/<name>.txt: class xc yc w h conf")
+    p.add_argument("--half", action="store_true", help="float16 (PyTorch on CUDA only)")
+    p.add_argument("--device", default="cpu", help="cpu, 0, cuda:1")
+    p.add_argument("--view-img", action="store_true", help="show frames (needs OpenCV with a GUI); q quits")
+    p.add_argument("--names", default=None, help="class names file, one per line (overrides the model's)")
+    p.add_argument("--save-txt", action="store_true", help="labels/<stem>.txt: class xc yc w h conf")
     p.add_argument("--nosave", action="store_true", help="do not write annotated images/videos")
     p.add_argument("--output", default=None, help="default runs/detect/<name> (created, never emptied)")
     p.add_argument("--name", default="exp")
     return p.parse_args(argv)
 
 
-def _has_gui() -> bool:
-    info = cv2.getBuildInformation()
-    gui = [ln for ln in info.splitlines() if ln.strip().startswith("GUI:")]
+def has_gui() -> bool:
+    """Whether this OpenCV build can open windows (opencv-python-headless cannot)."""
+    gui = [ln for ln in cv2.getBuildInformation().splitlines() if ln.strip().startswith("GUI:")]
     return bool(gui) and "NONE" not in gui[0].upper()
+
+
+def read_names(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--names {path}: file not found")
+    return [s.strip() for s in path.read_text().splitlines() if s.strip()]
+
+
+def _check_args(a: argparse.Namespace, det: Detector, names: list[str] | None) -> None:
+    for opt, v in (("--conf-thres", a.conf_thres), ("--iou-thres", a.iou_thres)):
+        if not 0 <= v <= 1:
+            raise UserError(f"{opt} {v}: must be in [0, 1]")
+    if a.max_det < 1:
+        raise UserError(f"--max-det {a.max_det}: must be at least 1")
+    if det.classes is not None:
+        bad = [c for c in a.classes or [] if not 0 <= c < det.classes]
+        if bad:
+            raise UserError(f"--classes {bad[0]}: the model has classes 0..{det.classes - 1}")
+        if a.names and len(names) != det.classes:
+            raise UserError(f"--names {a.names}: {len(names)} names but the model predicts {det.classes} "
+                            f"classes")
+    if det.fixed_hw and a.img_size and (a.img_size, a.img_size) != det.fixed_hw:
+        raise UserError(f"--img-size {a.img_size}: {a.weights} was exported for {det.fixed_hw[0]}x"
+                        f"{det.fixed_hw[1]} only (export with --dynamic for other sizes)")
+    if a.img_size and a.img_size % det.stride:
+        raise UserError(f"--img-size {a.img_size}: must be a multiple of {det.stride}")
 
 
 def main(argv: list[str] | None = None) -> DetectSummary:
     a = parse_args(argv)
-    if a.view_img and not _has_gui():
+    if a.view_img and not has_gui():
         raise UserError("--view-img: this OpenCV build has no GUI (opencv-python-headless); drop --view-img")
-    device = select_device(a.device)
-    det = load_detector(a.weights, a.cfg, device, a.half)
-    names = det.names
-    if a.names:
-        names_file = Path(a.names)
-        if not names_file.is_file():
-            raise UserError(f"--names {names_file}: file not found")
-        names = [s.strip() for s in names_file.read_text().splitlines() if s.strip()]
-    img_size = a.img_size or det.img_size or 416
-    if det.fixed_hw and a.img_size and (a.img_size, a.img_size) != det.fixed_hw:
-        raise UserError(f"--img-size {a.img_size}: {a.weights} was exported for {det.fixed_hw[0]}x"
-                        f"{det.fixed_hw[1]} only (export with --dynamic for other sizes)")
-    if img_size % det.stride:
-        raise UserError(f"--img-size {img_size}: must be a multiple of {det.stride}")
-    out = Path(a.output) if a.output else new_run_dir("runs/detect", a.name)
+    det = load_detector(a.weights, a.cfg, select_device(a.device), a.half)
+    names = read_names(a.names) if a.names else det.names
+    _check_args(a, det, names)
+    img_size = det.fixed_hw or a.img_size or det.img_size or DEFAULT_IMG_SIZE
+    source = open_source(a.source, img_size, det.stride, auto=det.fixed_hw is None)
+    if a.output and Path(a.output).exists() and not Path(a.output).is_dir():
+        raise UserError(f"--output {a.output}: exists and is not a folder")
+    out = Path(a.output) if a.output else new_run_dir(Path("runs") / "detect", a.name)
     out.mkdir(parents=True, exist_ok=True)
-    summary = DetectSummary(out)
-    writers: dict[str, cv2.VideoWriter] = {}
-    t_start = time.perf_counter()
+    summary = DetectSummary(out, skipped=source.skipped)
+    import torchvision.ops  # noqa: F401 -- NMS imports it lazily; here it stays out of frame 1's time
+    writers: dict[Path, cv2.VideoWriter] = {}
+    t_start, t_model = time.perf_counter(), 0.0
     try:
-        for frame in open_source(a.source, summary.skipped):
+        for frame in source:
             t0 = time.perf_counter()
-            shape = det.fixed_hw or img_size
-            img, ratio, pad = letterbox(frame.image, shape, auto=det.fixed_hw is None, stride=det.stride)
-            x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1)))[None].float() / 255
-            pred = non_max_suppression(det(x), a.conf_thres, a.iou_thres, a.classes, a.agnostic_nms,
-                                       a.max_det)[0].cpu()
-            pred[:, :4] = scale_boxes(pred[:, :4], img.shape[:2], frame.image.shape[:2], (ratio, pad))
-            d = pred.numpy()
+            dets = detect_frame(det, frame, a)
+            t_model += time.perf_counter() - t0
             summary.frames += 1
-            summary.detections += len(d)
-            summary.per_frame.append(d)
-            stem = Path(frame.path).stem if not frame.path.isdigit() else f"webcam{frame.path}"
+            summary.detections += len(dets)
             if a.save_txt:
-                txt = f"{stem}_{frame.index}.txt" if frame.is_video else f"{stem}.txt"
-                _write_txt(out / "labels" / txt, d, frame.image.shape[:2])
-            annotated = draw_detections(frame.image.copy(), d, names)
+                txt = f"{frame.stem}_{frame.index}.txt" if frame.is_video else f"{frame.stem}.txt"
+                write_txt(out / "labels" / txt, dets, frame.image.shape[:2])
+            if not a.nosave or a.view_img:
+                annotated = draw_detections(frame.image.copy(), dets, names)
             if not a.nosave:
-                if frame.is_video:
-                    _video_writer(writers, out / f"{stem}.mp4", frame).write(annotated)
-                else:
-                    cv2.imwrite(str(out / Path(frame.path).name), annotated)
+                _save(annotated, frame, out, writers, summary)
+            print(f"{_where(frame)}: {_counts(dets, names)} ({1000 * (time.perf_counter() - t0):.1f} ms)")
             if a.view_img:
                 cv2.imshow(frame.path, annotated)
-                cv2.waitKey(1)
-            counts = ", ".join(f"{int((d[:, 5] == c).sum())} {_name(names, c)}" for c in np.unique(d[:, 5]))
-            where = f"{frame.path} frame {frame.index}" if frame.is_video else frame.path
-            print(f"{where}: {counts or 'nothing'} ({1000 * (time.perf_counter() - t0):.1f} ms)")
+                if cv2.waitKey(1) & 0xFF == ord("q"):
+                    break
     finally:
         for w in writers.values():
             w.release()
+    ms = 1000 * t_model / max(summary.frames, 1)
     print(f"{summary.frames} frames, {summary.detections} detections, {len(summary.skipped)} unreadable "
-          f"skipped, {time.perf_counter() - t_start:.1f} s; results in {out}")
+          f"skipped; {ms:.1f} ms/frame (model + NMS), {time.perf_counter() - t_start:.1f} s in all; "
+          f"results in {out}")
     return summary
 
 
-def _name(names: list[str], c: float) -> str:
-    return names[int(c)] if int(c) < len(names) else str(int(c))
+def detect_frame(det: Detector, frame: Frame, a: argparse.Namespace) -> np.ndarray:
+    """(n, 6) [x1, y1, x2, y2, conf, cls] in the original image's pixels, after NMS."""
+    x = torch.from_numpy(frame.letterboxed)[None].float() / 255
+    pred = non_max_suppression(det(x), a.conf_thres, a.iou_thres, a.classes, a.agnostic_nms, a.max_det,
+                               multi_label=False)[0]
+    pred[:, :4] = scale_boxes(pred[:, :4], frame.letterboxed.shape[1:], frame.image.shape[:2],
+                              (frame.ratio, frame.pad))
+    return pred.numpy()
 
 
-def _write_txt(path: Path, dets: np.ndarray, hw: tuple[int, int]) -> None:
-    """Rows ``class xc yc w h conf`` normalized to the original image."""
+def write_txt(path: Path, dets: np.ndarray, hw: tuple[int, int]) -> None:
+    """Rows ``class xc yc w h conf`` normalised to the original image (an empty file for no boxes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = hw
-    rows = []
-    for x1, y1, x2, y2, conf, c in dets:
-        rows.append(f"{int(c)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
-                    f"{(y2 - y1) / h:.6f} {conf:.5f}\n")
+    rows = [f"{int(c)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
+            f"{(y2 - y1) / h:.6f} {conf:.5f}\n" for x1, y1, x2, y2, conf, c in dets]
     path.write_text("".join(rows))
 
 
-def _video_writer(writers: dict, path: Path, frame) -> cv2.VideoWriter:
-    if str(path) not in writers:
-        h, w = frame.image.shape[:2]
-        writers[str(path)] = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), frame.fps, (w, h))
-    return writers[str(path)]
+def _save(img: np.ndarray, frame: Frame, out: Path, writers: dict[Path, cv2.VideoWriter],
+          summary: DetectSummary) -> None:
+    path = out / (f"{frame.stem}.mp4" if frame.is_video else Path(frame.path).name)
+    if not frame.path.isdigit() and path.resolve() == Path(frame.path).resolve():
+        raise UserError(f"--output {out}: would overwrite the source {frame.path}; choose another folder")
+    if not frame.is_video:
+        if not cv2.imwrite(str(path), img):
+            raise UserError(f"{path}: OpenCV could not write the annotated image")
+        summary.written.append(path)
+        return
+    if path not in writers:
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), frame.fps, frame.video_size)
+        if not writer.isOpened():
+            raise UserError(f"{path}: OpenCV cannot write an mp4v video here")
+        writers[path] = writer
+        summary.written.append(path)
+    writers[path].write(img)
+
+
+def _where(frame: Frame) -> str:
+    return f"{frame.path} frame {frame.index}" if frame.is_video else frame.path
+
+
+def _counts(dets: np.ndarray, names: list[str] | None) -> str:
+    """``2 circle, 1 square`` (class indices where there are no names), or ``nothing``."""
+    parts = []
+    for c in np.unique(dets[:, 5]).astype(int):
+        name = names[c] if names and c < len(names) else str(c)
+        parts.append(f"{int((dets[:, 5] == c).sum())} {name}")
+    return ", ".join(parts) or "nothing"
 
 
 if __name__ == "__main__":
