@@ -26,7 +26,7 @@ from models.backends import Detector, load_detector
 from utils.boxes import non_max_suppression, scale_boxes
 from utils.cli import run_cli
 from utils.errors import UserError
-from utils.files import new_run_dir
+from utils.files import new_run_dir, read_names
 from utils.plots import draw_detections
 from utils.sources import Frame, open_source
 from utils.torch_utils import select_device
@@ -72,13 +72,6 @@ def has_gui() -> bool:
     return bool(gui) and "NONE" not in gui[0].upper()
 
 
-def read_names(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--names {path}: file not found")
-    return [s.strip() for s in path.read_text().splitlines() if s.strip()]
-
-
 def _check_args(a: argparse.Namespace, det: Detector, names: list[str] | None) -> None:
     for opt, v in (("--conf-thres", a.conf_thres), ("--iou-thres", a.iou_thres)):
         if not 0 <= v <= 1:
@@ -104,7 +97,7 @@ def main(argv: list[str] | None = None) -> DetectSummary:
     if a.view_img and not has_gui():
         raise UserError("--view-img: this OpenCV build has no GUI (opencv-python-headless); drop --view-img")
     det = load_detector(a.weights, a.cfg, select_device(a.device), a.half)
-    names = read_names(a.names) if a.names else det.names
+    names = read_names(a.names, "--names") if a.names else det.names
     _check_args(a, det, names)
     img_size = det.fixed_hw or a.img_size or det.img_size or DEFAULT_IMG_SIZE
     source = open_source(a.source, img_size, det.stride, auto=det.fixed_hw is None)

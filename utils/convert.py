@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.errors import UserError
-from utils.files import IMG_SUFFIXES, img2label_path
+from utils.files import IMG_SUFFIXES, img2label_path, read_names
 
 SPLIT_KEYS = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}  # split -> .data key
 
@@ -76,9 +76,7 @@ def _yolo_row(cls: int, x1: float, y1: float, x2: float, y2: float, w: int, h: i
 
 
 def _read_names(path: Path) -> list[str] | None:
-    if not path.is_file():
-        return None
-    return [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    return read_names(path) if path.is_file() else None
 
 
 def _same_content(a: Path, b: Path) -> bool:
@@ -426,9 +424,9 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         names = None
         if a.names:
-            names = _read_names(Path(a.names))
+            names = read_names(a.names, "--names")
             if not names:
-                raise UserError(f"--names {a.names}: file not found or empty")
+                raise UserError(f"--names {a.names}: the file is empty")
         data, report = convert_voc(a.xml, a.images, a.out, a.split, names, a.name, a.overwrite, a.ids)
     print(f"{report}\nwrote {data}")
     return data

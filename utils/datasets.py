@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from utils.augment import PAD_VALUE, augment_hsv, letterbox, random_affine
 from utils.boxes import xywh2xyxy, xyxy2xywh
 from utils.errors import UserError
-from utils.files import IMG_SUFFIXES, img2label_path, is_image
+from utils.files import IMG_SUFFIXES, img2label_path, is_image, read_names
 
 CACHE_VERSION = 1
 WARNINGS_SHOWN = 10  # per dataset; the summary still counts every problem
@@ -87,9 +87,7 @@ def read_data_file(path: str | Path) -> DataConfig:
     valid = _resolve(entries.pop(valid_key), base) if valid_key else None
     if "names" in entries:
         names_file = _resolve(entries.pop("names"), base)
-        if not names_file.is_file():
-            raise UserError(f"{path}: names file {names_file} not found")
-        names = [s.strip() for s in names_file.read_text().splitlines() if s.strip()]
+        names = read_names(names_file, f"{path}: names file")
         if len(names) != classes:
             raise UserError(f"{path}: classes={classes} but {names_file} has {len(names)} names")
     else:

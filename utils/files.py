@@ -49,3 +49,13 @@ def new_run_dir(root: str | Path, name: str, exist_ok: bool = False) -> Path:
         except FileExistsError:
             n += 1
             candidate = root / f"{name}{n}"
+
+
+def read_names(path: str | Path, what: str = "names file") -> list[str]:
+    """Class names, one per line (blank lines ignored); a missing file is an error naming ``what``."""
+    from utils.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path}: file not found")
+    return [s.strip() for s in path.read_text().splitlines() if s.strip()]
