@@ -128,7 +128,10 @@ def detections(args, source, out, *extra) -> np.ndarray:
 
 
 def sort_rows(d: np.ndarray) -> np.ndarray:
-    return d[np.lexsort((d[:, 1], d[:, 0], d[:, 5]))]
+    """By class, then x1, y1, x2, y2 rounded to 0.1 px: boxes clipped at an image edge have x1 of
+    -5e-5 in one backend and 5e-5 in another, and must still tie so that x2 decides."""
+    k = d[:, :4].round(1)
+    return d[np.lexsort((k[:, 3], k[:, 2], k[:, 1], k[:, 0], d[:, 5]))]
 
 
 def test_backends_agree(models, media, tmp_path):
@@ -216,7 +219,10 @@ def test_onnx_metadata_and_simplify(models):
 def test_one_label_per_box(models, media, tmp_path):
     # at a low threshold several classes of a box pass it; detect keeps only the best one
     d = detections(models["pt"], media["image"], tmp_path, "--conf-thres", "0.02")
-    assert len(d) > 10 and len(np.unique(d[:, :4].round(3), axis=0)) == len(d)
+    h, w = cv2.imread(str(media["image"])).shape[:2]
+    # two predictions can clip to the same box at the image edge; inside it every box is one prediction
+    inside = d[(d[:, 0] > 0.5) & (d[:, 1] > 0.5) & (d[:, 2] < w - 0.5) & (d[:, 3] < h - 0.5)]
+    assert len(inside) > 10 and len(np.unique(inside[:, :4].round(3), axis=0)) == len(inside)
 
 
 def test_failed_onnx_check_leaves_no_file(tmp_path):
