@@ -1,11 +1,12 @@
 """Training speed on the built-in benchmark: the trainer's full step against a bare step, and the
 dataloader with mosaic. Medians of repeated measurements; the ratio comes from the same run.
 
-    .venv/bin/python -m bench.train_speed                         # yolo-small, batch 16 at 256
+    .venv/bin/python -m bench.train_speed                         # yolo-small, batch 16 at 224
     .venv/bin/python -m bench.train_speed --cfg cfg/yolov3-tiny.cfg --batches 8
 
-full step: what ``Trainer.train_one_epoch`` does per batch (loading with mosaic in --workers processes,
-warm-up/LR schedule, forward, loss, backward, accumulation, EMA, progress bar);
+dataloader: images/s with mosaic on every image (the training default has mosaic off);
+full step: what ``Trainer.train_one_epoch`` does per batch with the default hyperparameters (loading in
+--workers processes, warm-up/LR schedule, forward, loss, backward, accumulation, EMA, progress bar);
 bare step: forward + the same loss + backward + optimizer step on one batch already in memory.
 """
 
@@ -20,16 +21,16 @@ from pathlib import Path
 import torch
 
 from utils.datasets import read_data_file, set_epoch
-from utils.trainer import Trainer, TrainOptions, resolve_data
+from utils.trainer import Trainer, TrainOptions, default_workers, resolve_data
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cfg", default="cfg/yolo-small.cfg")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--img-size", type=int, default=256)
+    ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batches", type=int, default=12, help="batches per measurement")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     data = read_data_file(resolve_data(""))
@@ -48,11 +49,14 @@ def main() -> None:
 
         # dataloader alone (mosaic, affine, HSV, flips, collate)
         load_rates = []
+        mosaic = t.train_set.hyp["mosaic"]
+        t.train_set.hyp["mosaic"] = 1.0
         for r in range(a.repeats):
             set_epoch(loader, r)
             t0 = time.perf_counter()
             n = sum(imgs.shape[0] for imgs, *_ in loader)
             load_rates.append(n / (time.perf_counter() - t0))
+        t.train_set.hyp["mosaic"] = mosaic
 
         # full trainer step
         full = []
@@ -63,7 +67,7 @@ def main() -> None:
 
         # bare step on one in-memory batch
         imgs, targets, _, _ = next(iter(loader))
-        x = imgs.float() / 255
+        x = imgs.contiguous(memory_format=torch.channels_last).float() / 255  # as the trainer feeds it
         model, opt = t.model, t.optimizer
         model.train()
         bare = []

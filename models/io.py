@@ -291,7 +291,7 @@ def save_checkpoint(path: str | Path, model: Darknet, **meta: Any) -> None:
     if model.fused:
         raise UserError("save the model before fuse(): a checkpoint keeps batch norms unfolded")
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "cfg": write_cfg(model.cfg),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
+            "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, "meta": meta}
     _atomic_write(Path(path), lambda f: torch.save(ckpt, f))
 
 

@@ -65,12 +65,26 @@ def test_train_writes_its_outputs_and_calls_hooks(shapes_data, tmp_path):
     rows = list(csv.DictReader((run / "results.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert 0.0 <= result.map50 <= 1.0
-    # 2 batches of 4 per epoch, accumulate = 64 / 4 = 16 -> one optimizer step per epoch (flushed at its end)
+    # 2 batches of 4 per epoch, accumulate = nbs 16 / 4 = 4: one optimizer step per epoch (flushed at its end)
     assert rec.extra_calls == 4 and rec.steps == 2 and all(rec.grad_seen)
     ckpt = load_checkpoint(run / "weights" / "last.pt")
     meta = ckpt["meta"]
     assert meta["epoch"] == 1 and meta["names"][0] == "circle" and "optimizer" in meta["train_state"]
     assert not dist.is_initialized()  # a single process starts no process group
+
+
+@pytest.mark.parametrize(("nbs", "steps"), [(4, 4), (8, 2), (64, 2)])
+def test_gradients_accumulate_to_the_nominal_batch(shapes_data, tmp_path, nbs, steps):
+    """2 epochs of 2 batches of 4: nbs 4 steps every batch, nbs 8 every second one, and nbs 64 once per
+    epoch (the partial accumulation is flushed at the epoch's end); weight decay follows nbs."""
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text(f"nbs: {nbs}\n")
+    rec = Recorder()
+    t = Trainer(tiny_opts(shapes_data, tmp_path, epochs=2, notest=True, hyp=str(hyp)), [rec])
+    t.fit()
+    assert rec.steps == steps
+    assert t.accumulate == max(round(nbs / 4), 1)
+    assert t.optimizer.param_groups[1]["weight_decay"] == pytest.approx(0.0005 * 4 * t.accumulate / nbs)
 
 
 def test_interrupt_saves_last_and_resume_matches_uninterrupted(shapes_data, tmp_path):
