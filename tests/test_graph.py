@@ -79,39 +79,15 @@ def test_grouped_route_ties_matching_positions_of_its_slices():
     assert graph.chains() == []
 
 
+def conv(size: int, activation: str) -> str:
+    return (f"[convolutional]\nbatch_normalize=1\nfilters=8\nsize={size}\nstride=1\npad=1\n"
+            f"activation={activation}\n")
+
+
 def test_scale_channels_and_sam_tie_their_inputs():
-    text = """
-[net]
-width=32
-height=32
-channels=3
-[convolutional]
-batch_normalize=1
-filters=8
-size=3
-stride=1
-pad=1
-activation=leaky
-[avgpool]
-[convolutional]
-batch_normalize=1
-filters=8
-size=1
-stride=1
-pad=1
-activation=logistic
-[scale_channels]
-from=-3
-[convolutional]
-batch_normalize=1
-filters=8
-size=3
-stride=1
-pad=1
-activation=logistic
-[sam]
-from=-2
-"""
+    text = ("[net]\nwidth=32\nheight=32\nchannels=3\n" + conv(3, "leaky") + "[avgpool]\n"
+            + conv(1, "logistic") + "[scale_channels]\nfrom=-3\n" + conv(3, "logistic")
+            + "[sam]\nfrom=-2\n")
     graph = ChannelGraph(parse_cfg(text))
     assert graph.chains() == [[0, 2, 4]]
     assert graph.origins[3][5] == frozenset({(0, 5), (2, 5)})
