@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=d.ema,
                    help="exponential moving average of the weights (evaluated and saved)")
     p.add_argument("--amp", "-mpt", action="store_true", help="mixed precision (CUDA only)")
-    p.add_argument("--workers", type=int, default=d.workers, help="dataloader processes")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="dataloader processes (default: 0 on 2 cores or fewer, else min(8, cores/2))")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--hyp", default=d.hyp, help="YAML overriding data/hyp.scratch.yaml")
     p.add_argument("--cache-images", action="store_true", help="keep resized images in memory")
