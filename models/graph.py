@@ -53,7 +53,7 @@ class ChannelGraph:
     def __init__(self, cfg: ModelCfg):
         self.cfg = cfg
         self.inputs = layer_inputs(cfg)
-        self.shapes = infer_shapes(cfg)
+        infer_shapes(cfg)  # validates the cfg: the channel slicing below relies on counts that fit
         image = self._image = tuple(frozenset({(IMAGE, c)}) for c in range(cfg.net["channels"]))
         uf = _UnionFind()
         origins: list[tuple[frozenset[Channel], ...]] = []

@@ -79,8 +79,8 @@ def test_grouped_route_ties_matching_positions_of_its_slices():
     assert graph.chains() == []
 
 
-def conv(size: int, activation: str) -> str:
-    return (f"[convolutional]\nbatch_normalize=1\nfilters=8\nsize={size}\nstride=1\npad=1\n"
+def conv(size: int, activation: str, bn: int = 1) -> str:
+    return (f"[convolutional]\nbatch_normalize={bn}\nfilters=8\nsize={size}\nstride=1\npad=1\n"
             f"activation={activation}\n")
 
 
@@ -92,3 +92,12 @@ def test_scale_channels_and_sam_tie_their_inputs():
     assert graph.chains() == [[0, 2, 4]]
     assert graph.origins[3][5] == frozenset({(0, 5), (2, 5)})
     assert graph.consumers(0) == [2, 4]  # conv 2 reads its average, conv 4 the scaled map
+
+
+def test_a_conv_without_batch_norm_fixes_its_chain():
+    text = ("[net]\nwidth=32\nheight=32\nchannels=3\n" + conv(3, "leaky") + conv(3, "leaky", bn=0)
+            + "[shortcut]\nfrom=-2\nactivation=linear\n" + conv(1, "leaky"))
+    graph = ChannelGraph(parse_cfg(text))
+    assert graph.chains() == [[0, 1]]
+    assert graph.fixed_reason(0).startswith("<cfg>:12 [convolutional]: has no batch norm")  # conv 1
+    assert graph.fixed_reason(3) is None
