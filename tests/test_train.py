@@ -106,6 +106,18 @@ def test_interrupt_saves_last_and_resume_matches_uninterrupted(shapes_data, tmp_
     assert [r["train/box"] for r in rows("full")] == [r["train/box"] for r in rows("cut")]
 
 
+def test_resume_of_a_checkpoint_older_than_a_hyp_key_takes_its_default(shapes_data, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [StopAt(1)]).fit()
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["meta"]["hyp"]["nbs"]  # as written before nbs existed
+    torch.save(ckpt, last)
+    t = Trainer(TrainOptions(resume=str(last)))
+    assert t.hyp["nbs"] == 16 and t.hyp["lr0"] == ckpt["meta"]["hyp"]["lr0"]
+    t.fit()
+
+
 def test_resume_of_a_finished_run_is_a_clear_error(shapes_data, tmp_path):
     Trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
     with pytest.raises(UserError, match="already finished"):
