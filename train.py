@@ -3,6 +3,7 @@
     python train.py                                   # yolo-small on the built-in benchmark
     python train.py --cfg cfg/yolov3-tiny.cfg --data my.data --weights yolov3-tiny.weights --epochs 100
     python train.py --resume runs/train/exp/weights/last.pt
+    python train.py -sr --s 0.001 --prune 1           # BN-L1 sparse training before slim/shortcut pruning
     torchrun --nproc_per_node 2 train.py --device cpu # DistributedDataParallel (gloo on CPU, nccl on GPU)
 """
 
@@ -20,7 +21,8 @@ from utils.trainer import Trainer, TrainOptions
 def parse_args(argv: list[str] | None = None) -> TrainOptions:
     d = TrainOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", default=d.cfg, help="model cfg")
+    p.add_argument("--cfg", default=d.cfg,
+                   help="model cfg (default: the cfg inside a .pt --weights, else cfg/yolo-small.cfg)")
     p.add_argument("--data", default=d.data, help=".data file (default: built-in shapes benchmark)")
     p.add_argument("--weights", default=d.weights, help="initial weights: .pt, or darknet weights for --cfg")
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -46,6 +48,19 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--hyp", default=d.hyp, help="YAML overriding data/hyp.scratch.yaml")
     p.add_argument("--cache-images", action="store_true", help="keep resized images in memory")
+    sr = p.add_argument_group("sparse training (BN-L1, see prune/sparsity.py)")
+    sr.add_argument("-sr", "--sr", action="store_true", help="add s*sign(gamma) to the selected BN gradients")
+    sr.add_argument("--s", type=float, default=d.s, help="sparsity rate")
+    sr.add_argument("--prune", type=int, choices=(0, 1, 2), default=d.prune,
+                    help="penalized BNs: 0 for normal/regular, 1 also shortcut-tied (shortcut/slim), "
+                         "2 residual-block convs (layer)")
+    sr.add_argument("--sr-schedule", choices=("constant", "global", "local"), default=d.sr_schedule,
+                    help="constant; global: s*0.01 after --sr-decay-at; local: then only the "
+                         "--sr-keep largest-gamma share gets s*0.01")
+    sr.add_argument("--sr-decay-at", type=float, default=d.sr_decay_at,
+                    help="fraction of the epochs after which the decay starts")
+    sr.add_argument("--sr-keep", type=float, default=d.sr_keep,
+                    help="local decay: share of channels (largest |gamma|) whose rate decays")
     a = p.parse_args(argv)
     if a.resume == "latest":
         found = sorted(Path(a.project).glob("*/weights/last.pt"), key=lambda f: f.stat().st_mtime)

@@ -8,10 +8,7 @@ cfg and weights. Prints the median of repeated runs and the ratio measured in th
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -21,18 +18,7 @@ import torch
 from models.cfg import write_cfg
 from models.darknet import Darknet
 from models.io import save_darknet_weights
-from utils.torch_utils import tame_random_weights
-
-
-def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+from utils.torch_utils import median_ms, tame_random_weights
 
 
 def bench_cfg(cfg_path: str, size: int, runs: int, warmup: int) -> dict[str, float]:

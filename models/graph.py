@@ -94,6 +94,16 @@ class ChannelGraph:
         for i in self.convs:
             members[convs_uf.find((i, 0))].add(i)
         self._chain = {i: frozenset(members[convs_uf.find((i, 0))]) for i in self.convs}
+        # which convs' channels each conv and each head reads (through pass-throughs, routes, adds)
+        self._consumers: dict[int, list[int]] = defaultdict(list)
+        for k in self.convs:
+            for src in sorted({ch[0] for chans in self.input_origins(k) for ch in chans}):
+                self._consumers[src].append(k)
+        self._head_of: dict[int, int] = {}
+        for h in cfg.heads:
+            for chans in self.input_origins(h):
+                for conv, _ in chans:
+                    self._head_of.setdefault(conv, h)
 
     # ---------------------------------------------------------------- ties
     def group(self, conv: int, channel: int) -> Channel:
@@ -109,15 +119,27 @@ class ChannelGraph:
         return [list(c) for c in sorted({tuple(sorted(c)) for c in self._chain.values() if len(c) > 1})]
 
     # ---------------------------------------------------------------- what may change
+    def is_tied(self, conv: int) -> bool:
+        """Whether a channel of ``conv`` is tied to another channel, of another conv or of itself."""
+        if self.tied_convs(conv):
+            return True
+        n = self.cfg.layers[conv]["filters"]
+        return len({self.group(conv, c) for c in range(n)}) < n
+
     def fixed_reason(self, conv: int) -> str | None:
         """Why the output channels of ``conv`` (or of a conv tied to it) cannot be removed, or None."""
         for j in sorted({conv, *self.tied_convs(conv)}):
             b = self.cfg.layers[j]
-            heads = [r for r in self.readers(j) if self.cfg.layers[r].type == "yolo"]
-            if heads:
-                return f"{b.where()}: feeds the [yolo] head at line {self.cfg.layers[heads[0]].line}"
+            if j in self._head_of:
+                return f"{b.where()}: feeds the [yolo] head at line {self.cfg.layers[self._head_of[j]].line}"
             if not b["batch_normalize"]:
                 return f"{b.where()}: has no batch norm (no gamma to rank its channels by)"
+            if b["groups"] > 1:
+                return f"{b.where()}: a grouped conv (groups={b['groups']}) keeps its channels"
+            for k in self.consumers(j):
+                if self.cfg.layers[k]["groups"] > 1:
+                    return (f"{b.where()}: feeds the grouped conv at line {self.cfg.layers[k].line} "
+                            f"(groups={self.cfg.layers[k]['groups']}), whose input channels stay")
         return None
 
     def readers(self, layer: int) -> list[int]:
@@ -132,5 +154,4 @@ class ChannelGraph:
     def consumers(self, conv: int) -> list[int]:
         """Convs whose input channels include channels of ``conv`` (through pass-throughs, routes and
         adds): the layers whose weights change when ``conv`` loses output channels."""
-        return [i for i in self.convs
-                if any(ch[0] == conv for chans in self.input_origins(i) for ch in chans)]
+        return list(self._consumers.get(conv, []))

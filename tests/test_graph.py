@@ -101,3 +101,13 @@ def test_a_conv_without_batch_norm_fixes_its_chain():
     assert graph.chains() == [[0, 1]]
     assert graph.fixed_reason(0).startswith("<cfg>:12 [convolutional]: has no batch norm")  # conv 1
     assert graph.fixed_reason(3) is None
+
+
+def test_grouped_convs_keep_their_channels_and_inputs():
+    """A grouped conv's output, and every conv feeding its input, is fixed, with the line named."""
+    text = ("[net]\nwidth=32\nheight=32\nchannels=3\n" + conv(3, "leaky")
+            + conv(3, "leaky").replace("pad=1\n", "pad=1\ngroups=2\n") + conv(1, "leaky"))
+    graph = ChannelGraph(parse_cfg(text))
+    assert "feeds the grouped conv at line 12 (groups=2)" in graph.fixed_reason(0)
+    assert "a grouped conv (groups=2)" in graph.fixed_reason(1)
+    assert graph.fixed_reason(2) is None

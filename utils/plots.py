@@ -109,3 +109,24 @@ def draw_detections(img: np.ndarray, dets: np.ndarray, names: list[str] | None =
         cv2.putText(img, text, (p1[0], top - base), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
                     cv2.LINE_AA)
     return img
+
+
+def plot_gamma_histograms(history: list[tuple[int, object]], path: str | Path, bins: int = 60) -> Path:
+    """One |γ| histogram per epoch (``history``: (epoch, |γ| tensor or array)), drawn as stacked lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    values = [np.asarray(g, dtype=np.float64) for _, g in history]
+    top = max((float(v.max()) for v in values if v.size), default=1.0) or 1.0
+    edges = np.linspace(0, top, bins + 1)
+    cmap = plt.get_cmap("viridis")
+    for k, ((epoch, _), v) in enumerate(zip(history, values)):
+        counts, _ = np.histogram(v, edges)
+        ax.plot((edges[:-1] + edges[1:]) / 2, counts, color=cmap(k / max(len(values) - 1, 1)),
+                label=f"epoch {epoch + 1}" if k in (0, len(values) - 1) else None)
+    ax.set_xlabel("|gamma| of the penalized batch norms")
+    ax.set_ylabel("channels")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

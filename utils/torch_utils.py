@@ -1,9 +1,11 @@
-"""Torch helpers that are not part of any one model: BN re-calibration and tame random weights."""
+"""Torch helpers that are not part of any one model: BN re-calibration, tame random weights, timing."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import statistics
+import time
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -109,3 +111,15 @@ class ModelEMA:
                 v.mul_(d).add_(state[k].detach(), alpha=1 - d)
             else:
                 v.copy_(state[k])
+
+
+def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
+    """The median wall time of ``fn()`` in milliseconds over ``runs`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)

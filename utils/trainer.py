@@ -40,6 +40,7 @@ from utils.torch_utils import ModelEMA, select_device, unwrap
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HYP = REPO / "data" / "hyp.scratch.yaml"
+DEFAULT_CFG = "cfg/yolo-small.cfg"
 RESULT_COLUMNS = ["epoch", "train/box", "train/obj", "train/cls", "metrics/precision", "metrics/recall",
                   "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box", "val/obj", "val/cls", "lr",
                   "time_s"]
@@ -54,7 +55,7 @@ def default_workers() -> int:
 
 @dataclass
 class TrainOptions:
-    cfg: str = "cfg/yolo-small.cfg"
+    cfg: str = ""  # empty: the cfg inside a .pt --weights (e.g. a pruned model), else DEFAULT_CFG
     data: str = ""  # empty: the built-in shapes benchmark, generated on first use
     weights: str = ""  # .pt checkpoint or darknet weights to start from
     epochs: int = 16  # the default command fits in 20 minutes on 2 CPU cores
@@ -76,6 +77,13 @@ class TrainOptions:
     seed: int = 0
     hyp: str = ""  # YAML overriding data/hyp.scratch.yaml
     cache_images: bool = False
+    # BN-L1 sparse training (prune/sparsity.py): off unless sr
+    sr: bool = False
+    s: float = 0.001
+    prune: int = 0  # 0 normal/regular, 1 shortcut/slim, 2 layer: which batch norms are penalized
+    sr_schedule: str = "constant"  # constant, global or local decay
+    sr_decay_at: float = 0.5  # fraction of the epochs after which global/local decay starts
+    sr_keep: float = 0.15  # local decay: share of largest-|gamma| channels that get s * 0.01
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -167,6 +175,12 @@ class Trainer:
         if opts.resume:
             self.resume_ckpt, opts = self._resume_options(opts.resume)
         self.opts = opts
+        if opts.sr:  # built from the resolved options, so a resumed run keeps its sparsity settings
+            from prune.sparsity import SparsityHook
+
+            self.hooks.insert(0, SparsityHook(opts.s, opts.prune, opts.sr_schedule, opts.sr_decay_at,
+                                              opts.sr_keep))
+        self.writer = None  # TensorBoard, while fit() runs (hooks may log to it)
         if self.resume_ckpt:  # a checkpoint older than a hyperparameter key takes that key's default
             self.hyp = {**load_hyp(), **self.resume_ckpt["meta"]["hyp"]}
         else:
@@ -264,9 +278,12 @@ class Trainer:
         opts = self.opts
         if self.resume_ckpt:
             return Darknet(parse_cfg(self.resume_ckpt["cfg"], f"{opts.resume} (embedded cfg)"))
-        cfg = read_cfg(in_repo(opts.cfg))
+        if opts.cfg or not opts.weights.endswith(".pt"):
+            cfg = read_cfg(in_repo(opts.cfg or DEFAULT_CFG))
+        else:  # fine-tuning a checkpoint (pruned or not) keeps the architecture it was saved with
+            cfg = parse_cfg(load_checkpoint(opts.weights)["cfg"], f"{opts.weights} (embedded cfg)")
         if cfg.classes != self.data.classes:
-            print(f"{opts.cfg}: {cfg.classes} classes, {self.data_file} has {self.data.classes}: "
+            print(f"{cfg.source}: {cfg.classes} classes, {self.data_file} has {self.data.classes}: "
                   f"resizing the heads")
             cfg = with_classes(cfg, self.data.classes)
         return load_model(opts.weights or None, cfg)
@@ -317,7 +334,7 @@ class Trainer:
     def fit(self) -> EvalResult | None:
         self.setup()
         epoch, result = self.start_epoch, None
-        writer = self._tensorboard()
+        writer = self.writer = self._tensorboard()
         try:
             for epoch in range(self.start_epoch, self.opts.epochs):
                 self.epoch = epoch
@@ -342,6 +359,7 @@ class Trainer:
         finally:
             if writer is not None:
                 writer.close()
+                self.writer = None
             if self.world_size > 1:
                 import torch.distributed as dist
 

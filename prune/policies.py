@@ -1,0 +1,128 @@
+"""What each method removes: channel masks from the BN scales γ, or the residual blocks to drop.
+
+A *unit* is a set of convs whose channels are tied (a residual chain, or one conv split by a grouped
+``[route]``), or one untied conv; a *group* is a set of tied channels, kept or removed together.
+
+- ``normal``:   untied convs only; a channel goes when |γ| is at or below the global threshold.
+- ``shortcut``: tied convs too; a group follows the γ of its chain's first conv.
+- ``slim``:     tied convs too; a group stays when any member's |γ| is above the threshold (the
+  union of the members' masks).
+- ``regular``:  normal's convs; each conv keeps its top channels by |γ|, their count rounded up to
+  a multiple of ``round_to`` (hardware-friendly widths).
+
+The global threshold is the ``percent`` quantile of |γ| over all candidate channels. Every unit keeps
+at least ``max(1, ceil(layer_keep · groups))`` groups, its best by score: a ``percent`` that would
+empty a layer is floored there instead, and :attr:`ChannelPlan.safe_percent` says where that starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from models.darknet import Darknet
+from models.graph import ChannelGraph
+from prune.blocks import ResidualBlock, channel_candidates, residual_blocks
+from prune.engine import Masks
+from utils.errors import UserError
+
+CHANNEL_METHODS = ("normal", "shortcut", "slim", "regular")
+
+
+@dataclass
+class ChannelPlan:
+    masks: Masks
+    threshold: float
+    safe_percent: float  # the largest percent at which no unit needs its floor to keep a channel
+    floored: list[str] = field(default_factory=list)  # units whose floor kept more than the threshold
+
+    def summary(self) -> str:
+        lines = [f"threshold |gamma| <= {self.threshold:.4g}; the largest percent that leaves every layer "
+                 f"a channel without a floor: {self.safe_percent:.1%}"]
+        if self.floored:
+            lines.append(f"per-layer floor applied to {len(self.floored)} layer(s): "
+                         f"{', '.join(self.floored)}")
+        return "\n".join(lines)
+
+
+def _gamma(model: Darknet, conv: int) -> torch.Tensor:
+    return model.layers[conv].bn.weight.detach().abs().cpu().double()
+
+
+def channel_plan(model: Darknet, method: str, percent: float, layer_keep: float = 0.01,
+                 round_to: int = 8) -> ChannelPlan:
+    """The masks ``method`` chooses at ``percent`` (0..1) of the candidate channels' |γ|."""
+    if method not in CHANNEL_METHODS:
+        raise UserError(f"unknown channel-pruning method {method!r}; known: {', '.join(CHANNEL_METHODS)}")
+    if not 0 <= percent < 1:
+        raise UserError(f"--percent {percent}: must be in [0, 1)")
+    if not 0 <= layer_keep <= 1:
+        raise UserError(f"--layer-keep {layer_keep}: must be in [0, 1]")
+    if round_to < 1:
+        raise UserError(f"--round-to {round_to}: must be >= 1")
+    graph = ChannelGraph(model.cfg)
+    convs = channel_candidates(graph, include_tied=method in ("shortcut", "slim"))
+    if not convs:
+        raise UserError(f"{model.cfg.source}: no conv that {method} pruning may cut (every conv feeds a "
+                        f"head, lacks batch norm or is tied)")
+    gammas = {i: _gamma(model, i) for i in convs}
+    everything = torch.cat(list(gammas.values()))
+    threshold = float(torch.quantile(everything, percent)) if percent > 0 else -1.0
+
+    # group score: slim takes the best member, shortcut the chain's first conv, the others the channel
+    members: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i in convs:
+        for c in range(len(gammas[i])):
+            members.setdefault(graph.group(i, c), []).append((i, c))
+    score = {}
+    for rep, chans in members.items():
+        if method == "shortcut":
+            first = min(chans)
+            score[rep] = float(gammas[first[0]][first[1]])
+        else:
+            score[rep] = max(float(gammas[i][c]) for i, c in chans)
+    units: dict[frozenset[int], list[tuple[int, int]]] = {}
+    for rep, chans in members.items():
+        unit = frozenset({chans[0][0], *graph.tied_convs(chans[0][0])})
+        units.setdefault(unit, []).append(rep)
+
+    keep_group: dict[tuple[int, int], bool] = {}
+    floored = []
+    safe = float("inf")
+    for unit, reps in units.items():
+        ranked = sorted(reps, key=lambda r: -score[r])
+        safe = min(safe, score[ranked[0]])
+        n_keep = sum(score[r] > threshold for r in ranked)
+        floor = max(1, math.ceil(layer_keep * len(ranked)))
+        if n_keep < floor:
+            n_keep = floor
+            floored.append(model.cfg.layers[min(unit)].where())
+        if method == "regular":
+            n_keep = min(len(ranked), math.ceil(n_keep / round_to) * round_to)
+        for k, r in enumerate(ranked):
+            keep_group[r] = k < n_keep
+    masks = {i: torch.tensor([keep_group[graph.group(i, c)] for c in range(len(gammas[i]))])
+             for i in convs}
+    safe_percent = float((everything < safe).double().mean())
+    return ChannelPlan(masks, threshold, safe_percent, floored)
+
+
+def block_score(model: Darknet, block: ResidualBlock) -> float:
+    """Mean |γ| over the branch convs that have batch norm (inf when none has: never chosen first)."""
+    gs = [_gamma(model, c) for c in block.convs if model.cfg.layers[c]["batch_normalize"]]
+    return float(torch.cat(gs).mean()) if gs else float("inf")
+
+
+def lowest_blocks(model: Darknet, n: int) -> list[ResidualBlock]:
+    """The ``n`` removable residual blocks with the lowest :func:`block_score`, in cfg order."""
+    blocks = residual_blocks(model.cfg)
+    if not blocks:
+        raise UserError(f"{model.cfg.source}: no residual block ([shortcut] with a removable branch) to "
+                        f"prune; use a channel-pruning method for this cfg")
+    if not 1 <= n <= len(blocks):
+        raise UserError(f"--shortcuts {n}: {model.cfg.source} has {len(blocks)} removable residual "
+                        f"blocks; choose 1..{len(blocks)}")
+    chosen = sorted(blocks, key=lambda b: block_score(model, b))[:n]
+    return sorted(chosen, key=lambda b: b.shortcut)

@@ -1,0 +1,146 @@
+"""BN-L1 sparse training: which batch norms, the schedules, strength under accumulation and AMP, logs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.darknet import Darknet
+from models.graph import ChannelGraph
+from prune.blocks import residual_blocks
+from prune.sparsity import SparsityHook, sparse_convs, sparsity_scale
+from tests.conftest import REPO
+from tests.test_train import StopAt, tiny_opts
+from utils.errors import UserError
+from utils.trainer import Trainer, TrainHook, TrainOptions
+
+
+def bn_gammas(model) -> torch.Tensor:
+    return torch.cat([m.weight.detach().flatten() for m in model.modules()
+                      if isinstance(m, torch.nn.BatchNorm2d)])
+
+
+def test_prune_modes_select_what_each_method_ranks():
+    model = Darknet(REPO / "cfg" / "yolov3.cfg")
+    graph = ChannelGraph(model.cfg)
+    normal, tied, layer = (set(sparse_convs(model, m)) for m in (0, 1, 2))
+    assert normal < tied
+    assert all(not graph.tied_convs(i) for i in normal)
+    assert any(graph.tied_convs(i) for i in tied)
+    assert not any(graph.fixed_reason(i) for i in tied)
+    assert layer == {c for b in residual_blocks(model.cfg) for c in b.convs}
+    with pytest.raises(UserError, match="--prune 3"):
+        sparse_convs(model, 3)
+
+
+def test_schedules_follow_their_formulas():
+    g = torch.tensor([0.5, -0.9, 0.1, 0.3, 0.05, 0.7, -0.2, 0.4, 0.8, 0.6])
+    const = sparsity_scale("constant", 0.01, 9, 10, 0.5, 0.2, g)
+    assert torch.equal(const, torch.full_like(g, 0.01))
+    assert torch.equal(sparsity_scale("global", 0.01, 4, 10, 0.5, 0.2, g), const)  # before D·E
+    assert torch.allclose(sparsity_scale("global", 0.01, 5, 10, 0.5, 0.2, g), const * 0.01)
+    local = sparsity_scale("local", 0.01, 5, 10, 0.5, 0.2, g)
+    decayed = (local < 0.01).nonzero().flatten().tolist()
+    assert sorted(decayed) == [1, 8]  # the 20 % largest |γ|: -0.9 and 0.8
+    assert torch.equal(sparsity_scale("local", 0.01, 4, 10, 0.5, 0.2, g), const)
+
+
+class GradProbe(TrainHook):
+    """Records the γ gradients it sees in ``after_backward`` (place it before or after the penalty)."""
+
+    def __init__(self, amp_scale: float | None = None):
+        self.seen: list[torch.Tensor] = []
+        self.amp_scale = amp_scale
+
+    def on_epoch_start(self, trainer, epoch):
+        if self.amp_scale and epoch == 0:  # a real, enabled loss scaler, as CUDA AMP uses
+            trainer.scaler = torch.amp.GradScaler("cpu", init_scale=self.amp_scale)
+
+    def after_backward(self, trainer):
+        self.seen.append(torch.cat([bn.weight.grad.flatten() for bn in trainer.hooks[1].bns]).clone())
+
+
+def penalty_per_step(data, project, batch_size: int, nbs: int, amp_scale: float | None = None):
+    import yaml
+
+    hyp = project / f"hyp{nbs}.yaml"
+    hyp.write_text(yaml.safe_dump({"nbs": nbs}))
+    before, after = GradProbe(amp_scale), GradProbe()
+    hook = SparsityHook(0.003, mode=1)
+    trainer = Trainer(tiny_opts(data, project, epochs=1, batch_size=batch_size, hyp=str(hyp),
+                                name=f"b{batch_size}n{nbs}a{amp_scale}"), [before, hook, after])
+    gammas = []
+
+    class Gamma(TrainHook):
+        def after_backward(self, trainer):
+            gammas.append(torch.cat([bn.weight.detach().flatten() for bn in hook.bns]).clone())
+
+    trainer.hooks.append(Gamma())
+    trainer.fit()
+    return before.seen, [a - b for a, b in zip(after.seen, before.seen)], gammas
+
+
+def test_penalty_is_the_same_with_accumulation_and_amp(shapes_data, tmp_path):
+    """s·sign(γ) is added once per optimizer step to the unscaled gradient: 8 steps of batch 1 and
+    2 steps of 4 accumulated batches add the same per step, and a loss scale of 4096 changes nothing."""
+    for batch, nbs in ((1, 1), (1, 4)):
+        _, added, gammas = penalty_per_step(shapes_data, tmp_path, batch, nbs)
+        assert len(added) == 8 // nbs  # one penalty per optimizer step, not per batch
+        for a, g in zip(added, gammas):
+            torch.testing.assert_close(a, 0.003 * torch.sign(g), rtol=0, atol=1e-6)  # float32 of g + p - g
+    plain, added_plain, _ = penalty_per_step(shapes_data, tmp_path, 4, 4)
+    scaled, added_scaled, _ = penalty_per_step(shapes_data, tmp_path, 4, 4, amp_scale=4096.0)
+    torch.testing.assert_close(scaled[0], plain[0], rtol=1e-4, atol=1e-7)  # hooks see unscaled grads
+    torch.testing.assert_close(added_scaled[0], added_plain[0])
+
+
+class SmallGammas(TrainHook):
+    def prepare_model(self, trainer, model):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.04 + 0.005)
+        self.start = float((bn_gammas(model).abs() < 0.01).float().mean())
+        return model
+
+
+def test_sparse_training_drives_gammas_to_zero_and_logs_them(shapes_data, tmp_path):
+    shares = {}
+    for sr in (False, True):
+        small = SmallGammas()
+        opts = tiny_opts(shapes_data, tmp_path, epochs=3, adam=False, ema=False, sr=sr, s=0.5,
+                         prune=1, name=f"sr{sr}")
+        trainer = Trainer(opts, [small])
+        trainer.fit()
+        shares[sr] = float((bn_gammas(trainer.model).abs() < 0.01).float().mean())
+    per_epoch = [float((g < 0.01).float().mean()) for _, g in trainer.hooks[0].history]
+    assert per_epoch == sorted(per_epoch) and per_epoch[-1] > per_epoch[0]  # rises every epoch
+    assert shares[True] > small.start + 0.1
+    assert shares[True] > shares[False] + 0.1
+    run = tmp_path / "srTrue"
+    assert (run / "gamma.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    assert "bn_gamma" in events.Tags()["histograms"]
+    assert len(events.Scalars("sparsity/share_below_0.01")) == 3
+
+
+def test_resume_keeps_the_sparsity_settings(shapes_data, tmp_path):
+    opts = tiny_opts(shapes_data, tmp_path, epochs=3, sr=True, s=0.02, prune=2, sr_schedule="local")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(opts, [StopAt(2)]).fit()
+    resumed = Trainer(TrainOptions(resume=str(tmp_path / "exp" / "weights" / "last.pt")))
+    hook = resumed.hooks[0]
+    assert isinstance(hook, SparsityHook)
+    assert (hook.s, hook.mode, hook.schedule) == (0.02, 2, "local")
+
+
+def test_bad_sparsity_options_are_one_line_errors():
+    with pytest.raises(UserError, match="--s -1"):
+        SparsityHook(-1)
+    with pytest.raises(UserError, match="--sr-schedule"):
+        SparsityHook(0.001, schedule="cosine")
+    with pytest.raises(UserError, match="--sr-decay-at"):
+        SparsityHook(0.001, decay_at=2)
