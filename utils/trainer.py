@@ -378,7 +378,9 @@ class Trainer:
             h.on_epoch_start(self, epoch)
         nb = len(self.train_loader)
         total_iters = nb * opts.epochs
-        n_warmup = min(max(round(hyp["warmup_epochs"] * nb), 100), total_iters // 2)
+        # warm-up: at least 100 batches, at most half the run; none with warmup_epochs 0 (fine-tuning)
+        n_warmup = min(max(round(hyp["warmup_epochs"] * nb), 100), total_iters // 2) \
+            if hyp["warmup_epochs"] > 0 else 0
         lr_epoch = cosine(epoch, opts.epochs, hyp["lrf"])
         mean_losses = torch.zeros(3)
         pbar = enumerate(self.train_loader)
