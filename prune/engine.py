@@ -49,37 +49,44 @@ def removed_output(model: Darknet, conv: int) -> torch.Tensor:
     return layer.act(pre.view(1, -1, 1, 1)).flatten()
 
 
-def missing_signal(cfg: ModelCfg, conv_missing: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+def missing_signal(cfg: ModelCfg, conv_missing: dict[int, torch.Tensor],
+                   conv_gone: dict[int, torch.Tensor]) -> list[torch.Tensor]:
     """For every layer, per output channel (original numbering), the constant the pruned model lacks.
 
     ``conv_missing[i]`` is what conv ``i``'s own output lacks (act(β) of removed channels, zero for
-    kept ones); convs not listed lack nothing, since their consumers' folds restore them. Shortcuts
-    with a non-linear activation, ``[scale_channels]`` and ``[sam]`` apply their operation to the
-    missing constants, which is exact for channels that are removed as a whole.
+    kept ones) and ``conv_gone[i]`` which of its channels are removed as a whole; convs not listed
+    lack nothing, since their consumers' folds restore them. Adds, concatenations, upsampling and
+    pooling carry the constants exactly. A shortcut with a non-linear activation, ``[scale_channels]``
+    and ``[sam]`` are exact for channels removed as a whole (their output is the operation applied
+    to the constants); a kept channel that lacks only an offset passes them with nothing missing,
+    an approximation that BN re-calibration corrects.
     """
     inputs = layer_inputs(cfg)
-    image = torch.zeros(cfg.net["channels"], dtype=torch.float64)
-    out: list[torch.Tensor] = []
+    n_image = cfg.net["channels"]
+    image = (torch.zeros(n_image, dtype=torch.float64), torch.zeros(n_image, dtype=torch.bool))
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []  # (missing constant, removed as a whole)
     for i, (b, srcs) in enumerate(zip(cfg.layers, inputs)):
         ins = [image if j == IMAGE else out[j] for j in srcs]
         t = b.type
         if t == "convolutional":
-            m = conv_missing.get(i, torch.zeros(b["filters"], dtype=torch.float64))
+            none = torch.zeros(b["filters"], dtype=torch.float64)
+            m = conv_missing.get(i, none)
+            gone = conv_gone.get(i, none.bool())
         elif t == "route":
             g, gid = b["groups"], b["group_id"]
-            m = torch.cat([x.chunk(g)[gid] for x in ins])
-        elif t == "shortcut":
-            m = sum(ins[1:], ins[0])
-            if b["activation"] != "linear":
-                m = _act(b["activation"], m)
-        elif t in ("scale_channels", "sam"):
-            m = _act(b["activation"], ins[0] * ins[1])
+            m = torch.cat([x.chunk(g)[gid] for x, _ in ins])
+            gone = torch.cat([x.chunk(g)[gid] for _, x in ins])
+        elif t in ("shortcut", "scale_channels", "sam"):
+            gone = torch.stack([x for _, x in ins]).all(0)
+            m = sum((x for x, _ in ins[1:]), ins[0][0]) if t == "shortcut" else ins[0][0] * ins[1][0]
+            if t != "shortcut" or b["activation"] != "linear":
+                m = torch.where(gone, _act(b["activation"], m), 0.0)
         elif t == "upsample":
-            m = ins[0] * b["scale"]
+            m, gone = ins[0][0] * b["scale"], ins[0][1]
         else:  # maxpool, avgpool, dropout, yolo: a constant passes unchanged
-            m = ins[0]
-        out.append(m)
-    return out
+            m, gone = ins[0]
+        out.append((m, gone))
+    return [m for m, _ in out]
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +163,8 @@ def prune_channels(model: Darknet, masks: Masks, compensate: bool = True) -> Dar
     work = _copy(model)
     if compensate:
         conv_missing = {i: torch.where(m, 0.0, removed_output(work, i)) for i, m in masks.items()}
-        fold_missing(work, missing_signal(work.cfg, conv_missing), graph.convs)
+        conv_gone = {i: ~m for i, m in masks.items()}
+        fold_missing(work, missing_signal(work.cfg, conv_missing, conv_gone), graph.convs)
     keep = kept_channels(graph, masks)
     cfg = work.cfg.copy()
     state = work.state_dict()
@@ -196,9 +204,10 @@ def remove_blocks(model: Darknet, blocks: list[ResidualBlock], compensate: bool 
     cfg_old = work.cfg
     if compensate:
         conv_missing = {c: removed_output(work, c) for blk in blocks for c in blk.convs}
+        conv_gone = {c: torch.ones_like(v, dtype=torch.bool) for c, v in conv_missing.items()}
         kept_convs = [i for i, b in enumerate(cfg_old.layers)
                       if b.type == "convolutional" and i not in removed]
-        fold_missing(work, missing_signal(cfg_old, conv_missing), kept_convs)
+        fold_missing(work, missing_signal(cfg_old, conv_missing, conv_gone), kept_convs)
     new_index: dict[int, int] = {}
     by_shortcut = {blk.shortcut: blk for blk in blocks}
     n = 0

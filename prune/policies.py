@@ -116,7 +116,8 @@ def block_score(model: Darknet, block: ResidualBlock) -> float:
 
 
 def lowest_blocks(model: Darknet, n: int) -> list[ResidualBlock]:
-    """The ``n`` removable residual blocks with the lowest :func:`block_score`, in cfg order."""
+    """The ``n`` removable residual blocks with the lowest :func:`block_score`, in cfg order (of two
+    nested blocks only the lower-scored one)."""
     blocks = residual_blocks(model.cfg)
     if not blocks:
         raise UserError(f"{model.cfg.source}: no residual block ([shortcut] with a removable branch) to "
@@ -124,5 +125,11 @@ def lowest_blocks(model: Darknet, n: int) -> list[ResidualBlock]:
     if not 1 <= n <= len(blocks):
         raise UserError(f"--shortcuts {n}: {model.cfg.source} has {len(blocks)} removable residual "
                         f"blocks; choose 1..{len(blocks)}")
-    chosen = sorted(blocks, key=lambda b: block_score(model, b))[:n]
+    chosen: list[ResidualBlock] = []
+    for b in sorted(blocks, key=lambda b: block_score(model, b)):  # nested blocks: the weaker one
+        if len(chosen) < n and not any(set(b.layers) & set(c.layers) for c in chosen):
+            chosen.append(b)
+    if len(chosen) < n:
+        raise UserError(f"--shortcuts {n}: {model.cfg.source}'s residual blocks are nested; at most "
+                        f"{len(chosen)} can be removed together")
     return sorted(chosen, key=lambda b: b.shortcut)

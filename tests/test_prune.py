@@ -283,3 +283,40 @@ def test_scripts_never_write_over_their_input(trained_small, tmp_path):
     assert src.read_bytes() == before
     with pytest.raises(UserError, match="--recalibrate needs --data"):
         cli.main("normal", ["--weights", str(src), "--recalibrate", "2", "--output", str(tmp_path / "x")])
+
+
+def small_cfg(body: str):
+    from models.cfg import parse_cfg
+
+    head = ("[convolutional]\nfilters=18\nsize=1\nstride=1\npad=1\nactivation=linear\n"
+            "[yolo]\nmask=0,1,2\nanchors=10,14,23,27,37,58\nclasses=1\nnum=3\n")
+    return parse_cfg("[net]\nwidth=32\nheight=32\nchannels=3\n" + body + head)
+
+
+def conv8(size: int = 3) -> str:
+    return f"[convolutional]\nbatch_normalize=1\nfilters=8\nsize={size}\nstride=1\npad=1\nactivation=leaky\n"
+
+
+def test_kept_channels_of_a_logistic_shortcut_lack_nothing():
+    """logistic(0) = 0.5: the activation of a combining layer applies only to removed channels."""
+    from utils.torch_utils import tame_random_weights
+
+    cfg = small_cfg(conv8() + conv8() + conv8() + "[shortcut]\nfrom=-2\nactivation=logistic\n" + conv8(1))
+    model = tame_random_weights(Darknet(cfg), img_size=32)
+    x = torch.rand(1, 3, 32, 32)
+    assert worst(heads(prune_channels(model, {}), x), heads(model, x)) < 1e-6
+    with torch.no_grad():
+        model.layers[0].bn.weight[:4] = 0
+        model.layers[0].bn.bias[:4] = 0
+    masks = {0: torch.arange(8) >= 4}  # conv 0 feeds only conv 1, outside the shortcut's tie
+    assert worst(heads(prune_channels(model, masks), x), heads(model, x)) < 1e-5
+
+
+def test_nested_residual_blocks_are_not_removed_together(spread_models):
+    cfg = small_cfg(conv8() + conv8() + conv8() + "[shortcut]\nfrom=-2\nactivation=linear\n"
+                    + "[shortcut]\nfrom=-4\nactivation=linear\n")
+    model = spread_gammas(Darknet(cfg))
+    assert [(b.source, b.shortcut) for b in residual_blocks(cfg)] == [(1, 3), (0, 4)]
+    assert len(lowest_blocks(model, 1)) == 1
+    with pytest.raises(UserError, match="nested; at most 1"):
+        lowest_blocks(model, 2)
