@@ -128,13 +128,14 @@ def test_sparse_training_drives_gammas_to_zero_and_logs_them(shapes_data, tmp_pa
 
 
 def test_resume_keeps_the_sparsity_settings(shapes_data, tmp_path):
-    opts = tiny_opts(shapes_data, tmp_path, epochs=3, sr=True, s=0.02, prune=2, sr_schedule="local")
+    opts = tiny_opts(shapes_data, tmp_path, epochs=3, sr=True, s=0.02, prune=2, sr_schedule="local",
+                     sr_decay_at=0.3, sr_keep=0.4)
     with pytest.raises(KeyboardInterrupt):
         Trainer(opts, [StopAt(2)]).fit()
     resumed = Trainer(TrainOptions(resume=str(tmp_path / "exp" / "weights" / "last.pt")))
     hook = resumed.hooks[0]
     assert isinstance(hook, SparsityHook)
-    assert (hook.s, hook.mode, hook.schedule) == (0.02, 2, "local")
+    assert (hook.s, hook.mode, hook.schedule, hook.decay_at, hook.keep) == (0.02, 2, "local", 0.3, 0.4)
 
 
 def test_bad_sparsity_options_are_one_line_errors():
