@@ -29,12 +29,10 @@ from models.onnx import export_onnx
 from models.summary import summarize
 from prune import cli
 from prune.blocks import residual_blocks
-from prune.engine import prune_channels, remove_blocks
-from prune.policies import channel_plan, lowest_blocks
 from utils.files import new_run_dir
 from utils.torch_utils import median_ms, tame_random_weights
 
-METHODS = ["normal", "shortcut", "slim", "regular", "layer", "layer_channel"]
+METHODS = list(cli.METHODS)
 
 
 def params(model: Darknet) -> int:
@@ -43,22 +41,19 @@ def params(model: Darknet) -> int:
 
 def setting(model: Darknet, method: str, target: float) -> list[str]:
     """The script flags of the mildest setting that removes ``target`` of the parameters."""
-    n0 = params(model)
-    blocks = residual_blocks(model.cfg)
+    def small_enough(**kw) -> bool:
+        pruned, _ = cli.apply_method(model, method, compensate=False, **kw)
+        return params(pruned) <= (1 - target) * params(model)
+
+    n_blocks = len(residual_blocks(model.cfg))
     if method == "layer":
-        for k in range(1, len(blocks) + 1):
-            if params(remove_blocks(model, lowest_blocks(model, k), False)) <= (1 - target) * n0:
-                break
+        k = next((k for k in range(1, n_blocks + 1) if small_enough(shortcuts=k)), n_blocks)
         return ["--shortcuts", str(k)]
-    extra = ["--shortcuts", str(max(1, len(blocks) // 2))] if method == "layer_channel" else []
-    policy = "slim" if method == "layer_channel" else method
-    for percent in np.arange(0.05, 0.96, 0.05):
-        pruned = prune_channels(model, channel_plan(model, policy, float(percent)).masks, False)
-        if extra:
-            pruned = remove_blocks(pruned, lowest_blocks(model, int(extra[1])), False)
-        if params(pruned) <= (1 - target) * n0:
-            break
-    return ["--percent", f"{percent:.2f}", *extra]
+    extra = {"shortcuts": max(1, n_blocks // 2)} if method == "layer_channel" else {}
+    grid = [round(p, 2) for p in np.arange(0.05, 0.96, 0.05)]
+    percent = next((p for p in grid if small_enough(percent=p, **extra)), grid[-1])
+    flags = ["--percent", f"{percent:.2f}"]
+    return flags + (["--shortcuts", str(extra["shortcuts"])] if extra else [])
 
 
 def onnx_latency(model: Darknet, path: Path, img_size: int, runs: int) -> float:
@@ -149,12 +144,7 @@ def wall_times(cfg: str, img_size: int = 64) -> None:
         if method in ("layer", "layer_channel") and not has_blocks:
             continue
         t = time.perf_counter()
-        pruned = model
-        if method != "layer":
-            policy = "slim" if method == "layer_channel" else method
-            pruned = prune_channels(model, channel_plan(model, policy, 0.5).masks)
-        if method in ("layer", "layer_channel"):
-            pruned = remove_blocks(pruned, lowest_blocks(model, 2))
+        pruned, _ = cli.apply_method(model, method, percent=0.5, shortcuts=2)
         seconds = time.perf_counter() - t
         ratio = params(pruned) / params(model)
         print(f"| {method} | {seconds:.2f} | {params(pruned) / 1e6:.2f} M ({ratio:.2f}) |")

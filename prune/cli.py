@@ -125,21 +125,22 @@ def _loaders(data_path: str, img_size: int, batch: int, stride: int, need_train:
     return data, val, train
 
 
-def prune(model: Darknet, method: str, a: argparse.Namespace) -> tuple[Darknet, list[str]]:
-    """The pruned model and the lines that say what was removed."""
+def apply_method(model: Darknet, method: str, percent: float = 0.5, layer_keep: float = 0.01,
+                 round_to: int = 8, shortcuts: int = 2, compensate: bool = True
+                 ) -> tuple[Darknet, list[str]]:
+    """Prune ``model`` with one of :data:`METHODS`: the pruned model and lines saying what went."""
     notes = []
     pruned = model
-    compensate = not a.no_compensate
     if method in CHANNELS:
         policy = "slim" if method == "layer_channel" else method
-        plan = channel_plan(model, policy, a.percent, a.layer_keep, getattr(a, "round_to", 8))
+        plan = channel_plan(model, policy, percent, layer_keep, round_to)
         removed = sum(int((~m).sum()) for m in plan.masks.values())
         total = sum(m.numel() for m in plan.masks.values())
         notes += [plan.summary(), f"channels removed: {removed} of {total} candidates in "
                                   f"{len(plan.masks)} convs"]
         pruned = prune_channels(model, plan.masks, compensate)
     if method in LAYERS:
-        blocks = lowest_blocks(model, a.shortcuts)
+        blocks = lowest_blocks(model, shortcuts)
         notes.append("residual blocks removed (shortcut layer, from): "
                      + ", ".join(f"{b.shortcut} ({b.source})" for b in blocks))
         pruned = remove_blocks(pruned, blocks, compensate)
@@ -175,7 +176,8 @@ def main(method: str, argv: list[str] | None = None) -> dict:
         raise UserError(f"--output {out_dir}: {clash[0]} is an input; choose another folder")
 
     before = measure(model, img_size, a.latency_runs, loader, names)
-    pruned, notes = prune(model, method, a)
+    pruned, notes = apply_method(model, method, getattr(a, "percent", 0.5), getattr(a, "layer_keep", 0.01),
+                                 getattr(a, "round_to", 8), getattr(a, "shortcuts", 2), not a.no_compensate)
     if a.recalibrate:
         batches = (imgs.float() / 255 for k, (imgs, *_) in zip(range(a.recalibrate), train_loader))
         n = recalibrate_bn(pruned, batches)

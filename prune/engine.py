@@ -242,10 +242,7 @@ def remove_blocks(model: Darknet, blocks: list[ResidualBlock], compensate: bool 
 
 # ---------------------------------------------------------------- helpers
 def _copy(model: Darknet) -> Darknet:
-    out = Darknet(model.cfg)
-    out.load_state_dict(model.state_dict())
-    out.seen = model.seen
-    return out.to(torch.device("cpu")).eval()
+    return _rebuilt(model, model.cfg, {k: v.cpu() for k, v in model.state_dict().items()})
 
 
 def _rebuilt(model: Darknet, cfg: ModelCfg, state: dict[str, torch.Tensor]) -> Darknet:
