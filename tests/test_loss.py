@@ -6,7 +6,7 @@ import torch
 
 from models.darknet import Darknet
 from tests.conftest import REPO
-from utils.loss import YoloLoss
+from utils.loss import YoloLoss, decode_box
 
 
 def small_model():
@@ -32,13 +32,12 @@ def test_a_target_goes_to_its_best_anchor_cell_and_head():
 def test_loss_box_decoding_matches_the_heads_decode():
     """The loss optimises what inference outputs: the same box for a positive, scale_x_y included."""
     model = small_model()
-    loss = YoloLoss(model.yolo_heads, img_size=128)
     raw = model(torch.rand(1, 3, 128, 128))
     head, p = model.yolo_heads[0], raw[0]
     assert head.scale_x_y != 1.0
     stride = 128 / p.shape[2]
     a, gj, gi = 1, 2, 3
-    box = loss._decode_box(head, p[0, a, gj, gi][None], head.anchors[a][None] / stride)[0]
+    box = decode_box(head, p[0, a, gj, gi][None], head.anchors[a][None] / stride)[0]
     dec = head.decode(p, 128, 128).view(1, head.na, p.shape[2], p.shape[3], -1)[0, a, gj, gi]
     torch.testing.assert_close((box[:2] + torch.tensor([gi, gj])) * stride, dec[:2])
     torch.testing.assert_close(box[2:] * stride, dec[2:4])

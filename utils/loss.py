@@ -21,6 +21,11 @@ DEFAULT_LOSS_HYP = {"box": 0.05, "obj": 1.0, "cls": 0.5, "iou_t": 0.2, "cls_pw":
 OBJ_BALANCE = {8: 4.0, 16: 1.0, 32: 0.4}  # objectness weight per stride; finer grids have more cells
 
 
+def obj_balance(stride: float) -> float:
+    """The objectness weight of a head at ``stride`` (strides outside 8/16/32 by their side of them)."""
+    return OBJ_BALANCE.get(round(stride), 4.0 if stride < 8 else 0.1)
+
+
 @dataclass
 class HeadTargets:
     """The positive positions of one head: batch, anchor, grid row/col, and what they should predict."""
@@ -112,31 +117,31 @@ class YoloLoss:
             stride = img_hw[0] / p.shape[2]
             if len(pos.b):
                 ps = p[pos.b, pos.a, pos.gj, pos.gi]
-                pbox = self._decode_box(head, ps, head.anchors.to(device)[pos.a] / stride)
+                pbox = decode_box(head, ps, head.anchors.to(device)[pos.a] / stride)
                 loss = box_loss(_cxcywh_to_xyxy(pbox), _cxcywh_to_xyxy(pos.tbox), reduction="none")
                 lbox = lbox + loss.mean()
                 tobj[pos.b, pos.a, pos.gj, pos.gi] = (1.0 - loss.detach()).clamp(0)
                 if head.classes > 1:
                     tc = torch.full_like(ps[:, 5:], cn)
                     tc[torch.arange(len(pos.b), device=device), pos.tcls] = cp
-                    lcls = lcls + bce_cls(self._logits(head, ps[:, 5:]), tc)
-            balance = OBJ_BALANCE.get(round(stride), 4.0 if stride < 8 else 0.1)
-            lobj = lobj + bce_obj(self._logits(head, p[..., 4]), tobj) * balance
+                    lcls = lcls + bce_cls(head_logits(head, ps[:, 5:]), tc)
+            lobj = lobj + bce_obj(head_logits(head, p[..., 4]), tobj) * obj_balance(stride)
         lbox, lobj, lcls = lbox * self.gain_box, lobj * self.gain_obj, lcls * self.gain_cls
         bs = preds[0].shape[0]
         return LossOutput((lbox + lobj + lcls) * bs, torch.stack((lbox, lobj, lcls)).detach(), positives)
 
-    @staticmethod
-    def _decode_box(head: YoloHead, ps: torch.Tensor, anchors_grid: torch.Tensor) -> torch.Tensor:
-        s = head.scale_x_y
-        if head.new_coords:  # the conv already applied the logistic
-            xy, wh = ps[:, :2], 4 * ps[:, 2:4] ** 2
-        else:
-            xy, wh = ps[:, :2].sigmoid(), ps[:, 2:4].clamp(max=math.log(1e3)).exp()
-        return torch.cat((xy * s - 0.5 * (s - 1), wh * anchors_grid), 1)
 
-    @staticmethod
-    def _logits(head: YoloHead, x: torch.Tensor) -> torch.Tensor:
-        # with new_coords the head outputs probabilities; BCE needs logits
-        return torch.logit(x.clamp(1e-6, 1 - 1e-6)) if head.new_coords else x
+def decode_box(head: YoloHead, ps: torch.Tensor, anchors_grid: torch.Tensor) -> torch.Tensor:
+    """Raw predictions (n, 5 + C) at their cells → boxes (n, 4): cx, cy relative to the cell, w, h in
+    grid units (``anchors_grid`` is each row's anchor in grid units), as the head decodes them."""
+    s = head.scale_x_y
+    if head.new_coords:  # the conv already applied the logistic
+        xy, wh = ps[:, :2], 4 * ps[:, 2:4] ** 2
+    else:
+        xy, wh = ps[:, :2].sigmoid(), ps[:, 2:4].clamp(max=math.log(1e3)).exp()
+    return torch.cat((xy * s - 0.5 * (s - 1), wh * anchors_grid), 1)
 
+
+def head_logits(head: YoloHead, x: torch.Tensor) -> torch.Tensor:
+    """Objectness or class outputs as logits (with new_coords the head outputs probabilities)."""
+    return torch.logit(x.clamp(1e-6, 1 - 1e-6)) if head.new_coords else x
