@@ -4,6 +4,7 @@
     python train.py --cfg cfg/yolov3-tiny.cfg --data my.data --weights yolov3-tiny.weights --epochs 100
     python train.py --resume runs/train/exp/weights/last.pt
     python train.py -sr --s 0.001 --prune 1           # BN-L1 sparse training before slim/shortcut pruning
+    python train.py --weights pruned.pt --t_weights teacher.pt --KDstr 4   # fine-tune with distillation
     torchrun --nproc_per_node 2 train.py --device cpu # DistributedDataParallel (gloo on CPU, nccl on GPU)
 """
 
@@ -61,6 +62,21 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
                     help="fraction of the epochs after which the decay starts")
     sr.add_argument("--sr-keep", type=float, default=d.sr_keep,
                     help="local decay: share of channels (largest |gamma|) whose rate decays")
+    kd = p.add_argument_group("knowledge distillation (see distill/hook.py and the README)")
+    kd.add_argument("--KDstr", "--kd-str", dest="kd_str", type=int, choices=range(1, 6), default=d.kd_str,
+                    metavar="1..5", help="strategy: 1 outputs, 2 + teacher-bounded boxes, 3 box imitation "
+                    "+ classes, 4 3 + attention maps, 5 4 near the objects only")
+    kd.add_argument("--t_weights", "--t-weights", dest="t_weights", default=d.t_weights,
+                    help="teacher: a .pt alone, or darknet weights with --t_cfg")
+    kd.add_argument("--t_cfg", "--t-cfg", dest="t_cfg", default=d.t_cfg, help="teacher cfg (darknet weights)")
+    kd.add_argument("--kd-t", type=float, default=d.kd_t, help="temperature of the class softmax")
+    kd.add_argument("--kd-feat-t", type=float, default=d.kd_feat_t,
+                    help="temperature of the spatial attention softmax (4, 5)")
+    kd.add_argument("--kd-cls", type=float, default=d.kd_cls, help="class KL weight (x the cls gain)")
+    kd.add_argument("--kd-obj", type=float, default=d.kd_obj, help="objectness KL weight (x the obj gain)")
+    kd.add_argument("--kd-box", type=float, default=d.kd_box, help="box term weight (x the box gain)")
+    kd.add_argument("--kd-feat", type=float, default=d.kd_feat, help="attention KL weight")
+    kd.add_argument("--kd-margin", type=float, default=d.kd_margin, help="strategy 2: teacher-bound margin")
     a = p.parse_args(argv)
     if a.resume == "latest":
         found = sorted(Path(a.project).glob("*/weights/last.pt"), key=lambda f: f.stat().st_mtime)

@@ -84,6 +84,17 @@ class TrainOptions:
     sr_schedule: str = "constant"  # constant, global or local decay
     sr_decay_at: float = 0.5  # fraction of the epochs after which global/local decay starts
     sr_keep: float = 0.15  # local decay: share of largest-|gamma| channels that get s * 0.01
+    # knowledge distillation (distill/hook.py): off unless kd_str
+    kd_str: int = 0  # strategy 1..5
+    t_weights: str = ""  # teacher: a .pt, or darknet weights with t_cfg
+    t_cfg: str = ""
+    kd_t: float = 3.0  # temperature of the class softmax
+    kd_feat_t: float = 1.0  # temperature of the spatial attention softmax (strategies 4, 5)
+    kd_cls: float = 1.0  # term weights, relative to the detection loss's gains (kd_feat absolute)
+    kd_obj: float = 1.0
+    kd_box: float = 1.0
+    kd_feat: float = 1.0
+    kd_margin: float = 0.0  # strategy 2: margin m of the teacher bound
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -180,6 +191,8 @@ class Trainer:
 
             self.hooks.insert(0, SparsityHook(opts.s, opts.prune, opts.sr_schedule, opts.sr_decay_at,
                                               opts.sr_keep))
+        if opts.kd_str or opts.t_weights:
+            self.hooks.append(self._distill_hook(opts))
         self.writer = None  # TensorBoard, while fit() runs (hooks may log to it)
         if self.resume_ckpt:  # a checkpoint older than a hyperparameter key takes that key's default
             self.hyp = {**load_hyp(), **self.resume_ckpt["meta"]["hyp"]}
@@ -203,6 +216,16 @@ class Trainer:
             raise UserError(f"--resume {p}: the run already finished its {opts.epochs} epochs; start a new "
                             f"run with --weights {p} to train further")
         return ckpt, opts
+
+    @staticmethod
+    def _distill_hook(opts: TrainOptions) -> TrainHook:
+        from distill.hook import DistillHook, DistillOptions
+
+        if not opts.kd_str:
+            raise UserError(f"--t_weights {opts.t_weights}: choose a distillation strategy with --KDstr 1..5")
+        return DistillHook(DistillOptions(
+            opts.kd_str, opts.t_weights, opts.t_cfg, opts.kd_t, opts.kd_feat_t, opts.kd_cls, opts.kd_obj,
+            opts.kd_box, opts.kd_feat, opts.kd_margin))
 
     def setup(self) -> None:
         opts, hyp = self.opts, self.hyp
@@ -339,7 +362,7 @@ class Trainer:
             for epoch in range(self.start_epoch, self.opts.epochs):
                 self.epoch = epoch
                 t0 = time.time()
-                train_losses = self.train_one_epoch(epoch)
+                train_losses, extra_losses = self.train_one_epoch(epoch)
                 final = epoch == self.opts.epochs - 1
                 result = None
                 if self.main and (not self.opts.notest or final):
@@ -347,7 +370,8 @@ class Trainer:
                 for h in self.hooks:
                     h.on_epoch_end(self, epoch, result)
                 if self.main:
-                    row = self._log_epoch(epoch, train_losses, result, time.time() - t0, writer)
+                    row = self._log_epoch(epoch, train_losses, extra_losses, result, time.time() - t0,
+                                          writer)
                     if not self.opts.nosave or final:
                         self._save(epoch, row)
         except KeyboardInterrupt:
@@ -369,7 +393,9 @@ class Trainer:
             self._plot()
         return result
 
-    def train_one_epoch(self, epoch: int) -> torch.Tensor:
+    def train_one_epoch(self, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """One pass over the training set: the mean detection losses (box, obj, cls) and the mean of
+        each term the hooks added (e.g. ``kd_cls``)."""
         opts, hyp = self.opts, self.hyp
         model, optimizer = self.train_model, self.optimizer
         model.train()
@@ -383,6 +409,7 @@ class Trainer:
             if hyp["warmup_epochs"] > 0 else 0
         lr_epoch = cosine(epoch, opts.epochs, hyp["lrf"])
         mean_losses = torch.zeros(3)
+        mean_extras: dict[str, float] = {}
         pbar = enumerate(self.train_loader)
         if self.main:
             from tqdm import tqdm
@@ -401,9 +428,14 @@ class Trainer:
                 preds = model(imgs)
             out = self.loss_fn(preds, targets, tuple(imgs.shape[2:]))
             loss = out.total
+            extras = {}
             for h in self.hooks:
-                for extra in h.extra_losses(self, imgs, targets, preds, out).values():
-                    loss = loss + extra
+                extras.update(h.extra_losses(self, imgs, targets, preds, out))
+            for name, extra in extras.items():
+                loss = loss + extra
+                # per image, as the detection components are logged
+                value = extra.detach().item() / imgs.shape[0]
+                mean_extras[name] = (mean_extras.get(name, 0.0) * i + value) / (i + 1)
             if self.world_size > 1:
                 loss = loss * self.world_size  # DDP averages gradients over ranks; keep the sum
             self.scaler.scale(loss).backward()
@@ -414,14 +446,16 @@ class Trainer:
             unwrap(model).seen += imgs.shape[0] * self.world_size
             mean_losses = (mean_losses * i + out.components.cpu()) / (i + 1)
             if self.main:
+                kd = "".join(f" {k} {v:.4f}" for k, v in mean_extras.items())
                 pbar.set_postfix_str(f"box {mean_losses[0]:.4f} obj {mean_losses[1]:.4f} "
-                                     f"cls {mean_losses[2]:.4f} targets {len(targets)} size {imgs.shape[-1]}")
+                                     f"cls {mean_losses[2]:.4f}{kd} targets {len(targets)} "
+                                     f"size {imgs.shape[-1]}")
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} in epoch {epoch + 1}, batch {i}: lower lr0 "
                                 f"(--hyp) or check the labels")
         if self.world_size > 1:
             self._average_bn_statistics()
-        return mean_losses
+        return mean_losses, mean_extras
 
     def _average_bn_statistics(self) -> None:
         """DDP keeps weights equal but each rank's BN statistics saw its own shard: average them."""
@@ -480,14 +514,16 @@ class Trainer:
 
         return SummaryWriter(log_dir=str(self.run_dir))
 
-    def _log_epoch(self, epoch: int, losses: torch.Tensor, result: EvalResult | None, seconds: float,
-                   writer) -> dict[str, float]:
+    def _log_epoch(self, epoch: int, losses: torch.Tensor, extras: dict[str, float],
+                   result: EvalResult | None, seconds: float, writer) -> dict[str, float]:
         nan = float("nan")
         r = result
         row = dict(zip(RESULT_COLUMNS, [
             epoch, *losses.tolist(), r.mp if r else nan, r.mr if r else nan, r.map50 if r else nan,
             r.map if r else nan, *(r.losses if r else [nan] * 3), self.optimizer.param_groups[0]["lr"],
             seconds]))
+        row.update({f"train/{k}": v for k, v in extras.items()})
+        columns = RESULT_COLUMNS + [f"train/{k}" for k in extras]
         path = self.run_dir / "results.csv"
         rows = []
         if path.exists():  # a resumed run drops rows of epochs it is about to redo
@@ -495,7 +531,7 @@ class Trainer:
                 rows = [x for x in csv.DictReader(fh) if int(x["epoch"]) < epoch]
         rows.append(row)
         with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
+            w = csv.DictWriter(fh, fieldnames=columns)
             w.writeheader()
             w.writerows(rows)
         if writer is not None:

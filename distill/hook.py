@@ -1,0 +1,153 @@
+"""Knowledge distillation for detectors as a trainer hook: ``train.py --t_weights T.pt --KDstr N``.
+
+The teacher runs in eval mode under ``no_grad`` on the same (augmented, rescaled) batch as the
+student; it is not part of the student module, so it gets no gradients, no optimizer state and no
+EMA. Each strategy adds some of these terms (:mod:`distill.losses` has the formulas):
+
+=========  =========================================================================================
+strategy   terms
+=========  =========================================================================================
+1          ``kd_cls`` (class KL, all cells) + ``kd_obj`` (objectness KL, all cells)
+2          ``kd_box`` teacher-bounded box L2 at the ground-truth positions + ``kd_cls`` + ``kd_obj``
+3          ``kd_box`` imitation of the teacher's boxes at the ground-truth positions + ``kd_cls``
+4          strategy 3 + ``kd_feat`` attention-map KL of the stride-matched feature maps
+5          strategy 3 + ``kd_feat`` restricted to the cells of the ground-truth boxes
+=========  =========================================================================================
+
+Scaling: ``kd_box``, ``kd_obj`` and ``kd_cls`` are multiplied by the detection loss's own gains
+(``box``, ``obj`` with the per-stride balance, ``cls``), so a weight of 1 makes a term as strong as
+its detection counterpart would be at the same value; ``kd_feat`` has only its weight. Like the
+detection loss, the sum is multiplied by the batch size. Each term is logged per epoch as
+``train/kd_*`` in results.csv and TensorBoard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distill.losses import (
+    attention_kl,
+    bounded_box_l2,
+    box_imitation_l2,
+    class_kl,
+    object_mask,
+    objectness_kl,
+    to_regression,
+)
+from distill.matching import match_features, match_heads
+from models.darknet import Darknet
+from models.io import load_model
+from utils.errors import UserError
+from utils.loss import LossOutput, decode_box, obj_balance
+from utils.trainer import Trainer, TrainHook
+
+STRATEGIES = {1: ("cls", "obj"), 2: ("box_bounded", "cls", "obj"), 3: ("box", "cls"),
+              4: ("box", "cls", "feat"), 5: ("box", "cls", "feat_masked")}
+
+
+@dataclass
+class DistillOptions:
+    strategy: int
+    t_weights: str
+    t_cfg: str = ""
+    temperature: float = 3.0  # class softmax
+    feat_temperature: float = 1.0  # spatial attention softmax
+    w_cls: float = 1.0
+    w_obj: float = 1.0
+    w_box: float = 1.0
+    w_feat: float = 1.0
+    margin: float = 0.0  # strategy 2: the student's box error counts unless within this of the teacher's
+
+
+def load_teacher(t_weights: str, t_cfg: str = "", device: torch.device | str = "cpu") -> Darknet:
+    if not t_weights:
+        raise UserError("--KDstr needs a teacher: --t_weights (a .pt, or darknet weights with --t_cfg)")
+    if not t_weights.endswith(".pt") and not t_cfg:
+        raise UserError(f"--t_weights {t_weights}: darknet weights need the teacher's --t_cfg")
+    teacher = load_model(t_weights, t_cfg or None, device=device)
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def _record(store: dict[int, torch.Tensor], key: int, training_only: bool):
+    """A forward hook that keeps a layer's output. A plain closure, not a method: the EMA deep-copies
+    the student with its hooks, and a copied bound method would copy this hook (and the teacher)."""
+    def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+        if module.training or not training_only:
+            store[key] = output
+    return hook
+
+
+class DistillHook(TrainHook):
+    def __init__(self, opts: DistillOptions):
+        if opts.strategy not in STRATEGIES:
+            raise UserError(f"--KDstr {opts.strategy}: expected one of {', '.join(map(str, STRATEGIES))}")
+        for name in ("temperature", "feat_temperature"):
+            if getattr(opts, name) <= 0:
+                raise UserError(f"--kd-{name.replace('_', '-').replace('temperature', 't')}: must be > 0")
+        self.opts = opts
+        self.terms = STRATEGIES[opts.strategy]
+        self.teacher: Darknet | None = None
+        self._s_feats: dict[int, torch.Tensor] = {}
+        self._t_feats: dict[int, torch.Tensor] = {}
+
+    def prepare_model(self, trainer: Trainer, model: nn.Module) -> nn.Module:
+        o = self.opts
+        self.teacher = load_teacher(o.t_weights, o.t_cfg, trainer.device)
+        self.teacher.to(memory_format=torch.channels_last)
+        self.head_pairs = match_heads(model, self.teacher, o.t_weights)
+        self.feat_pairs = []
+        if any(t.startswith("feat") for t in self.terms):
+            self.feat_pairs = match_features(model, self.teacher)
+            if not self.feat_pairs:
+                raise UserError(f"--t_weights {o.t_weights}: no feature map of the student has the stride "
+                                f"of one of the teacher's; strategies 4 and 5 need one")
+            for s, t in self.feat_pairs:
+                model.layers[s.layer].register_forward_hook(_record(self._s_feats, s.layer, True))
+                self.teacher.layers[t.layer].register_forward_hook(_record(self._t_feats, t.layer, False))
+        strides = ", ".join(f"{s.stride:g} (layers {s.layer}/{t.layer})" for s, t in self.feat_pairs)
+        print(f"distillation: strategy {o.strategy} ({' + '.join(self.terms)}) from {o.t_weights}"
+              + (f"; features at stride {strides}" if strides else ""))
+        return model
+
+    def extra_losses(self, trainer: Trainer, imgs: torch.Tensor, targets: torch.Tensor,
+                     preds: list[torch.Tensor], loss: LossOutput) -> dict[str, torch.Tensor]:
+        o, teacher = self.opts, self.teacher
+        with torch.no_grad(), torch.autocast(imgs.device.type, enabled=trainer.amp):
+            t_raw = teacher(imgs)[1]
+        gains = trainer.loss_fn
+        out: dict[str, torch.Tensor] = {}
+
+        def add(name: str, value: torch.Tensor) -> None:
+            out[name] = out.get(name, 0) + value
+
+        for head, ps, k, pos in zip(gains.heads, preds, self.head_pairs, loss.positives):
+            t_head, pt, ps = teacher.yolo_heads[k], t_raw[k].float(), ps.float()
+            stride = imgs.shape[2] / ps.shape[2]
+            if "cls" in self.terms:
+                add("kd_cls", class_kl(head, ps, pt, o.temperature) * gains.gain_cls * o.w_cls)
+            if "obj" in self.terms:
+                add("kd_obj", objectness_kl(head, ps, pt) * obj_balance(stride) * gains.gain_obj * o.w_obj)
+            if "box" in self.terms or "box_bounded" in self.terms:
+                idx = (pos.b, pos.a, pos.gj, pos.gi)
+                a_s = head.anchors.to(ps.device)[pos.a] / stride
+                a_t = t_head.anchors.to(ps.device)[pos.a] / stride
+                rs = to_regression(decode_box(head, ps[idx], a_s), a_s)
+                rt = to_regression(decode_box(t_head, pt[idx], a_t), a_s)
+                if "box" in self.terms:
+                    term = box_imitation_l2(rs, rt)
+                else:
+                    term = bounded_box_l2(rs, rt, to_regression(pos.tbox, a_s), o.margin)
+                add("kd_box", term * gains.gain_box * o.w_box)
+        if self.feat_pairs:
+            masked = "feat_masked" in self.terms
+            targets = targets.to(imgs.device)
+            for s, t in self.feat_pairs:
+                fs, ft = self._s_feats.pop(s.layer), self._t_feats.pop(t.layer)
+                mask = object_mask(targets, fs.shape[0], *fs.shape[2:]) if masked else None
+                add("kd_feat", attention_kl(fs, ft, o.feat_temperature, mask) * o.w_feat)
+        bs = imgs.shape[0]
+        return {k: v * bs for k, v in out.items()}

@@ -1,0 +1,233 @@
+"""Knowledge distillation: the terms, the stride matching, and the hook inside real training runs."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+import train as train_script
+from distill.hook import STRATEGIES, DistillHook
+from distill.losses import (
+    attention_kl,
+    bounded_box_l2,
+    box_imitation_l2,
+    class_kl,
+    object_mask,
+    objectness_kl,
+)
+from distill.matching import feature_taps, match_features, match_heads
+from models.darknet import Darknet
+from models.io import load_model, save_checkpoint, with_classes
+from prune.cli import apply_method
+from tests.conftest import REPO
+from tests.test_train import tiny_opts
+from utils.errors import UserError
+from utils.trainer import Trainer
+
+SMALL = REPO / "cfg" / "yolo-small.cfg"
+
+
+# ---------------------------------------------------------------- the terms
+def test_object_mask_covers_exactly_the_cells_of_the_boxes():
+    # image 0: a box from x 0.25..0.5, y 0.25..0.75; image 1: a box whose edges fall inside cells
+    targets = torch.tensor([[0, 2, 0.375, 0.5, 0.25, 0.5],
+                            [1, 0, 0.1, 0.1, 0.1, 0.05]])
+    m8 = object_mask(targets, 3, 8, 8)
+    expect = torch.zeros(3, 8, 8, dtype=torch.bool)
+    expect[0, 2:6, 2:4] = True  # x 2..4 and y 2..6 grid units: columns 2, 3 and rows 2..5
+    expect[1, 0, 0:2] = True  # x 0.4..1.2 → columns 0, 1; y 0.6..1.0 ends where row 1 starts → row 0
+    assert torch.equal(m8, expect)
+    # the same boxes on a coarser grid of another stride, and a non-square one
+    m4 = object_mask(targets, 3, 4, 2)
+    expect = torch.zeros(3, 4, 2, dtype=torch.bool)
+    expect[0, 1:3, 0] = True  # x 0.5..1.0 → column 0; y 1..3 → rows 1, 2
+    expect[1, 0, 0] = True
+    assert torch.equal(m4, expect)
+    assert not m8[2].any()  # an image without boxes has no cell
+
+
+def _head_map(seed: int, classes: int = 4) -> torch.Tensor:
+    return torch.randn(2, 3, 5, 5, 5 + classes, generator=torch.Generator().manual_seed(seed))
+
+
+def test_output_terms_vanish_when_the_student_equals_the_teacher():
+    head = Darknet(SMALL).yolo_heads[0]
+    head.classes = 4
+    t = _head_map(0)
+    assert class_kl(head, t.clone(), t, 3.0).abs() < 1e-6
+    assert objectness_kl(head, t.clone(), t).abs() < 1e-6
+    s = _head_map(1)
+    assert class_kl(head, s, t, 3.0) > 1e-3 and objectness_kl(head, s, t) > 1e-3
+
+
+def test_class_kl_follows_the_teachers_objectness():
+    """Cells the teacher calls background hardly count: changing the student's classes there moves
+    the term far less than changing them where the teacher sees an object."""
+    head = Darknet(SMALL).yolo_heads[0]
+    head.classes = 4
+    t = _head_map(0)
+    t[..., 4] = -12.0
+    t[0, 0, 0, 0, 4] = 12.0  # one object cell
+    base = class_kl(head, t.clone(), t, 1.0)
+    at_object, at_background = t.clone(), t.clone()
+    at_object[0, 0, 0, 0, 5:] = t[0, 0, 0, 0, 5:].flip(0) * 3
+    at_background[0, 0, 1, 1, 5:] = t[0, 0, 1, 1, 5:].flip(0) * 3
+    assert class_kl(head, at_object, t, 1.0) - base > 1e3 * (class_kl(head, at_background, t, 1.0) - base)
+
+
+def test_teacher_bound_counts_only_where_the_student_is_worse():
+    gt = torch.zeros(3, 4)
+    rt = torch.tensor([[0.1, 0, 0, 0], [0.1, 0, 0, 0], [0.5, 0, 0, 0]])
+    rs = torch.tensor([[0.3, 0, 0, 0], [0.05, 0, 0, 0], [0.4, 0, 0, 0]])
+    # only row 0 is worse than the teacher: 0.09 / 3 rows
+    assert bounded_box_l2(rs, rt, gt, 0.0).item() == pytest.approx(0.09 / 3)
+    # a margin of 0.1 also counts row 2 (0.16 + 0.1 > 0.25) but not row 1 (0.0025 + 0.1 < 0.01 is false)
+    assert bounded_box_l2(rs, rt, gt, 0.1).item() == pytest.approx((0.09 + 0.0025 + 0.16) / 3)
+    assert box_imitation_l2(rs, rt).item() == pytest.approx((0.04 + 0.0025 + 0.01) / 3)
+    assert bounded_box_l2(rs[:0], rt[:0], gt[:0], 0.0).item() == 0.0
+
+
+def test_attention_kl_compares_any_channel_counts_and_honours_the_mask():
+    g = torch.Generator().manual_seed(0)
+    ft = torch.randn(2, 32, 6, 6, generator=g)
+    fs = torch.randn(2, 8, 6, 6, generator=g)
+    assert attention_kl(ft, ft, 1.0).abs() < 1e-6
+    # the attention map is a channel mean of |F|: repeating channels changes nothing
+    assert attention_kl(ft.repeat(1, 2, 1, 1), ft, 1.0).abs() < 1e-6
+    assert attention_kl(fs, ft, 1.0) > 1e-3
+    mask = torch.zeros(2, 6, 6, dtype=torch.bool)
+    mask[:, 1:3, 2:5] = True
+    inside = attention_kl(fs, ft, 1.0, mask)
+    changed = fs.clone()
+    changed[:, :, 4:, :] *= 5  # rows outside the mask
+    assert attention_kl(changed, ft, 1.0, mask).item() == pytest.approx(inside.item(), rel=1e-5)
+    changed[:, :, 1, 2] *= 5  # a cell inside it
+    assert attention_kl(changed, ft, 1.0, mask).item() != pytest.approx(inside.item(), rel=1e-3)
+    assert attention_kl(fs, ft, 1.0, torch.zeros_like(mask)).item() == 0.0
+
+
+# ---------------------------------------------------------------- matching
+def test_features_are_matched_by_stride_for_pruned_students(spread_small):
+    teacher = spread_small()
+    channel, _ = apply_method(spread_small(), "slim", 0.5)
+    layer, _ = apply_method(spread_small(), "layer", shortcuts=2)
+    assert len(layer.layers) < len(teacher.layers)
+    t_taps = feature_taps(teacher)
+    for student in (channel, layer):
+        pairs = match_features(student, teacher)
+        assert [(s.stride, t.layer) for s, t in pairs] == [(t.stride, t.layer) for t in t_taps]
+        x = torch.rand(1, 3, 64, 64)
+        sizes = {}
+        for s, _ in pairs:
+            student.layers[s.layer].register_forward_hook(
+                lambda m, a, o, k=s.layer, sizes=sizes: sizes.__setitem__(k, o.shape[-1]))
+        student.eval()(x)
+        for s, _ in pairs:  # the tapped layer really is at the stride it claims
+            assert sizes[s.layer] == 64 / s.stride
+        assert match_heads(student, teacher, "t.pt") == [0, 1]
+
+
+def test_heads_without_a_partner_are_an_error():
+    student = Darknet(with_classes(Darknet(REPO / "cfg" / "yolov3.cfg").cfg, 6))
+    with pytest.raises(UserError, match="stride 8"):
+        match_heads(student, Darknet(SMALL), "small.pt")
+
+
+# ---------------------------------------------------------------- inside training
+@pytest.fixture(scope="module")
+def spread_small():
+    from tests.test_prune import spread_gammas
+
+    base = spread_gammas(Darknet(SMALL))
+
+    def get() -> Darknet:
+        model = Darknet(base.cfg)
+        model.load_state_dict(base.state_dict())
+        return model.eval()
+    return get
+
+
+@pytest.fixture(scope="module")
+def teacher_pt(shapes_data, tmp_path_factory):
+    """A yolo-small teacher after one tiny training epoch."""
+    project = tmp_path_factory.mktemp("teacher")
+    Trainer(tiny_opts(shapes_data, project, epochs=1, notest=True)).fit()
+    return project / "exp" / "weights" / "last.pt"
+
+
+def _one_step(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One real batch through the trainer's model, loss and hooks, then backward and a step."""
+    imgs, targets, _, _ = next(iter(trainer.train_loader))
+    imgs = imgs.float() / 255
+    trainer.model.train()
+    preds = trainer.model(imgs)
+    out = trainer.loss_fn(preds, targets, tuple(imgs.shape[2:]))
+    extras = {}
+    for h in trainer.hooks:
+        extras.update(h.extra_losses(trainer, imgs, targets, preds, out))
+    loss = out.total + sum(extras.values())
+    loss.backward()
+    return loss, extras
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_each_strategy_trains_the_student_only(shapes_data, teacher_pt, tmp_path, strategy):
+    trainer = Trainer(tiny_opts(shapes_data, tmp_path, weights=str(teacher_pt), kd_str=strategy,
+                                t_weights=str(teacher_pt)))
+    trainer.setup()
+    hook = next(h for h in trainer.hooks if isinstance(h, DistillHook))
+    teacher = hook.teacher
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    loss, extras = _one_step(trainer)
+    assert torch.isfinite(loss)
+    expect = {f"kd_{t.split('_')[0]}" for t in STRATEGIES[strategy]}
+    assert set(extras) == expect
+    assert all(torch.isfinite(v) and v.requires_grad for v in extras.values())
+    # the student starts as a copy of the teacher, so output terms start near zero; not exactly,
+    # because the trainer's student is in train mode (batch statistics) and the teacher in eval
+    assert sum(v.item() for v in extras.values()) > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}
+    trainer._optimizer_step()
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not teacher.training
+
+
+@pytest.mark.parametrize("method", ["slim", "layer"])
+@pytest.mark.parametrize("strategy", [4, 5])
+def test_feature_strategies_distill_into_pruned_students(shapes_data, teacher_pt, tmp_path, method, strategy):
+    student, _ = apply_method(load_model(teacher_pt), method, 0.5, shortcuts=2)
+    student_pt = tmp_path / "student.pt"
+    save_checkpoint(student_pt, student)
+    Trainer(tiny_opts(shapes_data, tmp_path, epochs=1, weights=str(student_pt), kd_str=strategy,
+                      t_weights=str(teacher_pt))).fit()
+    rows = list(csv.DictReader((tmp_path / "exp" / "results.csv").open()))
+    feat = float(rows[0]["train/kd_feat"])
+    assert math.isfinite(feat) and feat > 0
+    assert math.isfinite(float(rows[0]["train/kd_box"])) and math.isfinite(float(rows[0]["train/kd_cls"]))
+
+
+def test_a_teacher_with_other_classes_is_refused(shapes_data, tmp_path):
+    teacher = Darknet(with_classes(Darknet(SMALL).cfg, 3))
+    save_checkpoint(tmp_path / "t3.pt", teacher)
+    with pytest.raises(UserError, match="teacher predicts 3 classes, the student 6"):
+        Trainer(tiny_opts(shapes_data, tmp_path, kd_str=1, t_weights=str(tmp_path / "t3.pt"))).setup()
+
+
+def test_distillation_flags(shapes_data, tmp_path, teacher_pt):
+    opts = train_script.parse_args(["--KDstr", "5", "--t_weights", "t.pt", "--kd-t", "2", "--kd-feat", "0.5"])
+    assert (opts.kd_str, opts.t_weights, opts.kd_t, opts.kd_feat) == (5, "t.pt", 2.0, 0.5)
+    with pytest.raises(UserError, match=r"--KDstr 1\.\.5"):
+        Trainer(tiny_opts(shapes_data, tmp_path, t_weights=str(teacher_pt)))
+    with pytest.raises(UserError, match="needs a teacher"):
+        Trainer(tiny_opts(shapes_data, tmp_path, kd_str=2)).setup()
+    with pytest.raises(UserError, match="darknet weights need the teacher's --t_cfg"):
+        Trainer(tiny_opts(shapes_data, tmp_path, kd_str=2, t_weights="yolov3.weights")).setup()
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--KDstr", "6"])
