@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import finetune
 from models.darknet import Darknet
 from models.io import load_checkpoint, load_model
 from models.onnx import export_onnx
@@ -66,15 +67,6 @@ def onnx_latency(model: Darknet, path: Path, img_size: int, runs: int) -> float:
     return median_ms(lambda: sess.run(None, {name: x}), runs, warmup=3)
 
 
-def finetune(pruned_pt: Path, data: str, epochs: int, out: Path, name: str) -> tuple[float, float]:
-    from utils.trainer import REPO, Trainer, TrainOptions
-
-    result = Trainer(TrainOptions(weights=str(pruned_pt), data=data, epochs=epochs, project=str(out),
-                                  name=name, exist_ok=True, notest=True,
-                                  hyp=str(REPO / "data" / "hyp.finetune.yaml"))).fit()
-    return result.map50, result.map
-
-
 def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
     meta = load_checkpoint(a.weights)["meta"]
     model = load_model(a.weights).eval()
@@ -92,8 +84,10 @@ def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
             final = folder / "recalibrated"
             recal = cli.main(method, [*common, "--output", str(final), "--recalibrate", str(a.recalibrate)])
         latency = onnx_latency(load_model(final / "pruned.pt").eval(), final / "pruned.onnx", img, a.runs)
-        ft50, ft = finetune(final / "pruned.pt", a.data, a.finetune_epochs, out, f"{method}-ft") \
-            if a.finetune_epochs else (None, None)
+        ft50 = ft = None
+        if a.finetune_epochs:
+            tuned = finetune(final / "pruned.pt", a.data, a.finetune_epochs, out, f"{method}-ft")
+            ft50, ft = tuned.map50, tuned.map
         b, p, r = report["before"], report["after"], recal["after"]
         gflops_ratio = p["gflops"] / base_gflops
         rows.append({"method": method, "flags": " ".join(flags), "params_before": b["params"],

@@ -68,8 +68,8 @@ def load_teacher(t_weights: str, t_cfg: str = "", device: torch.device | str = "
     if not t_weights.endswith(".pt") and not t_cfg:
         raise UserError(f"--t_weights {t_weights}: darknet weights need the teacher's --t_cfg")
     teacher = load_model(t_weights, t_cfg or None, device=device)
-    teacher.eval().requires_grad_(False)
-    return teacher
+    # inference only: batch norms folded into the convs, no gradients
+    return teacher.eval().requires_grad_(False).fuse()
 
 
 def _record(store: dict[int, torch.Tensor], key: int, training_only: bool):
@@ -98,6 +98,10 @@ class DistillHook(TrainHook):
         o = self.opts
         self.teacher = load_teacher(o.t_weights, o.t_cfg, trainer.device)
         self.teacher.to(memory_format=torch.channels_last)
+        for size in set(trainer.opts.sizes):
+            if size % self.teacher.max_stride:
+                raise UserError(f"--img-size {size}: must be a multiple of the teacher's largest stride "
+                                f"{self.teacher.max_stride} ({o.t_weights})")
         self.head_pairs = match_heads(model, self.teacher, o.t_weights)
         self.feat_pairs = []
         if any(t.startswith("feat") for t in self.terms):

@@ -1,0 +1,17 @@
+"""What several benchmarks do the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.evaluate import EvalResult
+
+
+def finetune(weights: Path, data: str, epochs: int, out: Path, name: str, **train_opts) -> EvalResult:
+    """``train.py --weights W --hyp data/hyp.finetune.yaml`` for ``epochs`` (Adam at 5e-5, no warm-up),
+    evaluated once at the end; ``train_opts`` are further :class:`TrainOptions` fields."""
+    from utils.trainer import REPO, Trainer, TrainOptions
+
+    return Trainer(TrainOptions(weights=str(weights), data=data, epochs=epochs, project=str(out), name=name,
+                                exist_ok=True, notest=True, hyp=str(REPO / "data" / "hyp.finetune.yaml"),
+                                **train_opts)).fit()
