@@ -3,10 +3,10 @@
 Notation: ``z`` logits (the heads' raw outputs, or ``logit(p)`` with ``new_coords``), ``s``/``t``
 student/teacher, ``T`` the temperature, ``σ`` the logistic.
 
-- :func:`class_kl` — ``T² · Σ_cells w·KL(softmax(z_t/T) ‖ softmax(z_s/T)) / Σ_cells w`` over the
-  classes of every anchor cell, with ``w = σ(z_t,obj)``: a cell's class distribution counts as much
-  as the teacher believes an object is there (Hinton et al., 2015; Chen et al., 2017 weight
-  background alike).
+- :func:`class_kl` — ``T²/C · Σ_cells w·KL(softmax(z_t/T) ‖ softmax(z_s/T)) / Σ_cells w`` over the
+  C classes of every anchor cell, with ``w = σ(z_t,obj)``: a cell's class distribution counts as much
+  as the teacher believes an object is there (Hinton et al., 2015 for the tempered KL). The ``1/C``
+  makes it a per-class mean like the detection loss's class BCE.
 - :func:`objectness_kl` — the Bernoulli ``KL(σ(z_t) ‖ σ(z_s))`` at every anchor cell (the soft
   objectness target; zero where the two agree).
 - :func:`bounded_box_l2` — Chen et al., 2017's teacher-bounded regression: at the ground-truth
@@ -43,7 +43,9 @@ def class_kl(head: YoloHead, ps: torch.Tensor, pt: torch.Tensor, temperature: fl
     w = head_logits(head, pt[..., 4]).flatten().sigmoid()
     log_t = F.log_softmax(zt, -1)
     kl = (log_t.exp() * (log_t - F.log_softmax(zs, -1))).sum(-1)
-    return (w * kl).sum() / w.sum().clamp(min=1e-9) * temperature ** 2
+    # per class, as the detection loss's BCE is a mean over the class columns, so that a weight of 1
+    # means the same strength for both (summed over 6 classes, this term was 6x the detection cls)
+    return (w * kl).sum() / w.sum().clamp(min=1e-9) * temperature ** 2 / head.classes
 
 
 def objectness_kl(head: YoloHead, ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""Quantizers: levels, straight-through gradients, power-of-two scales, DoReFa."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant.quantizers import (
+    Scheme,
+    dorefa_activations,
+    dorefa_weights,
+    fake_quantize,
+    integers,
+    log2_exact,
+    pow2_ceil,
+    scale_zero_point,
+)
+
+SCHEMES = [Scheme(b, sym, p2) for b in (2, 4, 8) for sym in (True, False) for p2 in (False, True)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_levels_are_at_most_two_to_the_bits(scheme):
+    # symmetric schemes spend levels on both sides alike; give them a range that uses every level
+    x = torch.linspace(-5.0 if scheme.symmetric else -3.0, 5.0, 20001)
+    scale, zp = scale_zero_point(x.min(), x.max(), scheme)
+    q = fake_quantize(x, scale, zp, scheme)
+    n = len(torch.unique(q))
+    assert n <= 2 ** scheme.bits
+    codes = integers(x, scale, zp, scheme)
+    assert codes.min() >= scheme.qmin and codes.max() <= scheme.qmax
+    if not scheme.pow2:  # the range is covered tightly: (nearly) every level is used
+        assert n >= scheme.qmax - scheme.qmin
+    assert (fake_quantize(torch.zeros(1), scale, zp, scheme) == 0).all()  # zero is exact
+    assert (q - x).abs().max() <= scale / 2 + 1e-6  # nothing clipped inside the observed range
+
+
+@pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, symmetric=False)], ids=str)
+def test_straight_through_gradient_is_one_inside_and_zero_outside(scheme):
+    scale, zp = scale_zero_point(torch.tensor(-1.0), torch.tensor(1.0), scheme)
+    x = torch.tensor([-5.0, -0.9, -0.3, 0.0, 0.42, 0.9, 5.0], requires_grad=True)  # ±0.9: inside after the
+    # affine zero point is rounded (which shifts the range by up to half a step)
+    fake_quantize(x, scale, zp, scheme).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_power_of_two_scales_are_exact_and_never_smaller():
+    s = torch.tensor([1e-5, 0.0123, 0.25, 0.3, 3.0, 1024.0, 1500.0])
+    p = pow2_ceil(s)
+    assert log2_exact(p) and (p >= s).all() and (p < 2 * s).all()
+    assert p[2] == 0.25 and p[5] == 1024.0
+    assert not log2_exact(torch.tensor([0.3]))
+    lo, hi = -torch.rand(16) * 3, torch.rand(16) * 5  # per channel
+    for symmetric in (True, False):
+        scale, _ = scale_zero_point(lo, hi, Scheme(8, symmetric, pow2=True))
+        assert log2_exact(scale)
+
+
+def test_per_channel_scales_follow_the_axis():
+    w = torch.randn(4, 3, 3, 3) * torch.tensor([0.01, 0.1, 1.0, 10.0]).view(4, 1, 1, 1)
+    lo, hi = w.amin((1, 2, 3)), w.amax((1, 2, 3))
+    scale, zp = scale_zero_point(lo, hi, Scheme(8))
+    q = fake_quantize(w, scale, zp, Scheme(8), axis=0)
+    err = (q - w).abs().amax((1, 2, 3))
+    assert (err <= scale / 2 + 1e-9).all()
+
+
+def test_dorefa_weights_have_two_to_the_k_levels_in_minus_one_one():
+    w = torch.randn(64, 32, 3, 3)
+    for k in (2, 4, 8):
+        q = dorefa_weights(w, k)
+        assert len(torch.unique(q)) <= 2 ** k and q.min() >= -1 and q.max() <= 1
+    w.requires_grad_(True)
+    dorefa_weights(w, 4).sum().backward()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_dorefa_signed_activations_keep_the_negative_side():
+    x = torch.tensor([-2.0, -0.45, -0.1, 0.0, 0.3, 0.8, 2.0], requires_grad=True)
+    unsigned = dorefa_activations(x, 4)
+    signed = dorefa_activations(x, 4, signed=True)
+    assert (unsigned[:3] == 0).all()  # the plain version drops leaky-ReLU's negatives
+    assert signed[1].item() == pytest.approx(-0.45, abs=1 / 14) and signed[2] < 0 and signed[3] == 0
+    assert len(torch.unique(dorefa_activations(torch.linspace(-1, 1, 1001), 3, signed=True))) == 7
+    signed.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
