@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quant.observers import Observer
 from quant.quantizers import (
     Scheme,
     dorefa_activations,
@@ -84,3 +85,43 @@ def test_dorefa_signed_activations_keep_the_negative_side():
     assert len(torch.unique(dorefa_activations(torch.linspace(-1, 1, 1001), 3, signed=True))) == 7
     signed.sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+# ---------------------------------------------------------------- observers
+def test_ema_and_minmax_observers_follow_their_formulas():
+    ema, mm = Observer("ema", momentum=0.9), Observer("minmax")
+    batches = [torch.tensor([-1.0, 2.0]), torch.tensor([-3.0, 1.0]), torch.tensor([0.0, 4.0])]
+    for b in batches:
+        ema(b)
+        mm(b)
+    lo = (-1.0 * 0.9 + 0.1 * -3.0) * 0.9 + 0.1 * 0.0
+    hi = (2.0 * 0.9 + 0.1 * 1.0) * 0.9 + 0.1 * 4.0
+    assert ema.lo.item() == pytest.approx(lo) and ema.hi.item() == pytest.approx(hi)
+    assert (mm.lo.item(), mm.hi.item()) == (-3.0, 4.0)
+    ema.frozen = True
+    ema(torch.tensor([-100.0, 100.0]))
+    assert ema.hi.item() == pytest.approx(hi)  # frozen: the range no longer moves
+    per_channel = Observer("minmax", channels=2)
+    per_channel(torch.tensor([[1.0, -2.0], [5.0, 3.0]]))
+    assert per_channel.lo.tolist() == [-2.0, 3.0] and per_channel.hi.tolist() == [1.0, 5.0]
+
+
+def test_percentile_and_mse_clip_outliers_and_mse_beats_minmax():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50_000, generator=g)
+    x[:5] = torch.tensor([40.0, -35.0, 30.0, 25.0, -20.0])  # a few outliers
+    scheme = Scheme(4)
+    ranges = {}
+    for method in ("minmax", "percentile", "mse"):
+        obs = Observer(method, percentile=99.9)
+        for chunk in x.split(10_000):
+            obs(chunk)
+        ranges[method] = obs.calibrated_range(scheme)
+    assert ranges["minmax"][1].item() == 40.0
+    assert 2.5 < ranges["percentile"][1].item() < 4.0  # the 99.9th percentile of N(0, 1) is 3.1
+
+    def mse(r):
+        scale, zp = scale_zero_point(*r, scheme)
+        return (fake_quantize(x, scale, zp, scheme) - x).pow(2).mean().item()
+
+    assert ranges["mse"][1].item() < 10.0 and mse(ranges["mse"]) < mse(ranges["minmax"]) / 5
