@@ -114,10 +114,15 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` with the gradient of the identity."""
+    return _RoundSTE.apply(x)
+
+
 def dorefa_quantize_unit(x: torch.Tensor, bits: int) -> torch.Tensor:
     """DoReFa's ``quantize_k`` on [0, 1]: ``round((2^k − 1)·x) / (2^k − 1)``, gradient passed through."""
     n = 2 ** bits - 1
-    return _RoundSTE.apply(x * n) / n
+    return round_ste(x * n) / n
 
 
 def dorefa_weights(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -132,7 +137,7 @@ def dorefa_activations(x: torch.Tensor, bits: int, signed: bool = False) -> torc
     the unsigned grid moved to [−1, 1] would have no zero). The gradient is 1 inside the clamp, 0 out."""
     if signed:
         n = 2 ** (bits - 1) - 1
-        return _RoundSTE.apply(torch.clamp(x, -1.0, 1.0) * n) / n
+        return round_ste(torch.clamp(x, -1.0, 1.0) * n) / n
     return dorefa_quantize_unit(torch.clamp(x, 0.0, 1.0), bits)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.layers import ConvBN
+from quant.modules import ActQuant, QConvBN, QuantSpec
 from quant.observers import Observer
 from quant.quantizers import (
     Scheme,
@@ -16,6 +18,7 @@ from quant.quantizers import (
     pow2_ceil,
     scale_zero_point,
 )
+from tests.conftest import rel_err
 
 SCHEMES = [Scheme(b, sym, p2) for b in (2, 4, 8) for sym in (True, False) for p2 in (False, True)]
 
@@ -125,3 +128,81 @@ def test_percentile_and_mse_clip_outliers_and_mse_beats_minmax():
         return (fake_quantize(x, scale, zp, scheme) - x).pow(2).mean().item()
 
     assert ranges["mse"][1].item() < 10.0 and mse(ranges["mse"]) < mse(ranges["minmax"]) / 5
+
+
+# ---------------------------------------------------------------- quantized conv
+def _conv_bn(seed: int = 0, activation: str = "leaky") -> ConvBN:
+    from models.cfg import parse_cfg
+
+    cfg = parse_cfg(f"[net]\nwidth=16\nheight=16\nchannels=3\n[convolutional]\nbatch_normalize=1\n"
+                    f"filters=8\nsize=3\nstride=1\npad=1\nactivation={activation}\n", "conv.cfg")
+    torch.manual_seed(seed)
+    layer = ConvBN(cfg.layers[0], 3)
+    with torch.no_grad():
+        layer.bn.weight.uniform_(0.5, 1.5)
+        layer.bn.bias.uniform_(-0.5, 0.5)
+        layer.bn.running_mean.uniform_(-0.3, 0.3)
+        layer.bn.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
+def _input_quant(x: torch.Tensor, spec: QuantSpec) -> ActQuant:
+    q = ActQuant(spec.a_scheme)
+    q.train()(x)
+    return q.eval()
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_folded_qat_conv_in_eval_equals_conv_bn_with_the_same_quantized_weights(pow2):
+    x = torch.rand(2, 3, 16, 16)
+    for bits, tol in ((16, 1e-3), (8, 0.05)):
+        spec = QuantSpec(w_bits=bits, a_bits=bits, pow2=pow2)
+        ref = _conv_bn().eval()
+        q = QConvBN(_conv_bn(), spec, _input_quant(x, spec), None).eval()
+        x_q = q.input_quant[0](x)
+        with torch.no_grad():
+            got = q(x_q)
+            w_f, _, _ = q._folded()
+            w_q, s_w = q.quantized_weight(w_f)
+            # the same quantized weights unfolded into the float conv + BN: equal up to the bias step
+            ref.conv.weight.copy_(w_q / (ref.bn.weight / torch.sqrt(ref.bn.running_var + ref.bn.eps))
+                                  .view(-1, 1, 1, 1))
+            same = ref(x_q)
+            plain = _conv_bn().eval()(x)
+        step = q.input_quant[0].qparams()[0] * s_w  # per output channel
+        # the only difference is the bias rounded to its integer grid: at most half a step per channel
+        assert ((got - same).abs().amax((0, 2, 3)) <= step / 2 + 1e-5).all()
+        assert rel_err(got.numpy(), plain.numpy()) < tol  # and close to the float layer
+
+
+def test_bias_is_an_integer_multiple_of_input_times_weight_scale():
+    x = torch.rand(2, 3, 16, 16)
+    for pow2 in (False, True):
+        spec = QuantSpec(w_bits=8, a_bits=8, pow2=pow2)
+        q = QConvBN(_conv_bn(), spec, _input_quant(x, spec), None).eval()
+        w_f, b_f, _ = q._folded()
+        _, s_w = q.quantized_weight(w_f)
+        b_q = q.quantized_bias(b_f, s_w)
+        s_in = q.input_quant[0].qparams()[0]
+        k = b_q / (s_in * s_w)
+        assert torch.allclose(k, k.round(), atol=1e-3) and (k.abs() > 0).all()
+        if pow2:
+            assert log2_exact(s_in) and log2_exact(s_w) and log2_exact(s_in * s_w)
+
+
+def test_folded_training_forward_matches_conv_bn_on_the_batch():
+    """Before BN is frozen, the folded graph reproduces conv + BN with batch statistics (16 bits),
+    and it updates the running statistics as BN would."""
+    x = torch.randn(4, 3, 16, 16)
+    ref = _conv_bn().train()
+    q = QConvBN(_conv_bn(), QuantSpec(w_bits=16, a_bits=16), None, None).train()
+    y_ref, y_q = ref(x), q(x)
+    assert rel_err(y_q.detach().numpy(), y_ref.detach().numpy()) < 1e-3
+    torch.testing.assert_close(q.bn.running_mean, ref.bn.running_mean)
+    torch.testing.assert_close(q.bn.running_var, ref.bn.running_var)
+    y_q.sum().backward()
+    assert q.conv.weight.grad is not None and q.bn.weight.grad is not None and q.bn.bias.grad is not None
+    q.freeze_bn()
+    mean = q.bn.running_mean.clone()
+    q(x)
+    assert torch.equal(q.bn.running_mean, mean)  # frozen BN no longer moves

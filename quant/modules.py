@@ -1,0 +1,169 @@
+"""Quantized modules: a ``[convolutional]`` layer as an integer pipeline computes it.
+
+:class:`ActQuant` quantizes a tensor with the range its :class:`~quant.observers.Observer` keeps;
+one instance may be shared by several layers, so tensors that are added or concatenated carry the
+same scale (what integer hardware needs to join them without rescaling).
+
+:class:`QConvBN` replaces :class:`~models.layers.ConvBN`. It keeps the same ``conv``/``bn``
+parameters (so checkpoints keep their keys) and computes, with ``s_in`` the scale of its input
+(the producer's :class:`ActQuant`) and ``s_w`` the weight scale per output channel:
+
+- **weights**: Google (Jacob et al., 2018) symmetric per-channel or per-tensor, or DoReFa;
+- **BN folding** (Jacob et al., section 3.2): ``W_f = W·γ/σ``, ``b_f = β − γ·μ/σ``. While BN still
+  trains, ``σ``/``μ`` in ``W_f`` are the running statistics and the output is corrected by
+  ``σ/σ_B`` and the batch mean, so the forward pass matches conv + BN on the batch; after
+  :meth:`freeze_bn` the running statistics are used alone, which is what inference computes;
+- **bias**: ``round(b_f / (s_in·s_w))`` as int32, so the accumulator adds it with no rescale;
+- then the activation, then the output :class:`ActQuant` (when this layer's output is quantized).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers import ConvBN
+from quant.observers import Observer
+from quant.quantizers import Scheme, dorefa_weights, fake_quantize, round_ste, scale_zero_point
+
+WEIGHT_METHODS = ("google", "dorefa")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: str = "google"  # weights: google (symmetric, observed range) or dorefa
+    w_bits: int = 8
+    a_bits: int = 8
+    per_channel: bool = True
+    bn_fold: bool = True
+    pow2: bool = False  # every scale a power of two (FPGA)
+    a_symmetric: bool = False  # activations: affine (uint8-style) unless symmetric
+
+    def __post_init__(self):
+        if self.method not in WEIGHT_METHODS:
+            raise ValueError(f"quantization method {self.method!r}: expected one of {WEIGHT_METHODS}")
+        Scheme(self.w_bits)  # validates the bit widths
+        Scheme(self.a_bits)
+
+    @property
+    def w_scheme(self) -> Scheme:
+        return Scheme(self.w_bits, symmetric=True, pow2=self.pow2)
+
+    @property
+    def a_scheme(self) -> Scheme:
+        return Scheme(self.a_bits, symmetric=self.a_symmetric, pow2=self.pow2)
+
+
+class ActQuant(nn.Module):
+    """Fake-quantizes a tensor with the observed range (observing it first while training)."""
+
+    def __init__(self, scheme: Scheme, method: str = "ema"):
+        super().__init__()
+        self.scheme = scheme
+        self.observer = Observer(method)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return scale_zero_point(self.observer.lo, self.observer.hi, self.scheme)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.observer(x)
+        scale, zp = self.qparams()
+        return fake_quantize(x, scale, zp, self.scheme)
+
+
+class QConvBN(nn.Module):
+    def __init__(self, layer: ConvBN, spec: QuantSpec, input_quant: ActQuant | None,
+                 output_quant: ActQuant | None):
+        super().__init__()
+        self.conv, self.bn, self.act = layer.conv, layer.bn, layer.act
+        self.stop_gradient = layer.stop_gradient
+        self.spec = spec
+        self.input_quant = [input_quant]  # a reference, not a submodule: the producer owns it
+        self.output_quant = output_quant
+        self.bn_frozen = False
+        channels = self.conv.out_channels
+        self.w_observer = Observer("minmax", channels=channels if spec.per_channel else None)
+        self.fold = spec.bn_fold and isinstance(self.bn, nn.BatchNorm2d)
+
+    def freeze_bn(self) -> None:
+        """From now on fold with the running statistics and stop updating them (Jacob et al.)."""
+        self.bn_frozen = True
+
+    # ------------------------------------------------------------ the folded parameters
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_f, b_f, σ) with the running statistics, or the raw conv when not folding."""
+        w = self.conv.weight
+        if not self.fold:
+            b = self.conv.bias if self.conv.bias is not None else w.new_zeros(w.shape[0])
+            return w, b, w.new_ones(w.shape[0])
+        bn = self.bn
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        w_f = w * (bn.weight / sigma).view(-1, 1, 1, 1)
+        b_f = bn.bias - bn.weight * bn.running_mean / sigma
+        return w_f, b_f, sigma
+
+    def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
+        self.w_observer.seen.zero_()  # weights: the current range, every time
+        self.w_observer(w)
+        scale, _ = scale_zero_point(self.w_observer.lo, self.w_observer.hi, self.spec.w_scheme)
+        return scale
+
+    def quantized_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fake-quantized weights, per-channel scale or None for DoReFa's fixed [−1, 1] grid)."""
+        if self.spec.method == "dorefa":
+            return dorefa_weights(w, self.spec.w_bits), None
+        scale = self.weight_scale(w.detach())
+        axis = 0 if self.spec.per_channel else None
+        return fake_quantize(w, scale, torch.zeros_like(scale), self.spec.w_scheme, axis), scale
+
+    def quantized_bias(self, b: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:
+        """``b`` rounded to integer multiples of ``s_in·s_w`` (float when either scale is unknown)."""
+        inq = self.input_quant[0]
+        if inq is None or w_scale is None:
+            return b
+        s_in, _ = inq.qparams()
+        step = s_in * w_scale.expand_as(b)
+        return round_ste(b / step) * step
+
+    # ------------------------------------------------------------ forward
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        c = self.conv
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold and self.training and not self.bn_frozen:
+            y = self._folded_train(x)
+        else:
+            w_f, b_f, _ = self._folded()
+            w_q, s_w = self.quantized_weight(w_f)
+            y = self._conv(x, w_q, self.quantized_bias(b_f, s_w))
+            if not self.fold:
+                y = self.bn(y)
+        y = self.act(y)
+        if self.output_quant is not None:
+            y = self.output_quant(y)
+        return y.detach() if self.stop_gradient and self.training else y
+
+    def _folded_train(self, x: torch.Tensor) -> torch.Tensor:
+        """Jacob et al.'s training graph: batch statistics from a float conv, weights folded with the
+        running σ and quantized, the output corrected by σ/σ_B, the running statistics updated."""
+        bn = self.bn
+        with torch.no_grad():
+            y_float = self._conv(x, self.conv.weight, None)
+            mean_b = y_float.mean((0, 2, 3))
+            var_b = y_float.var((0, 2, 3), unbiased=False)
+            n = y_float.numel() / y_float.shape[1]
+            bn.running_mean.mul_(1 - bn.momentum).add_(bn.momentum * mean_b)
+            bn.running_var.mul_(1 - bn.momentum).add_(bn.momentum * var_b * n / max(n - 1, 1))
+            bn.num_batches_tracked += 1
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        sigma_b = torch.sqrt(var_b + bn.eps)
+        w_f = self.conv.weight * (bn.weight / sigma).view(-1, 1, 1, 1)
+        w_q, _ = self.quantized_weight(w_f)
+        y = self._conv(x, w_q, None) * (sigma / sigma_b).view(1, -1, 1, 1)
+        return y + (bn.bias - bn.weight * mean_b / sigma_b).view(1, -1, 1, 1)
+
