@@ -39,6 +39,8 @@ class Darknet(nn.Module):
         # outputs a later layer reads out of order; everything else is dropped as soon as it is used
         self._keep = {j for i, srcs in enumerate(self.inputs) for j in srcs if j != i - 1}
         self.fused = False
+        self.input_quant: nn.Module | None = None  # quantizes the image when quantization says so
+        self.quant_config = None  # set by quant.convert.quantize_model; saved in checkpoints
         self.seen = 0  # images trained on, as darknet counts them in the .weights header
 
     @property
@@ -54,6 +56,8 @@ class Darknet(nn.Module):
         if h % self.max_stride or w % self.max_stride:
             raise UserError(f"input size {h}x{w}: height and width must be multiples of "
                             f"{self.max_stride}, the largest stride of {self.cfg.source}")
+        if self.input_quant is not None:
+            x = self.input_quant(x)
         image, saved, raw = x, {}, []
         for i, (layer, srcs) in enumerate(zip(self.layers, self.inputs)):
             ins = [x if j == i - 1 else (image if j < 0 else saved[j]) for j in srcs]

@@ -290,6 +290,8 @@ def save_checkpoint(path: str | Path, model: Darknet, **meta: Any) -> None:
     (tensors, numbers, strings, lists, dicts) so that ``weights_only`` loading accepts it."""
     if model.fused:
         raise UserError("save the model before fuse(): a checkpoint keeps batch norms unfolded")
+    if model.quant_config is not None:
+        meta = {**meta, "quant": model.quant_config.to_dict()}
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "cfg": write_cfg(model.cfg),
             "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, "meta": meta}
     _atomic_write(Path(path), lambda f: torch.save(ckpt, f))
@@ -339,6 +341,10 @@ def load_model(weights: str | Path | None = None, cfg: str | Path | ModelCfg | N
     if cfg is not None:
         model_cfg = cfg if isinstance(cfg, ModelCfg) else read_cfg(cfg)
     model = Darknet(model_cfg)
+    if ckpt is not None and ckpt["meta"].get("quant"):  # a quantized checkpoint: the same modules first
+        from quant.convert import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig.from_dict(ckpt["meta"]["quant"]))
     if ckpt is not None:
         report = LoadReport()
         transfer_state(model, ckpt["model"], report)

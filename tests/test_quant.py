@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.darknet import Darknet
+from models.io import load_model, save_checkpoint
 from models.layers import ConvBN
+from models.shapes import IMAGE
+from quant.convert import QuantConfig, quantize_model, scale_owners
 from quant.modules import ActQuant, QConvBN, QuantSpec
 from quant.observers import Observer
 from quant.quantizers import (
@@ -18,7 +22,7 @@ from quant.quantizers import (
     pow2_ceil,
     scale_zero_point,
 )
-from tests.conftest import rel_err
+from tests.conftest import REPO, rel_err, tame_model
 
 SCHEMES = [Scheme(b, sym, p2) for b in (2, 4, 8) for sym in (True, False) for p2 in (False, True)]
 
@@ -206,3 +210,60 @@ def test_folded_training_forward_matches_conv_bn_on_the_batch():
     mean = q.bn.running_mean.clone()
     q(x)
     assert torch.equal(q.bn.running_mean, mean)  # frozen BN no longer moves
+
+
+# ---------------------------------------------------------------- whole models
+def _quantized(name: str, fpga: bool = False, **spec) -> Darknet:
+    model = tame_model(REPO / "cfg" / f"{name}.cfg")
+    quantize_model(model, QuantConfig(QuantSpec(**spec), fpga=fpga))
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):  # observe a couple of batches
+            model(torch.rand(2, 3, 64, 64))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["yolov3", "yolov4-tiny"])
+def test_added_and_concatenated_tensors_share_one_scale(name):
+    model = _quantized(name, fpga=True, pow2=True)
+    owner, _ = scale_owners(model)
+
+    def quant(j: int) -> ActQuant:
+        m = model.input_quant if owner[j] == IMAGE else model.layers[owner[j]]
+        return m if isinstance(m, ActQuant) else m.output_quant
+
+    joins = 0
+    for b, srcs in zip(model.cfg.layers, model.inputs):
+        if b.type == "shortcut" or (b.type == "route" and len(srcs) > 1):
+            assert len({id(quant(j)) for j in srcs}) == 1, b.where()
+            joins += 1
+    assert joins > 0
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            assert log2_exact(m.qparams()[0])
+    assert all(isinstance(m, QConvBN) for m, b in zip(model.layers, model.cfg.layers)
+               if b.type == "convolutional")  # fpga: every conv, heads included
+
+
+def test_default_policy_keeps_the_image_and_the_heads_float():
+    model = _quantized("yolo-small")
+    heads = {model.inputs[h][0] for h in model.heads}
+    for i, (m, b) in enumerate(zip(model.layers, model.cfg.layers)):
+        if b.type == "convolutional":
+            assert isinstance(m, QConvBN) != (i in heads)
+    assert model.input_quant is None and model.layers[0].input_quant[0] is None
+
+
+def test_a_quantized_checkpoint_reloads_with_identical_outputs(tmp_path):
+    model = _quantized("yolo-small", w_bits=4, a_bits=4, pow2=True)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)[0]
+    save_checkpoint(tmp_path / "q.pt", model)
+    again = load_model(tmp_path / "q.pt").eval()
+    assert again.quant_config == model.quant_config
+    with torch.no_grad():
+        assert torch.equal(again(x)[0], before)
+    float_model = tame_model(REPO / "cfg" / "yolo-small.cfg").eval()
+    with torch.no_grad():
+        assert not torch.equal(float_model(x)[0], before)  # it really is quantized

@@ -1,0 +1,139 @@
+"""A float Darknet → its quantized model: which layers are quantized, which tensors share a scale.
+
+Every tensor an integer pipeline stores has one scale: the outputs of convs and of combining layers
+(``[shortcut]``, ``[scale_channels]``, ``[sam]``) are requantized by an :class:`ActQuant`; pass-through
+layers (maxpool, upsample, dropout, a single-input route) keep their input's scale. Two tensors that a
+``[shortcut]`` adds or a ``[route]`` concatenates must share one scale, so their producers get the
+same :class:`ActQuant` (union-find over the layer graph).
+
+Policy (:class:`QuantConfig`):
+
+- by default the image stays float, so the first conv quantizes its weights but keeps a float bias,
+  and the convs that feed ``[yolo]`` heads stay float (their input is quantized): the usual choice
+  for accuracy, and what TensorRT's mixed precision runs;
+- ``fpga=True`` quantizes everything: the image (its own observed scale), every conv including the
+  heads, every bias on its ``s_in·s_w`` grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from models.darknet import Darknet
+from models.layers import ConvBN
+from models.shapes import IMAGE
+from quant.modules import ActQuant, QConvBN, QuantSpec
+
+PASS_THROUGH = ("maxpool", "upsample", "dropout")
+COMBINE = ("shortcut", "scale_channels", "sam")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    spec: QuantSpec = field(default_factory=QuantSpec)
+    fpga: bool = False
+    observer: str = "ema"  # activation ranges: ema (QAT) or a calibration method (PTQ)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        return cls(QuantSpec(**d["spec"]), d["fpga"], d["observer"])
+
+
+class QOutput(nn.Module):
+    """A combining layer (shortcut, scale_channels, sam) followed by the requantization of its output."""
+
+    def __init__(self, layer: nn.Module, output_quant: ActQuant):
+        super().__init__()
+        self.layer, self.output_quant = layer, output_quant
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(self.layer(*xs))
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            x = self.parent[x] = self.parent[self.parent[x]]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def scale_owners(model: Darknet) -> tuple[list[int], _UnionFind]:
+    """For every layer, the layer whose quantizer sets its output's scale (``IMAGE`` for the image),
+    and the union-find whose classes are the tensors that must share a scale."""
+    owner: list[int] = []
+    uf = _UnionFind()
+    for i, (b, srcs) in enumerate(zip(model.cfg.layers, model.inputs)):
+        src_owner = [IMAGE if j == IMAGE else owner[j] for j in srcs]
+        if b.type in ("convolutional", *COMBINE):
+            if b.type == "shortcut":
+                for o in src_owner[1:]:
+                    uf.union(src_owner[0], o)
+            owner.append(i)
+        elif b.type == "route":
+            for o in src_owner[1:]:
+                uf.union(src_owner[0], o)
+            owner.append(src_owner[0])
+        else:  # pass-through and [yolo]
+            owner.append(src_owner[0])
+    return owner, uf
+
+
+def quantize_model(model: Darknet, config: QuantConfig) -> Darknet:
+    """Swap the modules of ``model`` in place for their quantized versions; returns ``model``."""
+    spec = config.spec
+    owner, uf = scale_owners(model)
+    head_convs = {model.inputs[h][0] for h in model.heads}
+    quants: dict[int, ActQuant] = {}
+
+    def quant_of(layer_owner: int) -> ActQuant | None:
+        if layer_owner == IMAGE and not config.fpga:
+            return None
+        root = uf.find(layer_owner)
+        if root not in quants:
+            quants[root] = ActQuant(spec.a_scheme, config.observer)
+        return quants[root]
+
+    image_quant = quant_of(IMAGE)
+    if image_quant is not None:
+        model.input_quant = image_quant
+    for i, (b, srcs) in enumerate(zip(model.cfg.layers, model.inputs)):
+        layer = model.layers[i]
+        if b.type == "convolutional":
+            in_q = quant_of(IMAGE if srcs[0] == IMAGE else owner[srcs[0]])
+            if i in head_convs and not config.fpga:
+                continue  # float head conv on a quantized input
+            assert isinstance(layer, ConvBN)
+            out_q = None if i in head_convs else quant_of(i)
+            model.layers[i] = QConvBN(layer, spec, in_q, out_q)
+        elif b.type in COMBINE:
+            model.layers[i] = QOutput(layer, quant_of(i))
+    model.quant_config = config
+    return model
+
+
+def freeze_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, QConvBN):
+            m.freeze_bn()
+
+
+def freeze_observers(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            m.observer.frozen = True
