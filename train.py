@@ -77,6 +77,19 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     kd.add_argument("--kd-box", type=float, default=d.kd_box, help="box term weight (x the box gain)")
     kd.add_argument("--kd-feat", type=float, default=d.kd_feat, help="attention KL weight")
     kd.add_argument("--kd-margin", type=float, default=d.kd_margin, help="strategy 2: teacher-bound margin")
+    q = p.add_argument_group("quantization-aware training (see quant/ and the README)")
+    q.add_argument("--quantized", default=d.quantized, metavar="1|google|2|dorefa",
+                   help="1 or google: Jacob et al. scales; 2 or dorefa: DoReFa")
+    q.add_argument("--w-bit", type=int, default=d.w_bit, help="weight bits (2-8 or 16)")
+    q.add_argument("--a-bit", type=int, default=d.a_bit, help="activation bits (2-8 or 16)")
+    q.add_argument("--BN_Fold", "--bn-fold", dest="bn_fold", action="store_true",
+                   help="fold batch norms into the quantized weights (Jacob et al.)")
+    q.add_argument("--FPGA", "--fpga", dest="fpga", action="store_true",
+                   help="power-of-two scales and every layer quantized, image and heads included")
+    q.add_argument("--freeze-bn-epoch", type=int, default=d.freeze_bn_epoch,
+                   help="from this epoch folded BNs use their running statistics (-1: never)")
+    q.add_argument("--freeze-observer-epoch", type=int, default=d.freeze_observer_epoch,
+                   help="from this epoch activation ranges stop moving (-1: never)")
     a = p.parse_args(argv)
     if a.resume == "latest":
         found = sorted(Path(a.project).glob("*/weights/last.pt"), key=lambda f: f.stat().st_mtime)

@@ -106,7 +106,7 @@ def quantize_model(model: Darknet, config: QuantConfig) -> Darknet:
             return None
         root = uf.find(layer_owner)
         if root not in quants:
-            quants[root] = ActQuant(spec.a_scheme, config.observer)
+            quants[root] = spec.activation_quant(config.observer)
         return quants[root]
 
     image_quant = quant_of(IMAGE)

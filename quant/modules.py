@@ -40,7 +40,13 @@ class QuantSpec:
     per_channel: bool = True
     bn_fold: bool = True
     pow2: bool = False  # every scale a power of two (FPGA)
-    a_symmetric: bool = False  # activations: affine (uint8-style) unless symmetric
+    a_symmetric: bool = False  # activations: affine (uint8-style) unless symmetric; DoReFa: signed
+
+    def activation_quant(self, observer: str = "ema") -> ActQuant:
+        """A new activation quantizer: observed (Google), or DoReFa's fixed [0, 1] / [−1, 1]."""
+        if self.method == "dorefa":
+            return ActQuant(self.a_scheme, "fixed", (-1.0, 1.0) if self.a_symmetric else (0.0, 1.0))
+        return ActQuant(self.a_scheme, observer)
 
     def __post_init__(self):
         if self.method not in WEIGHT_METHODS:
@@ -58,12 +64,17 @@ class QuantSpec:
 
 
 class ActQuant(nn.Module):
-    """Fake-quantizes a tensor with the observed range (observing it first while training)."""
+    """Fake-quantizes a tensor with the observed range (observing it first while training).
 
-    def __init__(self, scheme: Scheme, method: str = "ema"):
+    DoReFa's activation quantizers are this with a fixed range: ``[0, 1]`` on the affine grid is
+    ``quantize_k(clamp(x, 0, 1))``, and ``[−1, 1]`` on the symmetric grid is the signed variant that
+    keeps leaky-ReLU's negatives (tested against :func:`quant.quantizers.dorefa_activations`).
+    """
+
+    def __init__(self, scheme: Scheme, method: str = "ema", fixed: tuple[float, float] | None = None):
         super().__init__()
         self.scheme = scheme
-        self.observer = Observer(method)
+        self.observer = Observer(method, fixed=fixed)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return scale_zero_point(self.observer.lo, self.observer.hi, self.scheme)

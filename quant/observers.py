@@ -4,8 +4,9 @@
   sets it), until frozen;
 - ``minmax`` (calibration): the running minimum and maximum over every batch seen;
 - ``percentile`` (calibration): the ``p`` and ``100 − p`` percentiles of a sample of the values;
-- ``mse`` (calibration): the clipping range ``[−c, c]`` (or ``[lo·f, hi·f]``) whose fake-quantized
-  sample has the least squared error, searched over ``f ∈ (0, 1]`` of the observed range.
+- ``mse`` (calibration): the clipping range ``[lo·f, hi·f]`` whose fake-quantized sample has the
+  least squared error, searched over ``f ∈ (0, 1]`` of the observed range;
+- ``fixed``: a range set once and never observed (DoReFa's ``[0, 1]`` or ``[−1, 1]``).
 
 Percentile and MSE keep a bounded random sample of the values (``SAMPLE`` per batch), which is
 what calibration on a few hundred images needs without storing whole activations.
@@ -18,13 +19,13 @@ from torch import nn
 
 from quant.quantizers import Scheme, fake_quantize, scale_zero_point
 
-METHODS = ("ema", "minmax", "percentile", "mse")
+METHODS = ("ema", "minmax", "percentile", "mse", "fixed")
 SAMPLE = 1 << 16
 
 
 class Observer(nn.Module):
     def __init__(self, method: str = "ema", momentum: float = 0.99, percentile: float = 99.99,
-                 channels: int | None = None):
+                 channels: int | None = None, fixed: tuple[float, float] | None = None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"observer {method!r}: expected one of {', '.join(METHODS)}")
@@ -36,7 +37,12 @@ class Observer(nn.Module):
         self.register_buffer("lo", torch.zeros(shape))
         self.register_buffer("hi", torch.zeros(shape))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
-        self.frozen = False
+        if method == "fixed":
+            if fixed is None:
+                raise ValueError("a fixed observer needs its range")
+            self.lo.fill_(fixed[0])
+            self.hi.fill_(fixed[1])
+        self.frozen = method == "fixed"
         self._samples: list[torch.Tensor] = []
 
     def _extrema(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +53,7 @@ class Observer(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> None:
-        if self.frozen:
+        if self.frozen or self.method == "fixed":
             return
         lo, hi = self._extrema(x)
         first = self.seen == 0

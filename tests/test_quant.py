@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import train as train_script
 from models.darknet import Darknet
 from models.io import load_model, save_checkpoint
 from models.layers import ConvBN
@@ -23,6 +24,7 @@ from quant.quantizers import (
     scale_zero_point,
 )
 from tests.conftest import REPO, rel_err, tame_model
+from utils.errors import UserError
 
 SCHEMES = [Scheme(b, sym, p2) for b in (2, 4, 8) for sym in (True, False) for p2 in (False, True)]
 
@@ -267,3 +269,50 @@ def test_a_quantized_checkpoint_reloads_with_identical_outputs(tmp_path):
     float_model = tame_model(REPO / "cfg" / "yolo-small.cfg").eval()
     with torch.no_grad():
         assert not torch.equal(float_model(x)[0], before)  # it really is quantized
+
+
+def test_dorefa_activation_quantizers_are_fixed_range_act_quants():
+    x = torch.linspace(-2, 2, 4001) + 3.21e-4  # off the exact ties, where x*n and x/(1/n) may round apart
+    for bits in (2, 4, 8):
+        for signed in (False, True):
+            q = QuantSpec("dorefa", bits, bits, a_symmetric=signed).activation_quant().train()
+            got = q(x * 1.0)  # training: a fixed observer still does not move
+            torch.testing.assert_close(got, dorefa_activations(x, bits, signed), atol=1e-6, rtol=0)
+            assert (q.observer.lo.item(), q.observer.hi.item()) == ((-1.0 if signed else 0.0), 1.0)
+
+
+# ---------------------------------------------------------------- training
+def test_qat_trains_and_its_checkpoint_is_read_by_test_and_detect(shapes_data, tmp_path):
+    import detect as detect_script
+    import test as test_script
+    from tests.test_train import tiny_opts
+    from utils.trainer import Trainer
+
+    opts = tiny_opts(shapes_data, tmp_path, epochs=2, quantized="google", bn_fold=True, fpga=True,
+                     freeze_bn_epoch=1, freeze_observer_epoch=1)
+    Trainer(opts).fit()
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    model = load_model(last)
+    assert model.quant_config.spec.pow2 and model.quant_config.spec.bn_fold
+    assert any(isinstance(m, QConvBN) for m in model.modules())
+    r = test_script.main(["--weights", str(last), "--data", str(shapes_data), "--img-size", "64",
+                          "--project", str(tmp_path / "t"), "--workers", "0"])
+    assert 0.0 <= r.map50 <= 1.0
+    images = shapes_data.parent / "images" / "val"
+    summary = detect_script.main(["--weights", str(last), "--source", str(images), "--img-size", "64",
+                                  "--output", str(tmp_path / "d")])
+    assert summary.frames == len(list(images.glob("*.jpg"))) == len(summary.written)
+
+
+def test_quantization_flags():
+    opts = train_script.parse_args(["--quantized", "1", "--w-bit", "4", "--a-bit", "8", "--BN_Fold",
+                                    "--FPGA", "--freeze-bn-epoch", "3"])
+    got = (opts.quantized, opts.w_bit, opts.bn_fold, opts.fpga, opts.freeze_bn_epoch)
+    assert got == ("1", 4, True, True, 3)
+    from quant.hook import hook_from_options, method_name
+
+    assert method_name("2") == "dorefa" and method_name("google") == "google"
+    with pytest.raises(UserError, match="--quantized 'int8'"):
+        method_name("int8")
+    with pytest.raises(UserError, match="--w-bit 9"):
+        hook_from_options(train_script.parse_args(["--quantized", "google", "--w-bit", "9"]))

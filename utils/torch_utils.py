@@ -106,7 +106,11 @@ class ModelEMA:
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.tau))
         state = unwrap(model).state_dict()
+        done = set()  # a module shared by several layers (a quantizer) appears under several keys
         for k, v in self.ema.state_dict().items():
+            if v.data_ptr() in done:
+                continue
+            done.add(v.data_ptr())
             if v.dtype.is_floating_point:
                 v.mul_(d).add_(state[k].detach(), alpha=1 - d)
             else:

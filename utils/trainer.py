@@ -95,6 +95,14 @@ class TrainOptions:
     kd_box: float = 1.0
     kd_feat: float = 1.0
     kd_margin: float = 0.0  # strategy 2: margin m of the teacher bound
+    # quantization-aware training (quant/hook.py): off unless quantized
+    quantized: str = ""  # 1 / google, 2 / dorefa
+    w_bit: int = 8
+    a_bit: int = 8
+    bn_fold: bool = False  # Jacob et al. batch-norm folding (google)
+    fpga: bool = False  # power-of-two scales, everything quantized
+    freeze_bn_epoch: int = -1  # epoch from which folded BNs use running statistics (-1: never)
+    freeze_observer_epoch: int = -1  # epoch from which activation ranges stop moving (-1: never)
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -191,6 +199,10 @@ class Trainer:
 
             self.hooks.insert(0, SparsityHook(opts.s, opts.prune, opts.sr_schedule, opts.sr_decay_at,
                                               opts.sr_keep))
+        if opts.quantized:
+            from quant.hook import hook_from_options
+
+            self.hooks.append(hook_from_options(opts))
         if opts.kd_str or opts.t_weights:
             self.hooks.append(self._distill_hook(opts))
         self.writer = None  # TensorBoard, while fit() runs (hooks may log to it)
