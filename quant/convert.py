@@ -37,13 +37,14 @@ class QuantConfig:
     spec: QuantSpec = field(default_factory=QuantSpec)
     fpga: bool = False
     observer: str = "ema"  # activation ranges: ema (QAT) or a calibration method (PTQ)
+    percentile: float = 99.99  # for the percentile calibration
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
-        return cls(QuantSpec(**d["spec"]), d["fpga"], d["observer"])
+        return cls(QuantSpec(**d["spec"]), d["fpga"], d["observer"], d.get("percentile", 99.99))
 
 
 class QOutput(nn.Module):
@@ -52,9 +53,10 @@ class QOutput(nn.Module):
     def __init__(self, layer: nn.Module, output_quant: ActQuant):
         super().__init__()
         self.layer, self.output_quant = layer, output_quant
+        self.output_site = output_quant.claim_site()
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return self.output_quant(self.layer(*xs))
+        return self.output_quant(self.layer(*xs), self.output_site)
 
 
 class _UnionFind:
@@ -106,11 +108,12 @@ def quantize_model(model: Darknet, config: QuantConfig) -> Darknet:
             return None
         root = uf.find(layer_owner)
         if root not in quants:
-            quants[root] = spec.activation_quant(config.observer)
+            quants[root] = spec.activation_quant(config.observer, config.percentile)
         return quants[root]
 
     image_quant = quant_of(IMAGE)
     if image_quant is not None:
+        image_quant.claim_site()  # the image is its only producer
         model.input_quant = image_quant
     for i, (b, srcs) in enumerate(zip(model.cfg.layers, model.inputs)):
         layer = model.layers[i]
@@ -136,4 +139,5 @@ def freeze_bn(model: nn.Module) -> None:
 def freeze_observers(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, ActQuant):
-            m.observer.frozen = True
+            for o in m.observers:
+                o.frozen = True

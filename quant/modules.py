@@ -42,11 +42,11 @@ class QuantSpec:
     pow2: bool = False  # every scale a power of two (FPGA)
     a_symmetric: bool = False  # activations: affine (uint8-style) unless symmetric; DoReFa: signed
 
-    def activation_quant(self, observer: str = "ema") -> ActQuant:
+    def activation_quant(self, observer: str = "ema", percentile: float = 99.99) -> ActQuant:
         """A new activation quantizer: observed (Google), or DoReFa's fixed [0, 1] / [−1, 1]."""
         if self.method == "dorefa":
             return ActQuant(self.a_scheme, "fixed", (-1.0, 1.0) if self.a_symmetric else (0.0, 1.0))
-        return ActQuant(self.a_scheme, observer)
+        return ActQuant(self.a_scheme, observer, percentile=percentile)
 
     def __post_init__(self):
         if self.method not in WEIGHT_METHODS:
@@ -64,24 +64,42 @@ class QuantSpec:
 
 
 class ActQuant(nn.Module):
-    """Fake-quantizes a tensor with the observed range (observing it first while training).
+    """Fake-quantizes tensors with one scale, from the observed ranges (observed while training).
+
+    One instance is shared by every producer whose outputs are added or concatenated. Each producer
+    is a *site* with its own observer, and the scale covers the union of the sites' ranges, so no
+    joined tensor is clipped by another's smaller range.
 
     DoReFa's activation quantizers are this with a fixed range: ``[0, 1]`` on the affine grid is
     ``quantize_k(clamp(x, 0, 1))``, and ``[−1, 1]`` on the symmetric grid is the signed variant that
     keeps leaky-ReLU's negatives (tested against :func:`quant.quantizers.dorefa_activations`).
     """
 
-    def __init__(self, scheme: Scheme, method: str = "ema", fixed: tuple[float, float] | None = None):
+    def __init__(self, scheme: Scheme, method: str = "ema", fixed: tuple[float, float] | None = None,
+                 percentile: float = 99.99):
         super().__init__()
         self.scheme = scheme
-        self.observer = Observer(method, fixed=fixed)
+        self._observer_args = {"method": method, "percentile": percentile, "fixed": fixed}
+        self.observers = nn.ModuleList([Observer(**self._observer_args)])
+        self._claimed = 0
+
+    def claim_site(self) -> int:
+        """A site index for one more producer (the first one uses the observer made with the quantizer)."""
+        if self._claimed == len(self.observers):
+            self.observers.append(Observer(**self._observer_args))
+        self._claimed += 1
+        return self._claimed - 1
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([o.lo for o in self.observers]).amin(0),
+                torch.stack([o.hi for o in self.observers]).amax(0))
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return scale_zero_point(self.observer.lo, self.observer.hi, self.scheme)
+        return scale_zero_point(*self.range(), self.scheme)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, site: int = 0) -> torch.Tensor:
         if self.training:
-            self.observer(x)
+            self.observers[site](x)
         scale, zp = self.qparams()
         return fake_quantize(x, scale, zp, self.scheme)
 
@@ -95,6 +113,7 @@ class QConvBN(nn.Module):
         self.spec = spec
         self.input_quant = [input_quant]  # a reference, not a submodule: the producer owns it
         self.output_quant = output_quant
+        self.output_site = output_quant.claim_site() if output_quant is not None else 0
         self.bn_frozen = False
         channels = self.conv.out_channels
         self.w_observer = Observer("minmax", channels=channels if spec.per_channel else None)
@@ -156,7 +175,7 @@ class QConvBN(nn.Module):
                 y = self.bn(y)
         y = self.act(y)
         if self.output_quant is not None:
-            y = self.output_quant(y)
+            y = self.output_quant(y, self.output_site)
         return y.detach() if self.stop_gradient and self.training else y
 
     def _folded_train(self, x: torch.Tensor) -> torch.Tensor:

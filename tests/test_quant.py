@@ -278,7 +278,7 @@ def test_dorefa_activation_quantizers_are_fixed_range_act_quants():
             q = QuantSpec("dorefa", bits, bits, a_symmetric=signed).activation_quant().train()
             got = q(x * 1.0)  # training: a fixed observer still does not move
             torch.testing.assert_close(got, dorefa_activations(x, bits, signed), atol=1e-6, rtol=0)
-            assert (q.observer.lo.item(), q.observer.hi.item()) == ((-1.0 if signed else 0.0), 1.0)
+            assert tuple(v.item() for v in q.range()) == ((-1.0 if signed else 0.0), 1.0)
 
 
 # ---------------------------------------------------------------- training
@@ -316,3 +316,67 @@ def test_quantization_flags():
         method_name("int8")
     with pytest.raises(UserError, match="--w-bit 9"):
         hook_from_options(train_script.parse_args(["--quantized", "google", "--w-bit", "9"]))
+
+
+@pytest.fixture(scope="module")
+def float_pt(shapes_data, tmp_path_factory):
+    from tests.test_train import tiny_opts
+    from utils.trainer import Trainer
+
+    project = tmp_path_factory.mktemp("float")
+    Trainer(tiny_opts(shapes_data, project, epochs=1, notest=True)).fit()
+    return project / "exp" / "weights" / "last.pt"
+
+
+@pytest.mark.parametrize("calib", ["minmax", "percentile", "mse"])
+def test_ptq_calibrates_and_the_error_falls_with_more_bits(shapes_data, float_pt, tmp_path, calib):
+    from quant import ptq
+
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = load_model(float_pt).eval()(x)[1]
+    errors = {}
+    for bits in (4, 8, 16):
+        out = tmp_path / f"{calib}{bits}"
+        ptq.main(["--weights", str(float_pt), "--data", str(shapes_data), "--w-bit", str(bits),
+                  "--a-bit", str(bits), "--calib", calib, "--images", "8", "--batch-size", "4",
+                  "--img-size", "64", "--output", str(out)])
+        model = load_model(out / "quantized.pt").eval()
+        assert model.quant_config.observer == calib
+        with torch.no_grad():
+            got = model(x)[1]
+        errors[bits] = max(rel_err(g.numpy(), r.numpy()) for g, r in zip(got, ref))
+    assert errors[16] < errors[8] < errors[4], errors
+    assert errors[8] < 0.1, errors
+
+
+def test_ptq_refuses_bad_input(shapes_data, float_pt, tmp_path):
+    from quant import ptq
+
+    with pytest.raises(UserError, match="--w-bit 9"):
+        ptq.main(["--weights", str(float_pt), "--data", str(shapes_data), "--w-bit", "9",
+                  "--output", str(tmp_path / "x")])
+    ptq.main(["--weights", str(float_pt), "--data", str(shapes_data), "--images", "4", "--batch-size", "4",
+              "--img-size", "64", "--output", str(tmp_path / "q")])
+    with pytest.raises(UserError, match="already quantized"):
+        ptq.main(["--weights", str(tmp_path / "q" / "quantized.pt"), "--data", str(shapes_data)])
+
+
+def test_a_shared_scale_clips_none_of_the_joined_tensors():
+    """Each producer is a site with its own observer and the scale covers their union: neither of two
+    tensors of different ranges is clipped (one EMA observer fed by both would settle between them
+    and clip the wider one)."""
+    q = ActQuant(Scheme(4, symmetric=False))
+    a_site, b_site = q.claim_site(), q.claim_site()
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1000, generator=g)  # [0, 1]
+    b = torch.rand(1000, generator=g) * 5 - 1  # [-1, 4]
+    q.train()
+    for _ in range(50):
+        q(a, a_site)
+        q(b, b_site)
+    scale, zp = q.qparams()
+    for t in (a, b):
+        assert (fake_quantize(t, scale, zp, q.scheme) - t).abs().max() <= scale * 0.5001  # float slack
+    lo, hi = q.range()
+    assert lo.item() == pytest.approx(b.min().item()) and hi.item() == pytest.approx(b.max().item())
