@@ -207,10 +207,16 @@ def test_feature_strategies_distill_into_pruned_students(shapes_data, teacher_pt
     save_checkpoint(student_pt, student)
     Trainer(tiny_opts(shapes_data, tmp_path, epochs=1, weights=str(student_pt), kd_str=strategy,
                       t_weights=str(teacher_pt))).fit()
-    rows = list(csv.DictReader((tmp_path / "exp" / "results.csv").open()))
+    run = tmp_path / "exp"
+    rows = list(csv.DictReader((run / "results.csv").open()))
     feat = float(rows[0]["train/kd_feat"])
     assert math.isfinite(feat) and feat > 0
     assert math.isfinite(float(rows[0]["train/kd_box"])) and math.isfinite(float(rows[0]["train/kd_cls"]))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    assert events.Scalars("train/kd_feat")[0].value == pytest.approx(feat, rel=1e-6)
+    assert {"train/box", "train/kd_box", "train/kd_cls"} <= set(events.Tags()["scalars"])
 
 
 def test_a_teacher_with_other_classes_is_refused(shapes_data, tmp_path):
