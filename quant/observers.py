@@ -20,7 +20,7 @@ from torch import nn
 from quant.quantizers import Scheme, fake_quantize, scale_zero_point
 
 METHODS = ("ema", "minmax", "percentile", "mse", "fixed")
-SAMPLE = 1 << 16
+SAMPLE = 1 << 14
 
 
 class Observer(nn.Module):
