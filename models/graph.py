@@ -26,18 +26,20 @@ Channel = tuple[int, int]  # (conv layer index or IMAGE, output channel)
 _COMBINE = ("shortcut", "scale_channels", "sam")
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[Channel, Channel] = {}
+class UnionFind:
+    """Disjoint sets of hashable, ordered items; a class's representative is its smallest member."""
 
-    def find(self, x: Channel) -> Channel:
+    def __init__(self) -> None:
+        self.parent: dict = {}
+
+    def find(self, x):
         self.parent.setdefault(x, x)
         while self.parent[x] != x:
             self.parent[x] = self.parent[self.parent[x]]
             x = self.parent[x]
         return x
 
-    def union(self, a: Channel, b: Channel) -> None:
+    def union(self, a, b) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
@@ -55,7 +57,7 @@ class ChannelGraph:
         self.inputs = layer_inputs(cfg)
         infer_shapes(cfg)  # validates the cfg: the channel slicing below relies on counts that fit
         image = self._image = tuple(frozenset({(IMAGE, c)}) for c in range(cfg.net["channels"]))
-        uf = _UnionFind()
+        uf = UnionFind()
         origins: list[tuple[frozenset[Channel], ...]] = []
         for i, (b, srcs) in enumerate(zip(cfg.layers, self.inputs)):
             ins = [image if j == IMAGE else origins[j] for j in srcs]
@@ -85,7 +87,7 @@ class ChannelGraph:
         self._uf = uf
         self.convs = [i for i, b in enumerate(cfg.layers) if b.type == "convolutional"]
         # convs are in one chain when any of their channels are tied; (i, 0) stands for conv i here
-        convs_uf = _UnionFind()
+        convs_uf = UnionFind()
         first_conv: dict[Channel, int] = {}  # channel group -> the first conv seen in it
         for i in self.convs:
             for c in range(cfg.layers[i]["filters"]):

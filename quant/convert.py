@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from models.darknet import Darknet
+from models.graph import UnionFind
 from models.layers import ConvBN
 from models.shapes import IMAGE
 from quant.modules import ActQuant, QConvBN, QuantSpec
 
-PASS_THROUGH = ("maxpool", "upsample", "dropout")
 COMBINE = ("shortcut", "scale_channels", "sam")
 
 
@@ -59,27 +59,11 @@ class QOutput(nn.Module):
         return self.output_quant(self.layer(*xs), self.output_site)
 
 
-class _UnionFind:
-    def __init__(self):
-        self.parent: dict[int, int] = {}
-
-    def find(self, x: int) -> int:
-        self.parent.setdefault(x, x)
-        while self.parent[x] != x:
-            x = self.parent[x] = self.parent[self.parent[x]]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def scale_owners(model: Darknet) -> tuple[list[int], _UnionFind]:
+def scale_owners(model: Darknet) -> tuple[list[int], UnionFind]:
     """For every layer, the layer whose quantizer sets its output's scale (``IMAGE`` for the image),
     and the union-find whose classes are the tensors that must share a scale."""
     owner: list[int] = []
-    uf = _UnionFind()
+    uf = UnionFind()
     for i, (b, srcs) in enumerate(zip(model.cfg.layers, model.inputs)):
         src_owner = [IMAGE if j == IMAGE else owner[j] for j in srcs]
         if b.type in ("convolutional", *COMBINE):

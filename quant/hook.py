@@ -33,7 +33,7 @@ class QuantHook(TrainHook):
         self.freeze_bn_epoch, self.freeze_observer_epoch = freeze_bn_epoch, freeze_observer_epoch
 
     def prepare_model(self, trainer: Trainer, model: nn.Module) -> nn.Module:
-        if getattr(model, "quant_config", None) is not None:  # a quantized checkpoint: keep going
+        if model.quant_config is not None:  # a quantized checkpoint: keep going
             return model
         return quantize_model(model, self.config)
 

@@ -115,8 +115,6 @@ class QConvBN(nn.Module):
         self.output_quant = output_quant
         self.output_site = output_quant.claim_site() if output_quant is not None else 0
         self.bn_frozen = False
-        channels = self.conv.out_channels
-        self.w_observer = Observer("minmax", channels=channels if spec.per_channel else None)
         self.fold = spec.bn_fold and isinstance(self.bn, nn.BatchNorm2d)
 
     def freeze_bn(self) -> None:
@@ -137,9 +135,13 @@ class QConvBN(nn.Module):
         return w_f, b_f, sigma
 
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
-        self.w_observer.seen.zero_()  # weights: the current range, every time
-        self.w_observer(w)
-        scale, _ = scale_zero_point(self.w_observer.lo, self.w_observer.hi, self.spec.w_scheme)
+        """From the weights' current range: per output channel, or one for the conv."""
+        if self.spec.per_channel:
+            flat = w.flatten(1)
+            lo, hi = flat.amin(1), flat.amax(1)
+        else:
+            lo, hi = w.min(), w.max()
+        scale, _ = scale_zero_point(lo, hi, self.spec.w_scheme)
         return scale
 
     def quantized_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -53,7 +53,7 @@ class Observer(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> None:
-        if self.frozen or self.method == "fixed":
+        if self.frozen:  # a fixed range starts frozen
             return
         lo, hi = self._extrema(x)
         first = self.seen == 0

@@ -55,7 +55,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Observe ``batches`` with the model in eval mode, then set every activation range by its
     observer's method; returns the number of images seen."""
     model.eval()
-    quants = {id(m): m for m in model.modules() if isinstance(m, ActQuant)}.values()
+    quants = [m for m in model.modules() if isinstance(m, ActQuant)]  # a shared one is listed once
     for q in quants:
         q.train()  # only the observers watch; batch norms keep their running statistics
     n = 0

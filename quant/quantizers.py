@@ -83,23 +83,27 @@ class _FakeQuantize(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
+def _along(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale``/``zero_point`` shaped to broadcast over ``x``, one value per slice of ``axis``."""
+    if axis is None:
+        return scale, zero_point
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.view(shape), zero_point.view(shape)
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme,
                   axis: int | None = None) -> torch.Tensor:
     """Quantize and dequantize ``x``; with ``axis``, ``scale``/``zero_point`` are per slice of it."""
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale, zero_point = scale.view(shape), zero_point.view(shape)
+    scale, zero_point = _along(x, scale, zero_point, axis)
     return _FakeQuantize.apply(x, scale, zero_point, scheme.qmin, scheme.qmax)
 
 
 def integers(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme,
              axis: int | None = None) -> torch.Tensor:
     """The integer codes ``q`` themselves (what an integer pipeline stores)."""
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale, zero_point = scale.view(shape), zero_point.view(shape)
+    scale, zero_point = _along(x, scale, zero_point, axis)
     return torch.clamp(torch.round(x / scale + zero_point), scheme.qmin, scheme.qmax)
 
 

@@ -63,6 +63,22 @@ def test_output_terms_vanish_when_the_student_equals_the_teacher():
     assert class_kl(head, s, t, 3.0) > 1e-3 and objectness_kl(head, s, t) > 1e-3
 
 
+def test_class_kl_is_the_tempered_kl_per_class():
+    """One object cell (teacher objectness ~1), the rest background (~0): the term is
+    T²/C · KL(softmax(z_t/T) ‖ softmax(z_s/T)) of that cell, computed here by hand."""
+    head = Darknet(SMALL).yolo_heads[0]
+    head.classes = 2
+    t, s = torch.zeros(1, 1, 1, 2, 7), torch.zeros(1, 1, 1, 2, 7)
+    t[..., 4] = torch.tensor([30.0, -30.0])
+    t[0, 0, 0, 0, 5:] = torch.tensor([3.0, 0.0])
+    s[0, 0, 0, 0, 5:] = torch.tensor([0.0, 3.0])
+    temp = 2.0
+    pt = torch.softmax(torch.tensor([1.5, 0.0]), 0)
+    ps = torch.softmax(torch.tensor([0.0, 1.5]), 0)
+    expect = temp ** 2 / 2 * (pt * (pt / ps).log()).sum()
+    assert class_kl(head, s, t, temp).item() == pytest.approx(expect.item(), rel=1e-5)
+
+
 def test_class_kl_follows_the_teachers_objectness():
     """Cells the teacher calls background hardly count: changing the student's classes there moves
     the term far less than changing them where the teacher sees an object."""
