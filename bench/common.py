@@ -7,6 +7,15 @@ from pathlib import Path
 from utils.evaluate import EvalResult
 
 
+def evaluate_pt(weights: str | Path, data: str, img_size: int, out: Path, name: str) -> tuple[float, float]:
+    """``test.py --weights W`` → (mAP@0.5, mAP@0.5:0.95); the run folder goes under ``out``."""
+    import test as test_script
+
+    r = test_script.main(["--weights", str(weights), "--data", data, "--img-size", str(img_size),
+                          "--project", str(out), "--name", name, "--workers", "0"])
+    return r.map50, r.map
+
+
 def finetune(weights: Path, data: str, epochs: int, out: Path, name: str, **train_opts) -> EvalResult:
     """``train.py --weights W --hyp data/hyp.finetune.yaml`` for ``epochs`` (Adam at 5e-5, no warm-up),
     evaluated once at the end; ``train_opts`` are further :class:`TrainOptions` fields."""

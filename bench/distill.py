@@ -20,19 +20,12 @@ import json
 import time
 from pathlib import Path
 
-import test as test_script
-from bench.common import finetune
+from bench.common import evaluate_pt, finetune
 from distill.hook import STRATEGIES
 from utils.files import new_run_dir
 from utils.trainer import TrainOptions
 
 KD_FIELDS = ("kd_t", "kd_feat_t", "kd_cls", "kd_obj", "kd_box", "kd_feat", "kd_margin")
-
-
-def evaluate_pt(weights: str, data: str, img_size: int, out: Path, name: str) -> tuple[float, float]:
-    r = test_script.main(["--weights", weights, "--data", data, "--img-size", str(img_size),
-                          "--project", str(out), "--name", name, "--workers", "0"])
-    return r.map50, r.map
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

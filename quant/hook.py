@@ -45,9 +45,12 @@ class QuantHook(TrainHook):
 
 
 def hook_from_options(opts) -> QuantHook:
-    try:
-        spec = QuantSpec(method_name(str(opts.quantized)), opts.w_bit, opts.a_bit, bn_fold=opts.bn_fold,
-                         pow2=opts.fpga)
-    except ValueError as e:  # bit widths
-        raise UserError(f"--w-bit {opts.w_bit} --a-bit {opts.a_bit}: {e}") from None
+    method = method_name(str(opts.quantized))
+    try:  # DoReFa's activations keep leaky-ReLU's negative side (the signed variant)
+        spec = QuantSpec(method, opts.w_bit, opts.a_bit, bn_fold=opts.bn_fold, pow2=opts.fpga,
+                         a_symmetric=method == "dorefa", a_range=opts.dorefa_range)
+    except ValueError as e:  # bit widths, or a combination DoReFa does not have
+        flags = " --BN_Fold" * opts.bn_fold + " --FPGA" * opts.fpga
+        raise UserError(f"--quantized {opts.quantized} --w-bit {opts.w_bit} --a-bit {opts.a_bit}{flags}: {e}"
+                        ) from None
     return QuantHook(QuantConfig(spec, fpga=opts.fpga), opts.freeze_bn_epoch, opts.freeze_observer_epoch)

@@ -41,16 +41,25 @@ class QuantSpec:
     bn_fold: bool = True
     pow2: bool = False  # every scale a power of two (FPGA)
     a_symmetric: bool = False  # activations: affine (uint8-style) unless symmetric; DoReFa: signed
+    a_range: float = 1.0  # DoReFa: activations clamped to [0, r] (signed: [−r, r]); the paper's r is 1
 
     def activation_quant(self, observer: str = "ema", percentile: float = 99.99) -> ActQuant:
-        """A new activation quantizer: observed (Google), or DoReFa's fixed [0, 1] / [−1, 1]."""
+        """A new activation quantizer: observed (Google), or DoReFa's fixed [0, r] / [−r, r]."""
         if self.method == "dorefa":
-            return ActQuant(self.a_scheme, "fixed", (-1.0, 1.0) if self.a_symmetric else (0.0, 1.0))
+            r = self.a_range
+            return ActQuant(self.a_scheme, "fixed", (-r, r) if self.a_symmetric else (0.0, r))
         return ActQuant(self.a_scheme, observer, percentile=percentile)
 
     def __post_init__(self):
         if self.method not in WEIGHT_METHODS:
             raise ValueError(f"quantization method {self.method!r}: expected one of {WEIGHT_METHODS}")
+        if self.method == "dorefa" and (self.bn_fold or self.pow2):
+            # DoReFa's weights are normalised to [−1, 1] (the BN after the conv restores the scale,
+            # a folded BN would be lost) and its grids are 1/(2^k − 1), not powers of two
+            raise ValueError("DoReFa keeps the batch norm after the conv and has fixed 1/(2^k-1) grids: "
+                             "BN folding and power-of-two scales need the google method")
+        if not self.a_range > 0:
+            raise ValueError(f"DoReFa activation range {self.a_range}: must be > 0")
         Scheme(self.w_bits)  # validates the bit widths
         Scheme(self.a_bits)
 
@@ -70,9 +79,11 @@ class ActQuant(nn.Module):
     is a *site* with its own observer, and the scale covers the union of the sites' ranges, so no
     joined tensor is clipped by another's smaller range.
 
-    DoReFa's activation quantizers are this with a fixed range: ``[0, 1]`` on the affine grid is
-    ``quantize_k(clamp(x, 0, 1))``, and ``[−1, 1]`` on the symmetric grid is the signed variant that
-    keeps leaky-ReLU's negatives (tested against :func:`quant.quantizers.dorefa_activations`).
+    DoReFa's activation quantizers are this with a fixed range: ``[0, r]`` on the affine grid is
+    ``r·quantize_k(clamp(x/r, 0, 1))``, and ``[−r, r]`` on the symmetric grid is the signed variant
+    that keeps leaky-ReLU's negatives (tested against :func:`quant.quantizers.dorefa_activations`).
+    The paper's ``r`` is 1, for activations bounded by design; a trained darknet model's leaky
+    outputs reach 5–20, so fine-tuning one needs a wider ``r`` (``--dorefa-range``).
     """
 
     def __init__(self, scheme: Scheme, method: str = "ema", fixed: tuple[float, float] | None = None,

@@ -6,7 +6,10 @@
 - ``percentile`` (calibration): the ``p`` and ``100 − p`` percentiles of a sample of the values;
 - ``mse`` (calibration): the clipping range ``[lo·f, hi·f]`` whose fake-quantized sample has the
   least squared error, searched over ``f ∈ (0, 1]`` of the observed range;
-- ``fixed``: a range set once and never observed (DoReFa's ``[0, 1]`` or ``[−1, 1]``).
+- ``fixed``: a range set once and never observed (DoReFa's ``[0, r]`` or ``[−r, r]``).
+
+A frozen observer keeps its range, except one frozen before it saw anything: the first batch still
+sets that range, so freezing from the first epoch cannot leave a quantizer with an empty range.
 
 Percentile and MSE keep a bounded random sample of the values (``SAMPLE`` per batch), which is
 what calibration on a few hundred images needs without storing whole activations.
@@ -53,8 +56,8 @@ class Observer(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> None:
-        if self.frozen:  # a fixed range starts frozen
-            return
+        if self.frozen and (self.seen > 0 or self.method == "fixed"):
+            return  # frozen before any batch (--freeze-observer-epoch 0): the first batch still sets it
         lo, hi = self._extrema(x)
         first = self.seen == 0
         if self.method == "ema" and not first:

@@ -110,6 +110,11 @@ def test_ema_and_minmax_observers_follow_their_formulas():
     ema.frozen = True
     ema(torch.tensor([-100.0, 100.0]))
     assert ema.hi.item() == pytest.approx(hi)  # frozen: the range no longer moves
+    early = Observer("ema")
+    early.frozen = True  # frozen before any batch (--freeze-observer-epoch 0)
+    early(torch.tensor([-1.0, 2.0]))
+    early(torch.tensor([-5.0, 9.0]))
+    assert (early.lo.item(), early.hi.item()) == (-1.0, 2.0)  # the first batch set it, then it stayed
     per_channel = Observer("minmax", channels=2)
     per_channel(torch.tensor([[1.0, -2.0], [5.0, 3.0]]))
     assert per_channel.lo.tolist() == [-2.0, 3.0] and per_channel.hi.tolist() == [1.0, 5.0]
@@ -275,10 +280,15 @@ def test_dorefa_activation_quantizers_are_fixed_range_act_quants():
     x = torch.linspace(-2, 2, 4001) + 3.21e-4  # off the exact ties, where x*n and x/(1/n) may round apart
     for bits in (2, 4, 8):
         for signed in (False, True):
-            q = QuantSpec("dorefa", bits, bits, a_symmetric=signed).activation_quant().train()
-            got = q(x * 1.0)  # training: a fixed observer still does not move
-            torch.testing.assert_close(got, dorefa_activations(x, bits, signed), atol=1e-6, rtol=0)
-            assert tuple(v.item() for v in q.range()) == ((-1.0 if signed else 0.0), 1.0)
+            for r in (1.0, 4.0):  # r = 4: the same grid on x/4, scaled back
+                q = QuantSpec("dorefa", bits, bits, bn_fold=False, a_symmetric=signed, a_range=r).activation_quant().train()
+                got = q(x * r)  # training: a fixed observer still does not move
+                torch.testing.assert_close(got, r * dorefa_activations(x, bits, signed), atol=1e-5, rtol=0)
+                assert tuple(v.item() for v in q.range()) == ((-r if signed else 0.0), r)
+    with pytest.raises(ValueError, match="BN folding"):
+        QuantSpec("dorefa", bn_fold=True)
+    with pytest.raises(ValueError, match="power-of-two"):
+        QuantSpec("dorefa", bn_fold=False, pow2=True)
 
 
 # ---------------------------------------------------------------- training
