@@ -252,6 +252,36 @@ def test_added_and_concatenated_tensors_share_one_scale(name):
                if b.type == "convolutional")  # fpga: every conv, heads included
 
 
+@pytest.mark.parametrize("name", ["yolov3-spp", "yolov4-tiny"])
+def test_every_conv_reads_integers_on_the_scale_it_claims(name):
+    """The graph check: after maxpools, upsamples, route slices and concats, each conv's input is
+    still on its producer's grid (integer codes in range), and its weights and bias are integers on
+    theirs, so an integer pipeline computes the same thing from stored codes."""
+    model = _quantized(name, fpga=True, pow2=True)
+    checked = []
+
+    def check(conv: QConvBN, inputs: tuple[torch.Tensor]) -> None:
+        inq = conv.input_quant[0]
+        s, zp = inq.qparams()
+        codes = inputs[0].double() / s.double() + zp.double()
+        assert (codes - codes.round()).abs().max() < 1e-3
+        assert inq.scheme.qmin <= codes.min().round() and codes.max().round() <= inq.scheme.qmax
+        w_f, b_f, _ = conv._folded()
+        w_q, s_w = conv.quantized_weight(w_f)
+        w_codes = w_q.double() / s_w.double().view(-1, 1, 1, 1)
+        assert (w_codes - w_codes.round()).abs().max() < 1e-4
+        b_codes = conv.quantized_bias(b_f, s_w).double() / (s.double() * s_w.double())
+        assert (b_codes - b_codes.round()).abs().max() < 1e-3
+        checked.append(conv)
+
+    hooks = [m.register_forward_pre_hook(check) for m in model.modules() if isinstance(m, QConvBN)]
+    with torch.no_grad():
+        model(torch.rand(2, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    assert len(checked) == sum(b.type == "convolutional" for b in model.cfg.layers)
+
+
 def test_default_policy_keeps_the_image_and_the_heads_float():
     model = _quantized("yolo-small")
     heads = {model.inputs[h][0] for h in model.heads}
