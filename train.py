@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
                    help="fold batch norms into the quantized weights (Jacob et al.)")
     q.add_argument("--FPGA", "--fpga", dest="fpga", action="store_true",
                    help="power-of-two scales and every layer quantized, image and heads included")
+    q.add_argument("--a-symmetric", action="store_true",
+                   help="google: symmetric signed activations with zero point 0 (what TensorRT runs) "
+                        "instead of affine uint8-style ones")
     q.add_argument("--dorefa-range", type=float, default=d.dorefa_range,
                    help="DoReFa: activations are clamped to [-r, r] (the paper's r is 1)")
     q.add_argument("--freeze-bn-epoch", type=int, default=d.freeze_bn_epoch,

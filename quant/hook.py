@@ -48,7 +48,7 @@ def hook_from_options(opts) -> QuantHook:
     method = method_name(str(opts.quantized))
     try:  # DoReFa's activations keep leaky-ReLU's negative side (the signed variant)
         spec = QuantSpec(method, opts.w_bit, opts.a_bit, bn_fold=opts.bn_fold, pow2=opts.fpga,
-                         a_symmetric=method == "dorefa", a_range=opts.dorefa_range)
+                         a_symmetric=opts.a_symmetric or method == "dorefa", a_range=opts.dorefa_range)
     except ValueError as e:  # bit widths, or a combination DoReFa does not have
         flags = " --BN_Fold" * opts.bn_fold + " --FPGA" * opts.fpga
         raise UserError(f"--quantized {opts.quantized} --w-bit {opts.w_bit} --a-bit {opts.a_bit}{flags}: {e}"

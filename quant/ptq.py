@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--FPGA", "--fpga", dest="fpga", action="store_true",
                    help="power-of-two scales, every layer quantized")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per conv")
+    p.add_argument("--a-symmetric", action="store_true",
+                   help="symmetric signed activations with zero point 0 (TensorRT) instead of affine")
     p.add_argument("--name", default="exp")
     p.add_argument("--output", default=None, help="output folder (default: a new runs/ptq/<name>)")
     return p.parse_args(argv)
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{weights}: the model predicts {model.cfg.classes} classes, {data.path} has "
                         f"{data.classes}")
     try:
-        spec = QuantSpec("google", a.w_bit, a.a_bit, per_channel=not a.per_tensor, bn_fold=True, pow2=a.fpga)
+        spec = QuantSpec("google", a.w_bit, a.a_bit, per_channel=not a.per_tensor, bn_fold=True, pow2=a.fpga,
+                         a_symmetric=a.a_symmetric)
     except ValueError as e:
         raise UserError(f"--w-bit {a.w_bit} --a-bit {a.a_bit}: {e}") from None
     config = QuantConfig(spec, fpga=a.fpga, observer=a.calib, percentile=a.percentile)

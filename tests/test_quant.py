@@ -311,7 +311,8 @@ def test_dorefa_activation_quantizers_are_fixed_range_act_quants():
     for bits in (2, 4, 8):
         for signed in (False, True):
             for r in (1.0, 4.0):  # r = 4: the same grid on x/4, scaled back
-                q = QuantSpec("dorefa", bits, bits, bn_fold=False, a_symmetric=signed, a_range=r).activation_quant().train()
+                spec = QuantSpec("dorefa", bits, bits, bn_fold=False, a_symmetric=signed, a_range=r)
+                q = spec.activation_quant().train()
                 got = q(x * r)  # training: a fixed observer still does not move
                 torch.testing.assert_close(got, r * dorefa_activations(x, bits, signed), atol=1e-5, rtol=0)
                 assert tuple(v.item() for v in q.range()) == ((-r if signed else 0.0), r)
@@ -356,6 +357,12 @@ def test_quantization_flags():
         method_name("int8")
     with pytest.raises(UserError, match="--w-bit 9"):
         hook_from_options(train_script.parse_args(["--quantized", "google", "--w-bit", "9"]))
+    with pytest.raises(UserError, match=r"--quantized dorefa .*--BN_Fold: DoReFa"):
+        hook_from_options(train_script.parse_args(["--quantized", "dorefa", "--BN_Fold"]))
+    spec = hook_from_options(train_script.parse_args(["--quantized", "google", "--a-symmetric"])).config.spec
+    assert spec.a_symmetric and spec.a_scheme.qmin == -127
+    spec = hook_from_options(train_script.parse_args(["--quantized", "2", "--dorefa-range", "4"])).config.spec
+    assert spec.a_symmetric and spec.a_range == 4.0  # DoReFa keeps leaky negatives
 
 
 @pytest.fixture(scope="module")
@@ -368,9 +375,11 @@ def float_pt(shapes_data, tmp_path_factory):
     return project / "exp" / "weights" / "last.pt"
 
 
-@pytest.mark.parametrize("calib", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("calib", ["minmax", "percentile", "mse", "mse-symmetric"])
 def test_ptq_calibrates_and_the_error_falls_with_more_bits(shapes_data, float_pt, tmp_path, calib):
     from quant import ptq
+
+    calib, *symmetric = calib.split("-")
 
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -380,9 +389,10 @@ def test_ptq_calibrates_and_the_error_falls_with_more_bits(shapes_data, float_pt
         out = tmp_path / f"{calib}{bits}"
         ptq.main(["--weights", str(float_pt), "--data", str(shapes_data), "--w-bit", str(bits),
                   "--a-bit", str(bits), "--calib", calib, "--images", "8", "--batch-size", "4",
-                  "--img-size", "64", "--output", str(out)])
+                  "--img-size", "64", "--output", str(out), *(["--a-symmetric"] if symmetric else [])])
         model = load_model(out / "quantized.pt").eval()
         assert model.quant_config.observer == calib
+        assert model.quant_config.spec.a_symmetric == bool(symmetric)
         with torch.no_grad():
             got = model(x)[1]
         errors[bits] = max(rel_err(g.numpy(), r.numpy()) for g, r in zip(got, ref))

@@ -101,6 +101,7 @@ class TrainOptions:
     a_bit: int = 8
     bn_fold: bool = False  # Jacob et al. batch-norm folding (google)
     fpga: bool = False  # power-of-two scales, everything quantized
+    a_symmetric: bool = False  # google: signed int8 activations, zero point 0 (TensorRT) instead of affine
     dorefa_range: float = 8.0  # DoReFa activations clamped to [-r, r]
     freeze_bn_epoch: int = -1  # epoch from which folded BNs use running statistics (-1: never)
     freeze_observer_epoch: int = -1  # epoch from which activation ranges stop moving (-1: never)
