@@ -47,6 +47,7 @@ class Observer(nn.Module):
             self.hi.fill_(fixed[1])
         self.frozen = method == "fixed"
         self._samples: list[torch.Tensor] = []
+        self._generator: torch.Generator | None = None
 
     def _extrema(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels:  # axis 0 (conv weights: output channels)
@@ -72,8 +73,11 @@ class Observer(nn.Module):
             self.hi.copy_(hi)
         if self.method in ("percentile", "mse"):
             flat = x.detach().flatten().float()
-            if flat.numel() > SAMPLE:
-                flat = flat[torch.randint(flat.numel(), (SAMPLE,), device=flat.device)]
+            if flat.numel() > SAMPLE:  # seeded per observer: the same images calibrate the same ranges
+                if self._generator is None or self._generator.device != flat.device:
+                    self._generator = torch.Generator(flat.device).manual_seed(0)
+                pick = torch.randint(flat.numel(), (SAMPLE,), device=flat.device, generator=self._generator)
+                flat = flat[pick]
             self._samples.append(flat.cpu())
         self.seen += 1
 
