@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ from torch import nn
 
 from models.darknet import Darknet
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    import onnx
 
 
 class DetectionsOnly(nn.Module):
@@ -33,17 +38,23 @@ class DetectionsOnly(nn.Module):
         return self.model(x)[0]
 
 
+Check = Callable[[Path, nn.Module, torch.Tensor], None]
+
+
 def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int], opset: int = 17,
                 dynamic: bool = False, simplify: bool = False, names: list[str] | None = None,
-                atol: float = 1e-4) -> Path:
+                atol: float = 1e-4, rewrite: Callable[[onnx.ModelProto], None] | None = None,
+                check: Check | None = None) -> Path:
     """Write ``path`` (batch, height and width dynamic with ``dynamic``) and return it.
 
     Metadata props: ``names`` (JSON list), ``stride``, ``img_size`` (JSON [h, w]). ``simplify`` applies
     onnxruntime's basic graph optimisations (constant folding, redundant-node removal; standard ops
-    only). The file is checked with ``onnx.checker`` and run in onnxruntime on a fixed random image
-    (and at a second size when dynamic): a difference from PyTorch above ``atol`` in a score, or in a
-    box coordinate as a fraction of the input size, is an error, and no file is left behind. The model
-    is put in eval mode, float32, on the CPU.
+    only). ``rewrite`` edits the graph in place before it is checked (the INT8 export adds its weight
+    quantizers there). The file is checked with ``onnx.checker`` and run in onnxruntime on a fixed
+    random image (and at a second size when dynamic) by ``check``; the default compares with PyTorch,
+    and a difference above ``atol`` in a score, or in a box coordinate as a fraction of the input
+    size, is an error. A failed check leaves no file behind. The model is put in eval mode, float32,
+    on the CPU.
     """
     import onnx
 
@@ -58,6 +69,8 @@ def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int
     try:
         _write(wrapper, x, part, opset, dynamic, simplify)
         proto = onnx.load(str(part))
+        if rewrite is not None:
+            rewrite(proto)
         meta = {"names": json.dumps(names or []), "stride": str(s), "img_size": json.dumps([h, w])}
         del proto.metadata_props[:]
         for k, v in meta.items():
@@ -68,7 +81,7 @@ def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int
         if dynamic:  # a trace can bake one size's shapes in; a second batch and size would show it
             inputs.append(torch.rand(2, 3, h + s, w + 2 * s, generator=torch.Generator().manual_seed(1)))
         for xi in inputs:
-            _check(part, wrapper, xi, atol)
+            (check or _float_check(atol))(part, wrapper, xi)
         part.replace(path)
     finally:
         part.unlink(missing_ok=True)
@@ -88,15 +101,18 @@ def _write(module: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: 
         _simplify(path)
 
 
-def _check(path: Path, module: nn.Module, x: torch.Tensor, atol: float) -> None:
-    box_px, score = compare_onnx(path, module, x)
-    size = max(x.shape[2:])
-    print(f"{path.name.removesuffix('.part')}: onnxruntime vs PyTorch at {tuple(x.shape)}: max abs diff "
-          f"{box_px:.2e} px in boxes, {score:.2e} in scores")
-    if box_px / size > atol or score > atol:
-        raise RuntimeError(f"{path}: onnxruntime differs from PyTorch at input {tuple(x.shape)} by "
-                           f"{box_px:.2e} px in boxes or {score:.2e} in scores, above {atol} "
-                           f"(boxes as a fraction of {size} px)")
+def _float_check(atol: float) -> Check:
+    def check(path: Path, module: nn.Module, x: torch.Tensor) -> None:
+        box_px, score = compare_onnx(path, module, x)
+        size = max(x.shape[2:])
+        print(f"{path.name.removesuffix('.part')}: onnxruntime vs PyTorch at {tuple(x.shape)}: max abs diff "
+              f"{box_px:.2e} px in boxes, {score:.2e} in scores")
+        if box_px / size > atol or score > atol:
+            raise RuntimeError(f"{path}: onnxruntime differs from PyTorch at input {tuple(x.shape)} by "
+                               f"{box_px:.2e} px in boxes or {score:.2e} in scores, above {atol} "
+                               f"(boxes as a fraction of {size} px)")
+
+    return check
 
 
 @torch.no_grad()

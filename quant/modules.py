@@ -27,7 +27,7 @@ from torch import nn
 
 from models.layers import ConvBN
 from quant.observers import Observer
-from quant.quantizers import Scheme, dorefa_weights, fake_quantize, round_ste, scale_zero_point
+from quant.quantizers import Scheme, constant, dorefa_weights, fake_quantize, round_ste, scale_zero_point
 
 WEIGHT_METHODS = ("google", "dorefa")
 
@@ -172,6 +172,21 @@ class QConvBN(nn.Module):
         step = s_in * w_scale.expand_as(b)
         return round_ste(b / step) * step
 
+    def inference_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fake-quantized weights, bias on the ``s_in·s_w`` grid) with the running statistics.
+
+        While ``torch.onnx.export`` traces, the folded float weights and the rounded bias are
+        constants, so the graph holds them as initializers with the weights' QuantizeLinear/
+        DequantizeLinear pair, and none of the folding arithmetic."""
+        w_f, b_f, _ = self._folded()
+        if torch.onnx.is_in_onnx_export():
+            with torch.no_grad():
+                s_w = self.quantized_weight(w_f)[1]
+                b = constant(self.quantized_bias(b_f, s_w))
+            return self.quantized_weight(constant(w_f))[0], b
+        w_q, s_w = self.quantized_weight(w_f)
+        return w_q, self.quantized_bias(b_f, s_w)
+
     # ------------------------------------------------------------ forward
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         c = self.conv
@@ -181,9 +196,7 @@ class QConvBN(nn.Module):
         if self.fold and self.training and not self.bn_frozen:
             y = self._folded_train(x)
         else:
-            w_f, b_f, _ = self._folded()
-            w_q, s_w = self.quantized_weight(w_f)
-            y = self._conv(x, w_q, self.quantized_bias(b_f, s_w))
+            y = self._conv(x, *self.inference_params())
             if not self.fold:
                 y = self.bn(y)
         y = self.act(y)

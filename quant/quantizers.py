@@ -95,9 +95,38 @@ def _along(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis:
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme,
                   axis: int | None = None) -> torch.Tensor:
-    """Quantize and dequantize ``x``; with ``axis``, ``scale``/``zero_point`` are per slice of it."""
+    """Quantize and dequantize ``x``; with ``axis``, ``scale``/``zero_point`` are per slice of it.
+
+    While ``torch.onnx.export`` traces, this is PyTorch's own fake-quantize op instead, with the scale
+    and zero point as constants, which the exporter writes as a QuantizeLinear/DequantizeLinear pair.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return _qdq(x, scale, zero_point, scheme, axis)
     scale, zero_point = _along(x, scale, zero_point, axis)
     return _FakeQuantize.apply(x, scale, zero_point, scheme.qmin, scheme.qmax)
+
+
+def constant(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that a trace records as a constant, not as ops on the module state it came from."""
+    return torch.from_numpy(t.detach().cpu().numpy().copy())
+
+
+def _qdq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme, axis: int | None
+         ) -> torch.Tensor:
+    """The ONNX form of :func:`fake_quantize`: int8 (symmetric) or uint8 (affine) codes.
+
+    ONNX has no narrow int8 range, so the symmetric grid is written as [−128, 127]; codes of −128 need
+    ``x < −127.5·s``, which a range that covers ``|x|`` (the weights' max, an observed activation
+    range) does not produce.
+    """
+    if scheme.bits != 8:
+        raise ValueError(f"{scheme.bits}-bit quantization has no ONNX QuantizeLinear form (8 bits only)")
+    qmin, qmax = (-128, 127) if scheme.symmetric else (0, 255)
+    # constants in the exported graph, not ops on the observer buffers
+    scale, zero_point = constant(scale).float(), constant(zero_point).int()
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
 
 
 def integers(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme,
