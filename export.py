@@ -1,38 +1,140 @@
-"""export.py: write a trained model in the formats deployment needs.
+"""export.py: write a trained model in the formats deployment needs, each checked before it is kept.
 
-    python export.py --weights runs/train/exp/weights/best.pt --include onnx
+    python export.py --weights runs/train/exp/weights/best.pt --include onnx weights
+    python export.py --weights runs/train/qat/weights/last.pt --include onnx-int8 engine
     python export.py --cfg cfg/yolov3-tiny.cfg --weights yolov3-tiny.weights --include onnx --img-size 416
 
-Today: ``onnx`` (batch norms folded, checked against onnxruntime; ``--dynamic`` for any batch and
-image size). INT8 ONNX, TensorRT engines, darknet weights and FPGA packages come with issue #7.
-Outputs go beside the weights (``best.pt`` -> ``best.onnx``) unless ``--output`` gives another stem.
+- ``onnx``: float ONNX (batch norms folded, decode in the graph), checked against PyTorch in
+  onnxruntime; ``--dynamic`` for any batch and image size.
+- ``onnx-int8``: QuantizeLinear/DequantizeLinear ONNX of a QAT or PTQ checkpoint with symmetric 8-bit
+  activations (``--a-symmetric``), laid out for TensorRT (``quant/qdq.py``); checked against the
+  PyTorch fake-quant model in onnxruntime, step by step.
+- ``engine``: a TensorRT engine from that ONNX (INT8 for a quantized checkpoint, else FP16 with
+  ``--half`` or FP32), when ``tensorrt`` is importable; otherwise the ``trtexec`` command to run on
+  the Jetson.
+- ``weights``: darknet ``.cfg`` + ``.weights`` of a float checkpoint (pruned ones included), checked
+  by reading them back.
+
+Outputs go beside the weights (``best.pt`` -> ``best.onnx``, ``best.int8.onnx``, ``best.cfg`` ...) unless
+``--output`` gives another stem.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from models.darknet import Darknet
 from models.io import load_checkpoint, load_model
 from utils.cli import run_cli
 from utils.errors import UserError
 
-FORMATS = {"onnx": None, "onnx-int8": 7, "engine": 7, "weights": 7, "fpga": 7}  # format -> issue, if later
+FORMATS = ("onnx", "onnx-int8", "engine", "weights", "fpga")
+LATER = {"fpga": 7}  # format -> the issue that brings it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help=".pt checkpoint, or darknet weights with --cfg")
     p.add_argument("--cfg", default=None, help="darknet cfg (needed with darknet weights)")
-    p.add_argument("--include", nargs="+", default=["onnx"], choices=list(FORMATS), help="formats to write")
+    p.add_argument("--include", nargs="+", default=["onnx"], choices=FORMATS, help="formats to write")
     p.add_argument("--img-size", type=int, nargs="+", default=None,
                    help="h [w]; default: the checkpoint's training size, else the cfg's [net] size")
+    p.add_argument("--batch-size", type=int, default=1, help="engine: the batch it is built for")
     p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
     p.add_argument("--simplify", action="store_true", help="ONNX: onnxruntime's basic graph optimisations")
+    p.add_argument("--half", action="store_true", help="engine: FP16 (a float checkpoint)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--output", default=None, help="output stem (default: the weights' path without suffix)")
     return p.parse_args(argv)
+
+
+@dataclass
+class Job:
+    model: Darknet
+    hw: tuple[int, int]
+    stem: Path
+    names: list[str] | None
+    args: argparse.Namespace
+
+    @property
+    def quantized(self) -> bool:
+        return self.model.quant_config is not None
+
+    def path(self, suffix: str) -> Path:
+        """The output stem with ``suffix`` appended (a dot in the stem's name is kept)."""
+        return self.stem.with_name(self.stem.name + suffix)
+
+
+def _report(path: Path, what: str) -> Path:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {path} ({size / 1e6:.2f} MB): {what}")
+    return path
+
+
+def export_onnx_float(job: Job) -> list[Path]:
+    if job.quantized:
+        raise UserError(f"--weights {job.args.weights}: a quantized checkpoint; export it with "
+                        f"--include onnx-int8 (or export its float parent with onnx)")
+    from models.onnx import export_onnx
+
+    a = job.args
+    out = export_onnx(job.model.fuse(), job.path(".onnx"), job.hw, a.opset, a.dynamic, a.simplify,
+                      job.names)
+    return [_report(out, f"float ONNX at {job.hw[0]}x{job.hw[1]}{', dynamic' if a.dynamic else ''}, "
+                         f"matches PyTorch in onnxruntime")]
+
+
+def export_onnx_int8(job: Job) -> list[Path]:
+    from quant.qdq import export_int8_onnx
+
+    a = job.args
+    out = export_int8_onnx(job.model, job.path(".int8.onnx"), job.hw, a.opset, a.dynamic, job.names,
+                           source=f"--weights {a.weights}")
+    return [_report(out, "Q/DQ ONNX, TensorRT's rules checked, onnxruntime matches the fake-quant model")]
+
+
+def export_engine(job: Job) -> list[Path]:
+    from deploy.tensorrt import build_engine
+
+    onnx_path = (export_onnx_int8 if job.quantized else export_onnx_float)(job)[0]
+    precision = "int8" if job.quantized else "fp16" if job.args.half else "fp32"
+    out = build_engine(onnx_path, job.path(".engine"), precision, job.args.batch_size, job.hw)
+    return [onnx_path, _report(out, f"TensorRT {precision} engine")]
+
+
+def export_darknet(job: Job) -> list[Path]:
+    if job.quantized:
+        raise UserError(f"--weights {job.args.weights}: a quantized checkpoint has no darknet form; export "
+                        f"its float parent with --include weights")
+    from models.io import save_darknet_weights
+
+    cfg, weights = job.path(".cfg"), job.path(".weights")
+    if weights.resolve() == Path(job.args.weights).resolve():
+        raise UserError(f"--output {job.stem}: would overwrite the input {job.args.weights}")
+    cfg.write_text(job.model.cfg_text)
+    save_darknet_weights(job.model, weights)
+    diff = _reload_diff(job.model, cfg, weights, job.hw)
+    if diff > 1e-5:
+        raise RuntimeError(f"{weights}: read back with {cfg}, it differs from the checkpoint by {diff:.2e}")
+    return [_report(cfg, "darknet cfg"),
+            _report(weights, f"darknet weights, read back with the cfg: max abs diff {diff:.1e}")]
+
+
+def _reload_diff(model: Darknet, cfg: Path, weights: Path, hw: tuple[int, int]) -> float:
+    import torch
+
+    back = load_model(weights, cfg).eval()
+    x = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float((back(x)[0] - model.eval()(x)[0]).abs().max())
+
+
+WRITERS = {"onnx": export_onnx_float, "onnx-int8": export_onnx_int8, "engine": export_engine,
+           "weights": export_darknet}
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -40,28 +142,30 @@ def main(argv: list[str] | None = None) -> list[Path]:
     weights = Path(a.weights)
     if not weights.is_file():
         raise UserError(f"--weights {weights}: file not found")
-    later = [f for f in a.include if FORMATS[f] is not None]
+    later = [f for f in a.include if f in LATER]
     if later:
-        raise UserError(f"--include {' '.join(later)}: not implemented yet (issue #{FORMATS[later[0]]}); "
-                        f"available today: onnx")
+        raise UserError(f"--include {' '.join(later)}: not implemented yet (issue #{LATER[later[0]]}); "
+                        f"available today: {', '.join(f for f in FORMATS if f not in LATER)}")
     if a.img_size is not None and len(a.img_size) > 2:
         raise UserError(f"--img-size {' '.join(map(str, a.img_size))}: give one size, or height and width")
     meta = load_checkpoint(weights)["meta"] if weights.suffix == ".pt" else {}
-    model = load_model(weights, a.cfg).eval().fuse()
     if a.img_size:
         hw = (a.img_size[0], a.img_size[-1])
     elif meta.get("img_size"):
         hw = (int(meta["img_size"]), int(meta["img_size"]))
     else:
-        hw = (model.cfg.net["height"], model.cfg.net["width"])
+        hw = None
     stem = Path(a.output) if a.output else weights.with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    from models.onnx import export_onnx
-
-    out = export_onnx(model, stem.with_suffix(".onnx"), hw, a.opset, a.dynamic, a.simplify, meta.get("names"))
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) at {hw[0]}x{hw[1]}"
-          f"{', dynamic' if a.dynamic else ''}")
-    return [out]
+    written = []
+    order = [f for f in FORMATS if f in a.include]
+    if "engine" in order:  # the engine writes its ONNX itself
+        order = [f for f in order if f != ("onnx-int8" if meta.get("quant") else "onnx")]
+    for fmt in order:
+        model = load_model(weights, a.cfg).eval()  # a fresh model per format: onnx fuses it
+        size = hw or (model.cfg.net["height"], model.cfg.net["width"])
+        written += WRITERS[fmt](Job(model, size, stem, meta.get("names"), a))
+    return written
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def test_errors_are_one_line_and_exit_2(models, media, tmp_path, capsys, case):
         "class index": ([*models["pt"], *image, "--classes", "6"], "--classes 6"),
         "fixed onnx size": ([*models["onnx"], *image, "--img-size", "96"], "--dynamic"),
         "view-img headless": ([*models["pt"], *image, "--view-img"], "--view-img"),
-        "export later format": ([*models["pt"], "--include", "onnx", "engine"], "issue #7"),
+        "export later format": ([*models["pt"], "--include", "onnx", "fpga"], "issue #7"),
     }[case]
     main = export.main if case.startswith("export") else detect.main
     out = tmp_path / "o"

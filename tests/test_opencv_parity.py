@@ -29,10 +29,7 @@ TOL = 1e-4
 CLASS_THRESHOLD = 0.2  # OpenCV's default [yolo] thresh
 
 
-def opencv_outputs(model, tmp_path, image: np.ndarray) -> list[np.ndarray]:
-    cfg, weights = tmp_path / "model.cfg", tmp_path / "model.weights"
-    cfg.write_text(write_cfg(model.cfg))
-    save_darknet_weights(model, weights)
+def opencv_outputs(cfg, weights, image: np.ndarray) -> list[np.ndarray]:
     net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
     net.setInput(image)
     return list(net.forward(net.getUnconnectedOutLayersNames()))
@@ -52,10 +49,15 @@ def ours_in_opencv_order(model, image: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def assert_matches_opencv(model, tmp_path) -> None:
-    """OpenCV, reading the cfg and .weights this project writes for ``model``, gives our outputs."""
+def assert_matches_opencv(model, tmp_path, files: tuple | None = None) -> None:
+    """OpenCV, reading the cfg and .weights this project writes for ``model`` (or ``files``, a cfg and
+    weights written already), gives our outputs."""
+    if files is None:
+        files = tmp_path / "model.cfg", tmp_path / "model.weights"
+        files[0].write_text(write_cfg(model.cfg))
+        save_darknet_weights(model, files[1])
     image = np.random.default_rng(1).random((1, 3, SIZE, SIZE), dtype=np.float32)
-    theirs = opencv_outputs(model, tmp_path, image)
+    theirs = opencv_outputs(*files, image)
     ours = ours_in_opencv_order(model, image)
     assert len(theirs) == len(ours) == len(model.heads)
     for o, d in zip(theirs, ours):

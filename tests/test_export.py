@@ -1,0 +1,185 @@
+"""export.py: float ONNX, INT8 Q/DQ ONNX, darknet weights and the engine path, each against a real runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import export
+from models.darknet import Darknet
+from models.io import save_checkpoint
+from models.onnx import DetectionsOnly
+from quant.convert import QuantConfig, quantize_model
+from quant.modules import QuantSpec
+from quant.qdq import compare_steps, tensorrt_rule_violations
+from tests.conftest import REPO, rel_err, tame_model
+from tests.test_opencv_parity import assert_matches_opencv
+from tests.test_prune import method_prune, spread_gammas
+from utils.cli import run_cli
+
+SIZE = 64
+
+
+def _pruned() -> Darknet:
+    return method_prune(spread_gammas(tame_model(REPO / "cfg" / "yolo-small.cfg")), "normal", None, 0.4)
+
+
+MODELS = {
+    "yolo-small": lambda: tame_model(REPO / "cfg" / "yolo-small.cfg"),
+    "yolov3-tiny": lambda: tame_model(REPO / "cfg" / "yolov3-tiny.cfg"),
+    "yolov4-tiny": lambda: tame_model(REPO / "cfg" / "yolov4-tiny.cfg"),
+    "pruned yolo-small": _pruned,
+}
+
+
+def _pt(model: Darknet, path) -> str:
+    save_checkpoint(path, model, img_size=SIZE)
+    return str(path)
+
+
+def _onnx_out(path, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"images": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_float_onnx_matches_pytorch(name, tmp_path):
+    model = MODELS[name]().eval()
+    out = export.main(["--weights", _pt(model, tmp_path / "m.pt"), "--include", "onnx"])
+    assert out == [tmp_path / "m.onnx"]
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)[0].numpy()
+    assert rel_err(_onnx_out(out[0], x), ref) < 1e-4
+
+
+def _quantized(name: str, fpga: bool) -> Darknet:
+    torch.manual_seed(0)
+    model = tame_model(REPO / "cfg" / f"{name}.cfg")
+    quantize_model(model, QuantConfig(QuantSpec(a_symmetric=True, pow2=fpga), fpga=fpga))
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):  # the activation ranges
+            model(torch.rand(2, 3, SIZE, SIZE))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,fpga", [("yolov4-tiny", False), ("yolov3-tiny", True), ("yolo-small", False)])
+def test_int8_onnx_follows_tensorrt_rules_and_matches_fake_quant(name, fpga, tmp_path, capsys):
+    model = _quantized(name, fpga)
+    out = export.main(["--weights", _pt(model, tmp_path / "q.pt"), "--include", "onnx-int8"])[0]
+    assert out.name == "q.int8.onnx"
+    assert "onnxruntime vs PyTorch fake-quant" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    assert tensorrt_rule_violations(proto) == []
+    ops = [n.op_type for n in proto.graph.node]
+    weight_dq = [n for n in proto.graph.node if n.name.endswith("weight_quant/DequantizeLinear")]
+    quantized_convs = sum(1 for m in model.layers if getattr(m, "input_quant", [None])[0] is not None)
+    assert len(weight_dq) == quantized_convs > 0
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear")
+    from models.io import load_model
+
+    reloaded = load_model(tmp_path / "q.pt").eval()  # what export.py read
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    report = compare_steps(out, DetectionsOnly(reloaded), reloaded, x)
+    assert report.tensors > 0 and report.worse == 0 and report.max_steps <= 1
+    assert report.off_by_one <= 1e-3 * report.values
+    if fpga:  # power-of-two scales: every product and sum is exact in float32, so they agree exactly
+        assert report.max_steps == 0 and report.box_px < 1e-3
+
+
+def test_tensorrt_rules_catch_broken_graphs(tmp_path):
+    model = _quantized("yolov4-tiny", False)
+    out = export.main(["--weights", _pt(model, tmp_path / "q.pt"), "--include", "onnx-int8"])[0]
+    proto = onnx.load(str(out))
+    assert tensorrt_rule_violations(proto) == []
+
+    def broken(edit) -> list[str]:
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        edit(p)
+        return tensorrt_rule_violations(p)
+
+    def set_init(p, name, value):
+        for init in p.graph.initializer:
+            if init.name == name:
+                init.CopyFrom(onnx.numpy_helper.from_array(value, name))
+                return
+        raise AssertionError(name)
+
+    w = next(n for n in proto.graph.node if n.name.endswith("weight_quant/DequantizeLinear"))
+    scale = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == w.input[1]))
+    ones = np.ones(scale.shape, np.int8)
+    assert any("zero point" in b for b in broken(lambda p: set_init(p, w.input[2], ones)))
+    assert any("per-channel" in b for b in broken(lambda p: set_init(p, w.input[1], scale[:1].copy())))
+
+    def old_opset(p):
+        for o in p.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = 12
+    assert any("opset" in b for b in broken(old_opset))
+
+    concat = next(n for n in proto.graph.node if n.op_type == "Concat" and "route" not in n.name
+                  and all(i in {o for m in proto.graph.node for o in m.output} for i in n.input)
+                  and n.name.startswith("/model/layers."))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+
+    def rescale_one_input(p):  # a DequantizeLinear feeding one concat input gets its own scale
+        node = producers[concat.input[0]]
+        while node.op_type != "DequantizeLinear":
+            node = producers[node.input[0]]
+        mine = f"{node.name}.own_scale"
+        p.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), mine))
+        target = next(n for n in p.graph.node if n.name == node.name)
+        target.input[1] = mine
+    assert any("different scales" in b for b in broken(rescale_one_input))
+
+
+def test_darknet_weights_of_a_pruned_model_load_in_opencv(tmp_path, capsys):
+    model = _pruned().eval()
+    out = export.main(["--weights", _pt(model, tmp_path / "p.pt"), "--include", "weights"])
+    assert [p.name for p in out] == ["p.cfg", "p.weights"]
+    assert "read back with the cfg: max abs diff" in capsys.readouterr().out
+    assert_matches_opencv(model, tmp_path, files=tuple(out))
+
+
+def test_engine_without_tensorrt_keeps_the_onnx_and_prints_trtexec(tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    model = _quantized("yolov3-tiny", True)
+    pt = _pt(model, tmp_path / "q.pt")
+    assert run_cli(export.main, ["--weights", pt, "--include", "onnx-int8", "engine"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tensorrt Python package is not installed" in err
+    assert f"trtexec --onnx={tmp_path / 'q.int8.onnx'} --saveEngine={tmp_path / 'q.engine'} --int8" in err
+    assert (tmp_path / "q.int8.onnx").is_file() and not (tmp_path / "q.engine").exists()
+    float_pt = _pt(tame_model(REPO / "cfg" / "yolov3-tiny.cfg"), tmp_path / "f.pt")
+    assert run_cli(export.main, ["--weights", float_pt, "--include", "engine", "--half", "--dynamic",
+                                 "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--fp16 --minShapes=images:1x3x64x64 --optShapes=images:4x3x64x64" in err
+
+
+@pytest.mark.parametrize("case", ["int8 of float", "int8 of affine", "weights of quantized",
+                                  "onnx of quantized"])
+def test_export_refuses_what_it_cannot_write(case, tmp_path, capsys):
+    if case == "int8 of float":
+        model = tame_model(REPO / "cfg" / "yolov3-tiny.cfg")
+        include, named = "onnx-int8", "the checkpoint is float"
+    else:
+        model = tame_model(REPO / "cfg" / "yolov3-tiny.cfg")
+        quantize_model(model, QuantConfig(QuantSpec(a_symmetric=case != "int8 of affine")))
+        include, named = {"int8 of affine": ("onnx-int8", "--a-symmetric"),
+                          "weights of quantized": ("weights", "no darknet form"),
+                          "onnx of quantized": ("onnx", "--include onnx-int8")}[case]
+    pt = _pt(model, tmp_path / "m.pt")
+    assert run_cli(export.main, ["--weights", pt, "--include", include]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and named in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # nothing half-written
