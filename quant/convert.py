@@ -12,7 +12,9 @@ Policy (:class:`QuantConfig`):
   and the convs that feed ``[yolo]`` heads stay float (their input is quantized): the usual choice
   for accuracy, and what TensorRT's mixed precision runs;
 - ``fpga=True`` quantizes everything: the image (its own observed scale), every conv including the
-  heads, every bias on its ``s_in·s_w`` grid.
+  heads, every bias on its ``s_in·s_w`` grid; and leaky-ReLU's slope becomes ``FPGA_LEAKY`` = 13/128
+  (a multiply by 13 and a shift; darknet's 0.1 has no exact binary form), so that the integer
+  pipeline of :mod:`quant.fpga` computes exactly what this model computes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from models.shapes import IMAGE
 from quant.modules import ActQuant, QConvBN, QuantSpec
 
 COMBINE = ("shortcut", "scale_channels", "sam")
+FPGA_LEAKY = (13, 7)  # leaky slope 13 / 2**7 = 0.1015625 under --FPGA
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ def quantize_model(model: Darknet, config: QuantConfig) -> Darknet:
         model.input_quant = image_quant
     for i, (b, srcs) in enumerate(zip(model.cfg.layers, model.inputs)):
         layer = model.layers[i]
+        if config.fpga and isinstance(getattr(layer, "act", None), nn.LeakyReLU):
+            layer.act = nn.LeakyReLU(FPGA_LEAKY[0] / 2 ** FPGA_LEAKY[1])
         if b.type == "convolutional":
             in_q = quant_of(IMAGE if srcs[0] == IMAGE else owner[srcs[0]])
             if i in head_convs and not config.fpga:

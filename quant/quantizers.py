@@ -1,6 +1,8 @@
 """Uniform quantizers with straight-through gradients, and the ranges (observers) that set them.
 
-A quantizer maps ``x`` to ``s · (q − z)`` with integer ``q = clamp(round(x/s) + z, qmin, qmax)``:
+A quantizer maps ``x`` to ``s · (q − z)`` with integer ``q = clamp(round(x/s) + z, qmin, qmax)``, rounded
+half to even before the zero point is added (ONNX's QuantizeLinear, and what an integer pipeline
+does; PyTorch's own fake-quantize adds ``z`` first, which breaks ties differently for odd ``z``):
 
 - **symmetric** (signed): ``z = 0``, ``q ∈ [−(2^(b−1) − 1), 2^(b−1) − 1]`` (the narrow range, so
   that ``−q`` always exists: TensorRT's int8 and Jacob et al.'s weights);
@@ -71,10 +73,10 @@ def scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme) -> tupl
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
-        v = x / scale + zero_point
-        inside = (v >= qmin) & (v <= qmax)
+        r = x / scale
+        inside = (r + zero_point >= qmin) & (r + zero_point <= qmax)
         ctx.save_for_backward(inside)
-        q = torch.clamp(torch.round(v), qmin, qmax)
+        q = torch.clamp(torch.round(r) + zero_point, qmin, qmax)  # ONNX's QuantizeLinear: round, then z
         return (q - zero_point) * scale
 
     @staticmethod
@@ -133,7 +135,7 @@ def integers(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, sch
              axis: int | None = None) -> torch.Tensor:
     """The integer codes ``q`` themselves (what an integer pipeline stores)."""
     scale, zero_point = _along(x, scale, zero_point, axis)
-    return torch.clamp(torch.round(x / scale + zero_point), scheme.qmin, scheme.qmax)
+    return torch.clamp(torch.round(x / scale) + zero_point, scheme.qmin, scheme.qmax)
 
 
 # ---------------------------------------------------------------- DoReFa (Zhou et al., 2016)

@@ -1,0 +1,300 @@
+"""FPGA package of a power-of-two quantized model, and the integer-only reference inference.
+
+``write_package`` turns a ``--FPGA`` checkpoint (every layer quantized, every scale ``2^e``) into a
+folder a hardware team can build from:
+
+- ``manifest.json``: the input quantizer, then one entry per cfg layer in order: its type, the
+  layers it reads, its output shape and the quantizer of its output (``exponent`` e of the scale
+  ``2^e``, ``zero_point``, the code range and a ``quantizer`` id: tensors with one id share a
+  scale, as the shortcut adds and route concats need); conv entries add the files, the geometry,
+  the activation, the per-channel weight exponents and the requantization ``shift`` per channel;
+- ``layer_NNN.weight.npy`` (int8, F×C/g×k×k codes) and ``layer_NNN.bias.npy`` (int32 codes on the
+  ``2^(e_in + e_w)`` grid of the accumulator).
+
+A conv computes, per output channel c, ``acc = Σ (q_in − z_in)·w + b`` in integers (int32 on the
+device; int64 here), then for a quantized output ``q = clamp(round(acc·2^shift_c) + z_out)`` with
+``shift_c = e_in + e_w,c − e_out`` (a right shift when negative, rounding half to even); leaky-ReLU
+multiplies a negative ``acc`` by 13 and shifts 7 more bits. A head conv outputs ``acc`` itself with
+its exponent; the ``[yolo]`` decode is float and outside the integer part. A shortcut adds
+``q − z`` of its inputs (one scale by construction) and requantizes the same way. Route, max-pool
+and upsample move codes without arithmetic.
+
+``run_reference`` is that pipeline in NumPy, reading only the package: integer accumulators and
+shifts, no floats between the input quantizer and the heads. It is the file to diff hardware
+against, and the export checks it against the PyTorch fake-quant model code for code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.darknet import Darknet
+from models.layers import YoloHead
+from models.shapes import IMAGE
+from quant.convert import FPGA_LEAKY, QOutput, scale_owners
+from quant.modules import ActQuant, QConvBN
+from utils.errors import UserError
+
+FORMAT = "yolo-compress-fpga"
+VERSION = 1
+LAYERS = ("convolutional", "shortcut", "route", "maxpool", "upsample", "yolo")
+ACTIVATIONS = ("linear", "leaky", "relu")
+
+
+def fpga_problems(model: Darknet) -> list[str]:
+    """Why ``model`` has no integer package (empty when it has one)."""
+    config = model.quant_config
+    if config is None or not config.fpga or not config.spec.pow2:
+        return ["it is not a power-of-two quantized checkpoint: quantize with --FPGA (train.py --quantized "
+                "google --FPGA, or python -m quant.ptq --FPGA)"]
+    bad = []
+    for b in model.cfg.layers:
+        if b.type not in LAYERS:
+            bad.append(f"{b.where()}: [{b.type}] has no integer form here ({', '.join(LAYERS)} do)")
+        elif b.type in ("convolutional", "shortcut") and b["activation"] not in ACTIVATIONS:
+            bad.append(f"{b.where()}: activation={b['activation']} has no integer form "
+                       f"({', '.join(ACTIVATIONS)} do)")
+        elif b.type == "upsample" and b["scale"] != 1:
+            bad.append(f"{b.where()}: upsample scale={b['scale']} (only 1)")
+    return bad
+
+
+def _exponent(scale: torch.Tensor) -> list[int]:
+    """e with scale == 2^e, elementwise (the scales are exact powers of two)."""
+    mantissa, exp = torch.frexp(scale.detach().double().reshape(-1))
+    assert bool((mantissa == 0.5).all()), "not a power of two"
+    return (exp - 1).tolist()
+
+
+def _quantizer_entry(q: ActQuant, ids: dict[int, int]) -> dict:
+    scale, zp = q.qparams()
+    return {"quantizer": ids.setdefault(id(q), len(ids)), "exponent": _exponent(scale)[0],
+            "zero_point": int(zp.item()), "qmin": q.scheme.qmin, "qmax": q.scheme.qmax}
+
+
+@torch.no_grad()
+def write_package(model: Darknet, out: str | Path, hw: tuple[int, int]) -> dict:
+    """Write the package of ``model`` into the new folder ``out``; returns the manifest."""
+    out = Path(out)
+    problems = fpga_problems(model)
+    if problems:
+        raise UserError("no FPGA package for this checkpoint: " + "; ".join(problems[:3]))
+    model.eval()
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: shapes.__setitem__(k, list(o.shape[1:])))
+             for k, m in enumerate(model.layers)]
+    try:
+        model(torch.zeros(1, 3, *hw))
+    finally:
+        for h in hooks:
+            h.remove()
+    out.mkdir(parents=True, exist_ok=False)
+    owner, _ = scale_owners(model)
+    ids: dict[int, int] = {}
+
+    def quant_at(j: int) -> ActQuant:  # the quantizer of layer j's output (or of the image)
+        o = owner[j] if j != IMAGE else IMAGE
+        return model.input_quant if o == IMAGE else model.layers[o].output_quant
+
+    layers = []
+    for i, (b, srcs) in enumerate(zip(model.cfg.layers, model.inputs)):
+        layer = model.layers[i]
+        e = {"index": i, "type": b.type, "inputs": ["image" if j == IMAGE else j for j in srcs],
+             "shape": shapes[i]}
+        if b.type == "convolutional":
+            e |= _conv_entry(layer, i, quant_at(srcs[0]), out, ids)
+        elif b.type == "yolo":
+            head: YoloHead = layer
+            e |= {"anchors": head.anchors.tolist(), "classes": head.classes, "scale_x_y": head.scale_x_y,
+                  "new_coords": head.new_coords, "decode": "float, outside the integer pipeline"}
+        else:
+            if b.type == "shortcut":
+                assert isinstance(layer, QOutput)
+                e |= {"activation": b["activation"], **_leaky(b["activation"]),
+                      "shift": _exponent(quant_at(srcs[0]).qparams()[0])[0]
+                      - _exponent(layer.output_quant.qparams()[0])[0]}
+            elif b.type == "route":
+                e |= {"groups": b["groups"], "group_id": b["group_id"]}
+            elif b.type == "maxpool":
+                e |= {"size": layer.size, "stride": layer.stride, "pad": list(layer.pad)}
+            elif b.type == "upsample":
+                e |= {"stride": b["stride"]}
+            e["output"] = _quantizer_entry(quant_at(i), ids)
+        layers.append(e)
+    manifest = {"format": FORMAT, "version": VERSION, "cfg": model.cfg.source,
+                "input": {"shape": [3, *hw], "channels": "RGB", "values": "pixels / 255",
+                          **_quantizer_entry(model.input_quant, ids)},
+                "layers": layers}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _leaky(activation: str) -> dict:
+    return {"leaky": {"multiplier": FPGA_LEAKY[0], "shift": FPGA_LEAKY[1]}} if activation == "leaky" else {}
+
+
+def _conv_entry(layer: nn.Module, i: int, in_q: ActQuant, out: Path, ids: dict[int, int]) -> dict:
+    assert isinstance(layer, QConvBN)
+    w_f, b_f, _ = layer._folded()
+    w_q, s_w = layer.quantized_weight(w_f)
+    s_in = in_q.qparams()[0]
+    w_codes = torch.round(w_q / s_w.view(-1, 1, 1, 1)).to(torch.int8)
+    b_codes = torch.round(layer.quantized_bias(b_f, s_w) / (s_in * s_w))
+    if b_codes.abs().max() >= 2 ** 31:
+        raise UserError(f"layer {i}: a bias needs more than int32 at scale s_in·s_w")
+    e_in, e_w = _exponent(s_in)[0], _exponent(s_w)
+    names = {k: f"layer_{i:03d}.{k}.npy" for k in ("weight", "bias")}
+    np.save(out / names["weight"], w_codes.numpy())
+    np.save(out / names["bias"], b_codes.to(torch.int32).numpy())
+    c = layer.conv
+    act = {nn.LeakyReLU: "leaky", nn.ReLU: "relu", nn.Identity: "linear"}[type(layer.act)]
+    entry = {"size": c.kernel_size[0], "stride": c.stride[0], "pad": c.padding[0], "groups": c.groups,
+             "activation": act, **_leaky(act), "weights": names["weight"], "bias": names["bias"],
+             "input_exponent": e_in, "weight_exponents": e_w,
+             "accumulator_exponents": [e_in + k for k in e_w]}
+    if layer.output_quant is None:  # a head conv: the accumulator is the output
+        entry["output"] = None
+    else:
+        entry["output"] = _quantizer_entry(layer.output_quant, ids)
+        entry["shift"] = [e_in + k - entry["output"]["exponent"] for k in e_w]
+    return entry
+
+
+# ---------------------------------------------------------------- the integer reference
+def shift_round(v: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
+    """``v · 2^shift`` for int64 ``v``, rounded half to even when ``shift < 0`` (a right shift)."""
+    v = np.asarray(v, np.int64)
+    shift = np.broadcast_to(np.asarray(shift, np.int64), v.shape)
+    left = np.left_shift(v, np.maximum(shift, 0))
+    m = np.maximum(-shift, 0)
+    q = np.right_shift(v, m)  # floor
+    r = v - np.left_shift(q, m)
+    half = np.where(m > 0, np.left_shift(np.int64(1), np.maximum(m - 1, 0)), 0)
+    up = (m > 0) & ((r > half) | ((r == half) & (q & 1 == 1)))
+    return np.where(shift >= 0, left, q + up)
+
+
+def _activate(acc: np.ndarray, shift: np.ndarray, activation: str) -> tuple[np.ndarray, np.ndarray]:
+    """The activation on the integer accumulator: (value, shift) with the value·2^shift meaning kept."""
+    if activation == "relu":
+        return np.maximum(acc, 0), shift
+    if activation == "leaky":
+        mult, extra = FPGA_LEAKY
+        neg = acc < 0
+        return np.where(neg, acc * mult, acc), np.where(neg, shift - extra, shift)
+    return acc, shift
+
+
+def _requantize(v: np.ndarray, shift: np.ndarray, out: dict) -> np.ndarray:
+    return np.clip(shift_round(v, shift) + out["zero_point"], out["qmin"], out["qmax"])
+
+
+def _conv(x: np.ndarray, w: np.ndarray, stride: int, pad: int, groups: int) -> np.ndarray:
+    """Integer conv of (C, H, W) int64 with (F, C/g, k, k) int64 weights, zero padding."""
+    f, cg, k, _ = w.shape
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, ::stride, ::stride]
+    outs = []
+    for g in range(groups):
+        xs = windows[g * cg:(g + 1) * cg]  # (cg, H', W', k, k)
+        ws = w[g * (f // groups):(g + 1) * (f // groups)]  # (f/g, cg, k, k)
+        outs.append(np.tensordot(ws, xs, axes=([1, 2, 3], [0, 3, 4])))
+    return np.concatenate(outs, 0)
+
+
+def run_reference(package: str | Path, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Integer inference of one (3, H, W) image in [0, 1] from ``package`` alone.
+
+    Returns ``"input"`` (the image codes) and, per layer ``"N"``, its output codes, or for a head conv
+    its int64 accumulators (the value is ``acc · 2^accumulator_exponents[c]``).
+    """
+    package = Path(package)
+    manifest = json.loads((package / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise UserError(f"{package / 'manifest.json'}: not a {FORMAT} v{VERSION} manifest")
+    inq = manifest["input"]
+    # the input quantizer (the only float step): round(x / 2^e) + z
+    codes = np.clip(np.round(np.ldexp(image.astype(np.float64), -inq["exponent"])) + inq["zero_point"],
+                    inq["qmin"], inq["qmax"]).astype(np.int64)
+    values: dict[str, np.ndarray] = {"input": codes}
+    zero = {"image": inq["zero_point"]}
+
+    def read(j):
+        return values["input" if j == "image" else str(j)]
+
+    for e in manifest["layers"]:
+        srcs = [read(j) for j in e["inputs"]]
+        t = e["type"]
+        if t == "convolutional":
+            z_in = zero[e["inputs"][0]]
+            w = np.load(package / e["weights"]).astype(np.int64)
+            b = np.load(package / e["bias"]).astype(np.int64)
+            acc = _conv(srcs[0] - z_in, w, e["stride"], e["pad"], e["groups"]) + b[:, None, None]
+            if e["output"] is None:
+                y = acc
+            else:
+                shift = np.asarray(e["shift"], np.int64)[:, None, None]
+                v, s = _activate(acc, np.broadcast_to(shift, acc.shape), e["activation"])
+                y = _requantize(v, s, e["output"])
+        elif t == "shortcut":
+            total = sum(x - zero[j] for x, j in zip(srcs, e["inputs"]))
+            v, s = _activate(total, np.full(total.shape, e["shift"], np.int64), e["activation"])
+            y = _requantize(v, s, e["output"])
+        elif t == "route":
+            xs = [np.split(x, e["groups"], 0)[e["group_id"]] for x in srcs] if e["groups"] > 1 else srcs
+            y = np.concatenate(xs, 0)
+        elif t == "maxpool":
+            before_y, after_y, before_x, after_x = e["pad"][2], e["pad"][3], e["pad"][0], e["pad"][1]
+            x = np.pad(srcs[0], ((0, 0), (before_y, after_y), (before_x, after_x)),
+                       constant_values=np.iinfo(np.int64).min)
+            k, st = e["size"], e["stride"]
+            y = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, ::st, ::st].max((3, 4))
+        elif t == "upsample":
+            y = srcs[0].repeat(e["stride"], 1).repeat(e["stride"], 2)
+        else:  # yolo: the float decode reads the head conv's accumulators
+            y = srcs[0]
+        values[str(e["index"])] = y
+        out = e.get("output")
+        zero[e["index"]] = out["zero_point"] if out else 0
+    return values
+
+
+# ---------------------------------------------------------------- the check
+@torch.no_grad()
+def compare_with_model(package: str | Path, model: Darknet, image: np.ndarray) -> dict:
+    """Run the reference and the fake-quant ``model`` on ``image``; every layer's codes (accumulators for
+    head convs) must be equal. Returns counts and the largest accumulator seen."""
+    manifest = json.loads((Path(package) / "manifest.json").read_text())
+    ref = run_reference(package, image)
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: outputs.__setitem__(k, o))
+             for k, m in enumerate(model.layers)]
+    try:
+        model.eval()(torch.from_numpy(image[None].astype(np.float32)))
+    finally:
+        for h in hooks:
+            h.remove()
+    layers, mismatched, biggest = 0, [], 0
+    for e in manifest["layers"]:
+        if e["type"] == "yolo":
+            continue
+        y = outputs[e["index"]][0].double().numpy()
+        out = e.get("output")
+        if out is None:  # head conv: value = acc · 2^exp
+            exps = np.asarray(e["accumulator_exponents"], np.float64)[:, None, None]
+            codes = np.ldexp(y, -exps.astype(np.int64))
+        else:
+            codes = np.ldexp(y, -out["exponent"]) + out["zero_point"]
+        got = ref[str(e["index"])]
+        if e["type"] == "convolutional":
+            biggest = max(biggest, int(np.abs(got).max(initial=0)) if out is None else biggest)
+        layers += 1
+        if codes.shape != got.shape or not np.array_equal(codes, got.astype(np.float64)):
+            n = int((codes != got).sum()) if codes.shape == got.shape else -1
+            mismatched.append(f"layer {e['index']} [{e['type']}]: {n} values differ")
+    return {"layers": layers, "mismatched": mismatched, "max_head_accumulator": biggest}
