@@ -183,3 +183,62 @@ def test_export_refuses_what_it_cannot_write(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1 and named in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # nothing half-written
+
+
+# ---------------------------------------------------------------- FPGA package
+@pytest.mark.parametrize("name", ["yolov3-tiny", "yolov4-tiny", "yolo-small"])
+def test_fpga_reference_equals_the_fake_quant_model_code_for_code(name, tmp_path, capsys):
+    import json
+
+    from quant.fpga import compare_with_model, run_reference
+
+    model = _quantized(name, fpga=True)
+    out = export.main(["--weights", _pt(model, tmp_path / "q.pt"), "--include", "fpga"])[0]
+    assert out == tmp_path / "q_fpga" and "code for code" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    convs = [e for e in manifest["layers"] if e["type"] == "convolutional"]
+    assert len(convs) == sum(b.type == "convolutional" for b in model.cfg.layers)
+    for e in convs:
+        w, b = np.load(out / e["weights"]), np.load(out / e["bias"])
+        assert w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 127 and b.dtype == np.int32
+        assert all(isinstance(k, int) for k in e["weight_exponents"])
+    by_index = {e["index"]: e for e in manifest["layers"]}
+
+    def quantizer(j):
+        src = manifest["input"] if j == "image" else by_index[j]["output"]
+        return src["quantizer"], src["exponent"], src["zero_point"]
+
+    joins = [e for e in manifest["layers"] if e["type"] in ("shortcut", "route") and len(e["inputs"]) > 1]
+    assert joins and all(len({quantizer(j) for j in e["inputs"]}) == 1 for e in joins)
+    image = np.random.default_rng(4).random((3, SIZE, SIZE), dtype=np.float32)  # not the export's image
+    result = compare_with_model(out, model, image)
+    assert result["mismatched"] == [] and result["layers"] == len(manifest["layers"]) - len(model.heads)
+    codes = run_reference(out, image)
+    for e in manifest["layers"]:
+        if e.get("output"):
+            c = codes[str(e["index"])]
+            assert c.dtype == np.int64 and e["output"]["qmin"] <= c.min() and c.max() <= e["output"]["qmax"]
+
+    # the comparison can fail: one weight code moved by one step shows at that layer
+    first = convs[0]
+    w = np.load(out / first["weights"])
+    w.flat[np.argmax(np.abs(w))] -= np.sign(w.flat[np.argmax(np.abs(w))])
+    np.save(out / first["weights"], w)
+    assert compare_with_model(out, model, image)["mismatched"][0].startswith(f"layer {first['index']} ")
+
+
+def test_fpga_package_refuses_what_has_no_integer_form(tmp_path, capsys):
+    from models.cfg import write_cfg
+    from tests.test_prune import small_cfg
+
+    float_pt = _pt(tame_model(REPO / "cfg" / "yolov3-tiny.cfg"), tmp_path / "f.pt")
+    assert run_cli(export.main, ["--weights", float_pt, "--include", "fpga"]) == 2
+    assert "--FPGA" in capsys.readouterr().err
+    mish = "[convolutional]\nbatch_normalize=1\nfilters=8\nsize=3\nstride=1\npad=1\nactivation=mish\n"
+    (tmp_path / "mish.cfg").write_text(write_cfg(small_cfg(mish)))
+    model = tame_model(tmp_path / "mish.cfg")
+    quantize_model(model, QuantConfig(QuantSpec(pow2=True), fpga=True))
+    assert run_cli(export.main, ["--weights", _pt(model, tmp_path / "m.pt"), "--include", "fpga"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "activation=mish" in err and "m.pt (embedded cfg):7" in err
+    assert not (tmp_path / "m_fpga").exists()
