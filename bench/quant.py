@@ -33,6 +33,7 @@ QAT_RUNS = {  # name → (description, train options)
 PTQ_RUNS = {  # name → (description, quant.ptq arguments)
     "ptq8": ("PTQ 8/8 (mse)", ["--calib", "mse"]),
     "ptq8_pow2": ("PTQ 8/8 (mse) --FPGA", ["--calib", "mse", "--FPGA"]),
+    "ptq8_sym": ("PTQ 8/8 (mse) --a-symmetric (TensorRT)", ["--calib", "mse", "--a-symmetric"]),
     "ptq4": ("PTQ 4/4 (mse)", ["--calib", "mse", "--w-bit", "4", "--a-bit", "4"]),
 }
 
