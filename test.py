@@ -2,6 +2,7 @@
 
     python test.py --weights runs/train/exp/weights/best.pt            # built-in benchmark, val split
     python test.py --cfg cfg/yolov3-tiny.cfg --weights yolov3-tiny.weights --data my.data --save-json
+    python test.py --weights runs/train/exp/weights/best.int8.onnx   # an export, in onnxruntime
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from models.io import load_checkpoint, load_model
 from utils.cli import run_cli
@@ -20,9 +24,28 @@ from utils.torch_utils import select_device
 from utils.trainer import resolve_data
 
 
+class OnnxModel(nn.Module):
+    """An ONNX file (onnxruntime, CPU) behind the module interface :func:`evaluate` runs."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        from models.backends import load_detector
+
+        self.detector = load_detector(path)
+        if self.detector.classes is None:
+            raise UserError(f"--weights {path}: its output width is dynamic, so its class count is unknown")
+        self.classes, self.stride = self.detector.classes, self.detector.stride
+        self.dynamic = self.detector.fixed_hw is None
+        self._device = nn.Parameter(torch.zeros(0), requires_grad=False)  # evaluate() reads the device
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.detector(x.float()), None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help=".pt checkpoint, or darknet weights with --cfg")
+    p.add_argument("--weights", required=True,
+                   help=".pt checkpoint, darknet weights with --cfg, or an exported .onnx (onnxruntime)")
     p.add_argument("--cfg", default=None, help="cfg for darknet .weights")
     p.add_argument("--data", default="", help=".data file (default: built-in shapes benchmark)")
     p.add_argument("--task", default="valid", choices=["valid", "train"], help="which split")
@@ -48,20 +71,28 @@ def main(argv: list[str] | None = None) -> EvalResult:
     if not weights.is_file():
         raise UserError(f"--weights {weights}: file not found")
     meta = load_checkpoint(weights)["meta"] if weights.suffix == ".pt" else {}
-    model = load_model(weights, a.cfg, device).eval()
+    if weights.suffix == ".onnx":
+        model = OnnxModel(weights)
+        classes, stride, rect = model.classes, model.stride, model.dynamic
+        default_size = model.detector.img_size
+    else:
+        model = load_model(weights, a.cfg, device).eval()
+        classes, stride, default_size, rect = model.yolo_heads[0].classes, model.max_stride, None, True
     data = read_data_file(resolve_data(a.data))
     names = data.names
-    if model.yolo_heads[0].classes != data.classes:
-        raise UserError(f"{weights}: the model predicts {model.yolo_heads[0].classes} classes, "
-                        f"{data.path} has {data.classes}")
-    img_size = a.img_size or meta.get("img_size", 416)
-    if img_size % model.max_stride:
-        raise UserError(f"--img-size {img_size}: must be a multiple of {model.max_stride}")
+    if classes != data.classes:
+        raise UserError(f"{weights}: the model predicts {classes} classes, {data.path} has {data.classes}")
+    img_size = a.img_size or meta.get("img_size") or default_size or 416
+    if img_size % stride:
+        raise UserError(f"--img-size {img_size}: must be a multiple of {stride}")
+    if not rect and model.detector.fixed_hw != (img_size, img_size):
+        raise UserError(f"--img-size {img_size}: {weights} was exported for {model.detector.fixed_hw} only; "
+                        f"export it with --dynamic to test at other sizes")
     half = a.half and device.type == "cuda"
     if a.half and not half:
         print("warning: --half needs CUDA; evaluating in float32")
     loader, _ = create_dataloader(data.split(a.task), data.classes, img_size, a.batch_size,
-                                  model.max_stride, rect=True, workers=a.workers)
+                                  stride, rect=rect, workers=a.workers)
     out_dir = new_run_dir(a.project, a.name)
     result = evaluate(model, loader, names, a.conf_thres, a.iou_thres, max_det=a.max_det, half=half,
                       json_path=out_dir / "detections.json" if a.save_json else None)

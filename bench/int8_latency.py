@@ -1,0 +1,97 @@
+"""onnxruntime CPU latency of the float ONNX against the INT8 (Q/DQ) ONNX of the same model, in one run.
+
+The model has tame random weights (latency does not depend on their values), is quantized with
+symmetric 8-bit activations and calibrated on random images (``quant.ptq.calibrate``), and both files
+come from ``export.py``'s writers. Float and INT8 are timed alternately, batch 1, so drift hits both;
+the ops onnxruntime actually ran after its graph optimisations are listed, which says whether the
+INT8 graph ran integer kernels.
+
+    .venv/bin/python -m bench.int8_latency                       # yolo-small and yolov3-tiny at 416
+    .venv/bin/python -m bench.int8_latency --cfgs cfg/yolov4-tiny.cfg --img-size 320 --runs 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.darknet import Darknet
+from models.onnx import export_onnx
+from quant.convert import QuantConfig, quantize_model
+from quant.modules import QuantSpec
+from quant.ptq import calibrate
+from quant.qdq import export_int8_onnx
+from utils.torch_utils import tame_random_weights
+
+
+def _session(path: Path, optimized: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(optimized)  # what onnxruntime turned the graph into
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ops(path: Path) -> Counter:
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
+    model = tame_random_weights(Darknet(cfg), seed=0, img_size=64).eval()
+    qmodel = tame_random_weights(Darknet(cfg), seed=0, img_size=64)
+    quantize_model(qmodel, QuantConfig(QuantSpec(a_symmetric=True)))
+    g = torch.Generator().manual_seed(0)
+    calibrate(qmodel, (torch.rand(2, 3, size, size, generator=g) for _ in range(4)))
+    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = {"float": tmp / "float.onnx", "int8": tmp / "int8.onnx"}
+        export_onnx(model.fuse(), files["float"], size)
+        export_int8_onnx(qmodel, files["int8"], size)
+        sessions = {k: _session(f, f.with_suffix(".opt.onnx")) for k, f in files.items()}
+        ops = {k: _ops(f.with_suffix(".opt.onnx")) for k, f in files.items()}
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for i in range(warmup + runs):
+            for k, sess in sessions.items():
+                t = time.perf_counter()
+                sess.run(None, {"images": x})
+                if i >= warmup:
+                    times[k].append((time.perf_counter() - t) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"cfg": cfg, "float_ms": med["float"], "int8_ms": med["int8"], "ratio": med["int8"] / med["float"],
+            "int8_ops": ops["int8"]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    import onnxruntime as ort
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfgs", nargs="+", default=["cfg/yolo-small.cfg", "cfg/yolov3-tiny.cfg"])
+    ap.add_argument("--img-size", type=int, default=416)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    a = ap.parse_args(argv)
+    rows = [bench_cfg(c, a.img_size, a.runs, a.warmup) for c in a.cfgs]
+    print(f"\nonnxruntime {ort.__version__} CPU, batch 1, {a.img_size}x{a.img_size}, median of {a.runs} "
+          f"alternating runs\n")
+    print("| cfg | float ms | INT8 ms | INT8 / float |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {Path(r['cfg']).name} | {r['float_ms']:.1f} | {r['int8_ms']:.1f} | {r['ratio']:.2f} |")
+    for r in rows:
+        top = ", ".join(f"{op} {n}" for op, n in r["int8_ops"].most_common(8))
+        print(f"\n{Path(r['cfg']).name}: the INT8 graph onnxruntime ran: {top}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
