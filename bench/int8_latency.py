@@ -2,9 +2,10 @@
 
 The model has tame random weights (latency does not depend on their values), is quantized with
 symmetric 8-bit activations and calibrated on random images (``quant.ptq.calibrate``), and both files
-come from ``export.py``'s writers. Float and INT8 are timed alternately, batch 1, so drift hits both;
-the ops onnxruntime actually ran after its graph optimisations are listed, which says whether the
-INT8 graph ran integer kernels.
+come from ``export.py``'s writers. onnxruntime's own quantizer (QOperator layout, uint8 activations)
+is timed beside them as the reference for its integer kernels. All are timed alternately, batch 1,
+so drift hits each; the ops onnxruntime actually ran after its graph optimisations are listed, which
+says whether a graph ran integer kernels.
 
     .venv/bin/python -m bench.int8_latency                       # yolo-small and yolov3-tiny at 416
     .venv/bin/python -m bench.int8_latency --cfgs cfg/yolov4-tiny.cfg --img-size 320 --runs 50
@@ -45,6 +46,25 @@ def _ops(path: Path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
+def _ort_quantize(src: Path, dst: Path, size: int) -> None:
+    """onnxruntime's own static quantizer, in the layout its CPU kernels run fastest (QOperator:
+    QLinearConv, QLinearLeakyRelu..., uint8 activations, int8 per-channel weights): the reference
+    for what integer kernels reach here, not a model this project exports."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            images = [rng.random((1, 3, size, size), dtype=np.float32) for _ in range(4)]
+            self.batches = iter([{"images": x} for x in images])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(src), str(dst), Images(), quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+
+
 def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
     model = tame_random_weights(Darknet(cfg), seed=0, img_size=64).eval()
     qmodel = tame_random_weights(Darknet(cfg), seed=0, img_size=64)
@@ -54,9 +74,10 @@ def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
     x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        files = {"float": tmp / "float.onnx", "int8": tmp / "int8.onnx"}
+        files = {"float": tmp / "float.onnx", "int8": tmp / "int8.onnx", "ort_qop": tmp / "ort_qop.onnx"}
         export_onnx(model.fuse(), files["float"], size)
         export_int8_onnx(qmodel, files["int8"], size)
+        _ort_quantize(files["float"], files["ort_qop"], size)
         sessions = {k: _session(f, f.with_suffix(".opt.onnx")) for k, f in files.items()}
         ops = {k: _ops(f.with_suffix(".opt.onnx")) for k, f in files.items()}
         times: dict[str, list[float]] = {k: [] for k in sessions}
@@ -68,7 +89,7 @@ def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
                     times[k].append((time.perf_counter() - t) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"cfg": cfg, "float_ms": med["float"], "int8_ms": med["int8"], "ratio": med["int8"] / med["float"],
-            "int8_ops": ops["int8"]}
+            "ort_ms": med["ort_qop"], "ort_ratio": med["ort_qop"] / med["float"], "ops": ops}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -83,13 +104,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [bench_cfg(c, a.img_size, a.runs, a.warmup) for c in a.cfgs]
     print(f"\nonnxruntime {ort.__version__} CPU, batch 1, {a.img_size}x{a.img_size}, median of {a.runs} "
           f"alternating runs\n")
-    print("| cfg | float ms | INT8 ms | INT8 / float |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| cfg | float ms | INT8 Q/DQ ms (ours) | ours / float | onnxruntime QOperator ms "
+          "| QOperator / float |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {Path(r['cfg']).name} | {r['float_ms']:.1f} | {r['int8_ms']:.1f} | {r['ratio']:.2f} |")
+        print(f"| {Path(r['cfg']).name} | {r['float_ms']:.1f} | {r['int8_ms']:.1f} | {r['ratio']:.2f} | "
+              f"{r['ort_ms']:.1f} | {r['ort_ratio']:.2f} |")
     for r in rows:
-        top = ", ".join(f"{op} {n}" for op, n in r["int8_ops"].most_common(8))
-        print(f"\n{Path(r['cfg']).name}: the INT8 graph onnxruntime ran: {top}")
+        for k in ("int8", "ort_qop"):
+            top = ", ".join(f"{op} {n}" for op, n in r["ops"][k].most_common(6))
+            print(f"\n{Path(r['cfg']).name}, {k}: the ops onnxruntime ran: {top}")
     return rows
 
 
