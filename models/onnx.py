@@ -69,6 +69,9 @@ def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int
     try:
         _write(wrapper, x, part, opset, dynamic, simplify)
         proto = onnx.load(str(part))
+        width = proto.graph.output[0].type.tensor_type.shape.dim[2]
+        if not width.dim_value:  # the exporter can lose it behind Q/DQ nodes; readers need the class count
+            width.dim_value = 5 + model.yolo_heads[0].classes
         if rewrite is not None:
             rewrite(proto)
         meta = {"names": json.dumps(names or []), "stride": str(s), "img_size": json.dumps([h, w])}

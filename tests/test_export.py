@@ -242,3 +242,21 @@ def test_fpga_package_refuses_what_has_no_integer_form(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "activation=mish" in err and "m.pt (embedded cfg):7" in err
     assert not (tmp_path / "m_fpga").exists()
+
+
+def test_test_py_runs_a_dynamic_int8_onnx(shapes_data, tmp_path):
+    """test.py --weights x.int8.onnx runs it in onnxruntime on rectangular batches. (An untrained model
+    scores near zero either way: the agreement that matters is measured on the benchmark, README.)"""
+    import test as test_script
+
+    model = _quantized("yolo-small", False)
+    pt = _pt(model, tmp_path / "q.pt")
+    out = export.main(["--weights", pt, "--include", "onnx-int8", "--dynamic"])[0]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.get_outputs()[0].shape[2] == 5 + 6  # static width: readers take the class count from it
+    common = ["--data", str(shapes_data), "--img-size", str(SIZE), "--workers", "0", "--conf-thres", "0.0001",
+              "--project", str(tmp_path / "t")]
+    ref = test_script.main(["--weights", pt, *common, "--name", "pt"])
+    got = test_script.main(["--weights", str(out), *common, "--name", "onnx"])
+    assert got.map50 == pytest.approx(ref.map50, abs=0.02) and got.map == pytest.approx(ref.map, abs=0.02)
+    assert got.speed_ms["inference"] > 0
