@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="engine: the batch it is built for")
     p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
     p.add_argument("--simplify", action="store_true", help="ONNX: onnxruntime's basic graph optimisations")
+    p.add_argument("--raw", action="store_true",
+                   help="onnx: output the undecoded heads (head0, head1...: B x anchors x H x W x "
+                        "(5 + classes) logits) instead of the decoded detections")
     p.add_argument("--half", action="store_true", help="engine: FP16 (a float checkpoint)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--output", default=None, help="output stem (default: the weights' path without suffix)")
@@ -86,8 +89,9 @@ def export_onnx_float(job: Job) -> list[Path]:
 
     a = job.args
     out = export_onnx(job.model.fuse(), job.path(".onnx"), job.hw, a.opset, a.dynamic, a.simplify,
-                      job.names)
-    return [_report(out, f"float ONNX at {job.hw[0]}x{job.hw[1]}{', dynamic' if a.dynamic else ''}, "
+                      job.names, raw=a.raw)
+    what = "raw heads" if a.raw else "detections"
+    return [_report(out, f"float ONNX ({what}) at {job.hw[0]}x{job.hw[1]}{', dynamic' if a.dynamic else ''}, "
                          f"matches PyTorch in onnxruntime")]
 
 
@@ -176,6 +180,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         hw = (int(meta["img_size"]), int(meta["img_size"]))
     else:
         hw = None
+    if a.raw and a.include != ["onnx"]:
+        raise UserError(f"--raw: applies to --include onnx alone (the other formats keep the decode), not "
+                        f"{' '.join(a.include)}")
     stem = Path(a.output) if a.output else weights.with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []

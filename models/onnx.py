@@ -38,13 +38,25 @@ class DetectionsOnly(nn.Module):
         return self.model(x)[0]
 
 
+class RawHeads(nn.Module):
+    """A Darknet in eval mode that returns its heads undecoded: per ``[yolo]`` layer the logits as
+    (B, anchors, H, W, 5 + C), x, y, w, h, objectness and classes before any sigmoid or exp."""
+
+    def __init__(self, model: Darknet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model(x)[1])
+
+
 Check = Callable[[Path, nn.Module, torch.Tensor], None]
 
 
 def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int], opset: int = 17,
                 dynamic: bool = False, simplify: bool = False, names: list[str] | None = None,
                 atol: float = 1e-4, rewrite: Callable[[onnx.ModelProto], None] | None = None,
-                check: Check | None = None) -> Path:
+                check: Check | None = None, raw: bool = False) -> Path:
     """Write ``path`` (batch, height and width dynamic with ``dynamic``) and return it.
 
     Metadata props: ``names`` (JSON list), ``stride``, ``img_size`` (JSON [h, w]). ``simplify`` applies
@@ -54,7 +66,8 @@ def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int
     random image (and at a second size when dynamic) by ``check``; the default compares with PyTorch,
     and a difference above ``atol`` in a score, or in a box coordinate as a fraction of the input
     size, is an error. A failed check leaves no file behind. The model is put in eval mode, float32,
-    on the CPU.
+    on the CPU. ``raw`` exports the undecoded heads (:class:`RawHeads`, outputs ``head0``, ``head1``...)
+    instead of the detections, for decoders of one's own; they are checked to ``atol`` of their scale.
     """
     import onnx
 
@@ -63,13 +76,15 @@ def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int
     s = model.max_stride
     if h % s or w % s:
         raise UserError(f"--img-size {h}x{w}: height and width must be multiples of {s}")
-    wrapper = DetectionsOnly(model.eval().float().cpu()).eval()
+    model = model.eval().float().cpu()
+    wrapper = (RawHeads(model) if raw else DetectionsOnly(model)).eval()
+    outputs = [f"head{k}" for k in range(len(model.heads))] if raw else ["detections"]
     x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     part = path.with_name(path.name + ".part")  # renamed to ``path`` only once every check passed
     try:
-        _write(wrapper, x, part, opset, dynamic, simplify)
+        _write(wrapper, x, part, opset, dynamic, simplify, outputs)
         proto = onnx.load(str(part))
-        width = proto.graph.output[0].type.tensor_type.shape.dim[2]
+        width = proto.graph.output[0].type.tensor_type.shape.dim[-1]
         if not width.dim_value:  # the exporter can lose it behind Q/DQ nodes; readers need the class count
             width.dim_value = 5 + model.yolo_heads[0].classes
         if rewrite is not None:
@@ -84,24 +99,44 @@ def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int
         if dynamic:  # a trace can bake one size's shapes in; a second batch and size would show it
             inputs.append(torch.rand(2, 3, h + s, w + 2 * s, generator=torch.Generator().manual_seed(1)))
         for xi in inputs:
-            (check or _float_check(atol))(part, wrapper, xi)
+            (check or (_raw_check if raw else _float_check)(atol))(part, wrapper, xi)
         part.replace(path)
     finally:
         part.unlink(missing_ok=True)
     return path
 
 
-def _write(module: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: bool, simplify: bool) -> None:
+def _write(module: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: bool, simplify: bool,
+           outputs: list[str]) -> None:
     axes = {"images": {0: "batch", 2: "height", 3: "width"}, "detections": {0: "batch", 1: "boxes"}}
+    axes |= {name: {0: "batch", 2: f"{name}_h", 3: f"{name}_w"} for name in outputs if name != "detections"}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         for message in ("You are using the legacy TorchScript", "The feature will be removed"):
             warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
-        torch.onnx.export(module, (x,), str(path), input_names=["images"], output_names=["detections"],
+        torch.onnx.export(module, (x,), str(path), input_names=["images"], output_names=outputs,
                           opset_version=opset, dynamic_axes=axes if dynamic else None, dynamo=False)
     if simplify:
         _simplify(path)
+
+
+def _raw_check(atol: float) -> Check:
+    def check(path: Path, module: nn.Module, x: torch.Tensor) -> None:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            ref = [r.numpy() for r in module(x)]
+        worst = max(float(np.abs(g - r).max() / max(1.0, np.abs(r).max())) for g, r in zip(got, ref))
+        print(f"{path.name.removesuffix('.part')}: onnxruntime vs PyTorch at {tuple(x.shape)}: raw heads "
+              f"max diff {worst:.2e} of their scale")
+        if len(got) != len(ref) or worst > atol:
+            raise RuntimeError(f"{path}: onnxruntime's raw heads differ from PyTorch's by {worst:.2e} at "
+                               f"input {tuple(x.shape)}, above {atol}")
+
+    return check
 
 
 def _float_check(atol: float) -> Check:

@@ -56,6 +56,20 @@ def test_float_onnx_matches_pytorch(name, tmp_path):
     assert rel_err(_onnx_out(out[0], x), ref) < 1e-4
 
 
+def test_raw_heads_onnx_matches_pytorch_at_a_second_size(tmp_path):
+    model = MODELS["yolov4-tiny"]().eval()
+    pt = _pt(model, tmp_path / "m.pt")
+    out = export.main(["--weights", pt, "--include", "onnx", "--raw", "--dynamic"])[0]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["head0", "head1"]
+    x = torch.rand(2, 3, SIZE + 32, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)[1]
+    got = sess.run(None, {"images": x.numpy()})
+    assert [g.shape for g in got] == [tuple(r.shape) for r in ref]  # (B, anchors, H, W, 5 + C)
+    assert max(rel_err(g, r.numpy()) for g, r in zip(got, ref)) < 1e-4
+
+
 def _quantized(name: str, fpga: bool) -> Darknet:
     torch.manual_seed(0)
     model = tame_model(REPO / "cfg" / f"{name}.cfg")
