@@ -35,7 +35,6 @@ from utils.cli import run_cli
 from utils.errors import UserError
 
 FORMATS = ("onnx", "onnx-int8", "engine", "weights", "fpga")
-LATER: dict[str, int] = {}  # format -> the issue that brings it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -167,10 +166,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
     weights = Path(a.weights)
     if not weights.is_file():
         raise UserError(f"--weights {weights}: file not found")
-    later = [f for f in a.include if f in LATER]
-    if later:
-        raise UserError(f"--include {' '.join(later)}: not implemented yet (issue #{LATER[later[0]]}); "
-                        f"available today: {', '.join(f for f in FORMATS if f not in LATER)}")
     if a.img_size is not None and len(a.img_size) > 2:
         raise UserError(f"--img-size {' '.join(map(str, a.img_size))}: give one size, or height and width")
     meta = load_checkpoint(weights)["meta"] if weights.suffix == ".pt" else {}

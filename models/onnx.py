@@ -108,8 +108,10 @@ def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int
 
 def _write(module: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: bool, simplify: bool,
            outputs: list[str]) -> None:
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "detections": {0: "batch", 1: "boxes"}}
-    axes |= {name: {0: "batch", 2: f"{name}_h", 3: f"{name}_w"} for name in outputs if name != "detections"}
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}}
+    for name in outputs:
+        axes[name] = {0: "batch", 1: "boxes"} if name == "detections" else {0: "batch", 2: f"{name}_h",
+                                                                             3: f"{name}_w"}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         for message in ("You are using the legacy TorchScript", "The feature will be removed"):

@@ -259,7 +259,7 @@ def test_names_classes_and_half_options(models, media, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["missing source", "unreadable video", "unreadable image", "missing weights",
                                   "empty folder", "bad list line", "names count", "class index",
-                                  "fixed onnx size", "view-img headless", "export later format"])
+                                  "fixed onnx size", "view-img headless", "export raw int8"])
 def test_errors_are_one_line_and_exit_2(models, media, tmp_path, capsys, case):
     bad_video = tmp_path / "bad.mp4"
     bad_video.write_bytes(b"\x00" * 100)
@@ -282,7 +282,7 @@ def test_errors_are_one_line_and_exit_2(models, media, tmp_path, capsys, case):
         "class index": ([*models["pt"], *image, "--classes", "6"], "--classes 6"),
         "fixed onnx size": ([*models["onnx"], *image, "--img-size", "96"], "--dynamic"),
         "view-img headless": ([*models["pt"], *image, "--view-img"], "--view-img"),
-        "export later format": ([*models["pt"], "--include", "onnx", "fpga"], "issue #7"),
+        "export raw int8": ([*models["pt"], "--include", "onnx-int8", "--raw"], "--raw"),
     }[case]
     main = export.main if case.startswith("export") else detect.main
     out = tmp_path / "o"
