@@ -18,9 +18,9 @@ def evaluate_pt(weights: str | Path, data: str, img_size: int, out: Path, name: 
 
 def finetune(weights: Path, data: str, epochs: int, out: Path, name: str, **train_opts) -> EvalResult:
     """``train.py --weights W --hyp data/hyp.finetune.yaml`` for ``epochs`` (Adam at 5e-5, no warm-up),
-    evaluated once at the end; ``train_opts`` are further :class:`TrainOptions` fields."""
+    evaluated once at the end; ``train_opts`` are further :class:`TrainOptions` fields (``hyp`` too)."""
     from utils.trainer import REPO, Trainer, TrainOptions
 
+    train_opts.setdefault("hyp", str(REPO / "data" / "hyp.finetune.yaml"))
     return Trainer(TrainOptions(weights=str(weights), data=data, epochs=epochs, project=str(out), name=name,
-                                exist_ok=True, notest=True, hyp=str(REPO / "data" / "hyp.finetune.yaml"),
-                                **train_opts)).fit()
+                                exist_ok=True, notest=True, **train_opts)).fit()

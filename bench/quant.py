@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--freeze-bn-epoch", type=int, default=None, help="default: epochs // 2")
     ap.add_argument("--freeze-observer-epoch", type=int, default=None, help="default: epochs - 1")
     ap.add_argument("--dorefa-range", type=float, default=None, help="default: train.py's")
+    ap.add_argument("--hyp", default="data/hyp.finetune.yaml", help="QAT hyperparameters")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib-images", type=int, default=256)
@@ -78,10 +79,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             opts = {**opts, **freeze}
             if a.dorefa_range is not None:
                 opts["dorefa_range"] = a.dorefa_range
-        finetune(Path(a.weights), a.data, a.epochs, out, name, img_size=[a.img_size], seed=a.seed, **opts)
+        finetune(Path(a.weights), a.data, a.epochs, out, name, img_size=[a.img_size], seed=a.seed, hyp=a.hyp,
+                 **opts)
         record(name, description, out / name / "weights" / "last.pt", (time.time() - t0) / a.epochs)
     base = rows[0]
-    print(f"\nQAT: {a.epochs} fine-tuning epochs (data/hyp.finetune.yaml), seed {a.seed}, {a.img_size} px, "
+    print(f"\nQAT: {a.epochs} fine-tuning epochs ({a.hyp}), seed {a.seed}, {a.img_size} px, "
           f"BN frozen from epoch {freeze['freeze_bn_epoch']}, ranges from {freeze['freeze_observer_epoch']}; "
           f"PTQ: {a.calib_images} calibration images\n")
     print("| run | mAP@0.5 | mAP@0.5:0.95 | Δ mAP@0.5 vs float | s/epoch (QAT), s (PTQ) |")
