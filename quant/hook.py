@@ -4,6 +4,9 @@
 before the optimizer and the EMA exist; at the start of epoch ``--freeze-bn-epoch`` the folded batch
 norms switch to their running statistics, and at ``--freeze-observer-epoch`` the activation ranges stop
 moving (Jacob et al., 2018: both late in training, so the last epochs train what inference computes).
+Started from a PTQ checkpoint (``train.py --weights runs/ptq/x/quantized.pt --quantized ...``), QAT
+keeps the calibrated activation ranges fixed and trains the weights under them: at 4 bits this
+starts far better than moving averages of the batch extremes (README, Quantization).
 """
 
 from __future__ import annotations
@@ -32,15 +35,20 @@ class QuantHook(TrainHook):
         self.config = config
         self.freeze_bn_epoch, self.freeze_observer_epoch = freeze_bn_epoch, freeze_observer_epoch
 
+    calibrated = False  # the model came from PTQ: its ranges stay as calibrated
+
     def prepare_model(self, trainer: Trainer, model: nn.Module) -> nn.Module:
         if model.quant_config is not None:  # a quantized checkpoint: keep going
+            # a PTQ checkpoint (minmax/percentile/mse ranges) keeps its calibrated ranges: those
+            # observers are not moving averages and would jump to each batch's extremes
+            self.calibrated = model.quant_config.observer != "ema"
             return model
         return quantize_model(model, self.config)
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if 0 <= self.freeze_bn_epoch <= epoch:
             freeze_bn(trainer.model)
-        if 0 <= self.freeze_observer_epoch <= epoch:
+        if self.calibrated or 0 <= self.freeze_observer_epoch <= epoch:
             freeze_observers(trainer.model)
 
 

@@ -430,3 +430,26 @@ def test_a_shared_scale_clips_none_of_the_joined_tensors():
         assert (fake_quantize(t, scale, zp, q.scheme) - t).abs().max() <= scale * 0.5001  # float slack
     lo, hi = q.range()
     assert lo.item() == pytest.approx(b.min().item()) and hi.item() == pytest.approx(b.max().item())
+
+
+def test_qat_from_a_ptq_checkpoint_keeps_its_calibrated_ranges(shapes_data, float_pt, tmp_path):
+    from quant import ptq
+    from tests.test_train import tiny_opts
+    from utils.trainer import Trainer
+
+    out = tmp_path / "ptq"
+    ptq.main(["--weights", str(float_pt), "--data", str(shapes_data), "--w-bit", "4", "--a-bit", "4",
+              "--calib", "mse", "--images", "8", "--batch-size", "4", "--img-size", "64", "--FPGA",
+              "--output", str(out)])
+
+    def ranges(path) -> list[tuple[float, float]]:
+        quants = [q for q in load_model(path).modules() if isinstance(q, ActQuant)]
+        return [(q.range()[0].item(), q.range()[1].item()) for q in quants]
+
+    before = ranges(out / "quantized.pt")
+    opts = tiny_opts(shapes_data, tmp_path, epochs=1, weights=str(out / "quantized.pt"), quantized="google",
+                     w_bit=4, a_bit=4, bn_fold=True, fpga=True, notest=True, ema=False)
+    Trainer(opts).fit()
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    assert ranges(last) == before  # not overwritten by batch extremes
+    assert load_model(last).quant_config.observer == "mse"
