@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
                    help="fold batch norms into the quantized weights (Jacob et al.)")
     q.add_argument("--FPGA", "--fpga", dest="fpga", action="store_true",
                    help="power-of-two scales and every layer quantized, image and heads included")
-    q.add_argument("--a-symmetric", action="store_true",
+    q.add_argument("--a-symmetric", action="store_true", default=d.a_symmetric,
                    help="google: symmetric signed activations with zero point 0 (what TensorRT runs) "
                         "instead of affine uint8-style ones")
     q.add_argument("--dorefa-range", type=float, default=d.dorefa_range,

@@ -140,16 +140,13 @@ def _leaky(activation: str) -> dict:
 
 def _conv_entry(layer: nn.Module, i: int, in_q: ActQuant, out: Path, ids: dict[int, int]) -> dict:
     assert isinstance(layer, QConvBN)
-    w_f, b_f, _ = layer._folded()
-    w_q, s_w = layer.quantized_weight(w_f)
+    w_codes, s_w, b_codes = layer.integer_params()
     s_in = in_q.qparams()[0]
-    w_codes = torch.round(w_q / s_w.view(-1, 1, 1, 1)).to(torch.int8)
-    b_codes = torch.round(layer.quantized_bias(b_f, s_w) / (s_in * s_w))
     if b_codes.abs().max() >= 2 ** 31:
         raise UserError(f"layer {i}: a bias needs more than int32 at scale s_in·s_w")
     e_in, e_w = _exponent(s_in)[0], _exponent(s_w)
     names = {k: f"layer_{i:03d}.{k}.npy" for k in ("weight", "bias")}
-    np.save(out / names["weight"], w_codes.numpy())
+    np.save(out / names["weight"], w_codes.to(torch.int8).numpy())
     np.save(out / names["bias"], b_codes.to(torch.int32).numpy())
     c = layer.conv
     act = {nn.LeakyReLU: "leaky", nn.ReLU: "relu", nn.Identity: "linear"}[type(layer.act)]
@@ -291,8 +288,8 @@ def compare_with_model(package: str | Path, model: Darknet, image: np.ndarray) -
         else:
             codes = np.ldexp(y, -out["exponent"]) + out["zero_point"]
         got = ref[str(e["index"])]
-        if e["type"] == "convolutional":
-            biggest = max(biggest, int(np.abs(got).max(initial=0)) if out is None else biggest)
+        if e["type"] == "convolutional" and out is None:
+            biggest = max(biggest, int(np.abs(got).max(initial=0)))
         layers += 1
         if codes.shape != got.shape or not np.array_equal(codes, got.astype(np.float64)):
             n = int((codes != got).sum()) if codes.shape == got.shape else -1

@@ -27,7 +27,15 @@ from torch import nn
 
 from models.layers import ConvBN
 from quant.observers import Observer
-from quant.quantizers import Scheme, constant, dorefa_weights, fake_quantize, round_ste, scale_zero_point
+from quant.quantizers import (
+    Scheme,
+    constant,
+    dorefa_weights,
+    fake_quantize,
+    integers,
+    round_ste,
+    scale_zero_point,
+)
 
 WEIGHT_METHODS = ("google", "dorefa")
 
@@ -186,6 +194,22 @@ class QConvBN(nn.Module):
             return self.quantized_weight(constant(w_f))[0], b
         w_q, s_w = self.quantized_weight(w_f)
         return w_q, self.quantized_bias(b_f, s_w)
+
+    @torch.no_grad()
+    def integer_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What an integer pipeline stores: (weight codes, weight scale ``s_w``, bias codes on the
+        ``s_in·s_w`` grid, or None when the input is float), from the running statistics."""
+        w_f, b_f, _ = self._folded()
+        _, s_w = self.quantized_weight(w_f)
+        if s_w is None:
+            raise ValueError("DoReFa weights have no integer scale of their own")
+        axis = 0 if self.spec.per_channel else None
+        codes = integers(w_f, s_w, torch.zeros_like(s_w), self.spec.w_scheme, axis)
+        inq = self.input_quant[0]
+        if inq is None:
+            return codes, s_w, None
+        step = inq.qparams()[0] * s_w
+        return codes, s_w, torch.round(self.quantized_bias(b_f, s_w) / step)
 
     # ------------------------------------------------------------ forward
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

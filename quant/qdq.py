@@ -97,9 +97,7 @@ def weight_qdq(model: Darknet) -> Callable:
                 raise RuntimeError(f"layer {i}: no Conv node /model/layers.{i}/Conv in the exported graph")
             node = convs[i]
             w = _constant(proto, node.input[1])
-            with torch.no_grad():
-                _, s_w = layer.quantized_weight(layer._folded()[0])
-            scale = s_w.detach().cpu().numpy().astype(np.float32).reshape(-1)
+            scale = layer.integer_params()[1].cpu().numpy().astype(np.float32).reshape(-1)
             codes = w / scale.reshape(-1, *([1] * (w.ndim - 1)))
             if scale.shape[0] != w.shape[0] or np.abs(codes - np.round(codes)).max(initial=0) > 1e-3:
                 raise RuntimeError(f"layer {i}: the exported weights are not on their int8 grid")
