@@ -37,7 +37,7 @@ from utils.errors import UserError
 FORMATS = ("onnx", "onnx-int8", "engine", "weights", "fpga")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help=".pt checkpoint, or darknet weights with --cfg")
     p.add_argument("--cfg", default=None, help="darknet cfg (needed with darknet weights)")
@@ -53,7 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--half", action="store_true", help="engine: FP16 (a float checkpoint)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--output", default=None, help="output stem (default: the weights' path without suffix)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 @dataclass

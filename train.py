@@ -19,7 +19,7 @@ from utils.errors import UserError
 from utils.trainer import Trainer, TrainOptions
 
 
-def parse_args(argv: list[str] | None = None) -> TrainOptions:
+def build_parser() -> argparse.ArgumentParser:
     d = TrainOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default=d.cfg,
@@ -95,7 +95,11 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
                    help="from this epoch folded BNs use their running statistics (-1: never)")
     q.add_argument("--freeze-observer-epoch", type=int, default=d.freeze_observer_epoch,
                    help="from this epoch activation ranges stop moving (-1: never)")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainOptions:
+    a = build_parser().parse_args(argv)
     if a.resume == "latest":
         found = sorted(Path(a.project).glob("*/weights/last.pt"), key=lambda f: f.stat().st_mtime)
         if not found:

@@ -47,7 +47,7 @@ def bench_cfg(cfg_path: str, size: int, runs: int, warmup: int) -> dict[str, flo
         }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cfgs", nargs="+", default=["cfg/yolov3-tiny.cfg", "cfg/yolov3.cfg"])
     ap.add_argument("--img-size", type=int, default=416)
@@ -58,10 +58,14 @@ def main(argv: list[str] | None = None) -> None:
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads; OpenCV {cv2.__version__})")
     print(f"{'cfg':<22}{'OpenCV ms':>11}{'torch ms':>10}{'fused ms':>10}{'torch/OpenCV':>14}"
           f"{'fused/OpenCV':>14}")
+    rows = []
     for cfg in args.cfgs:
         r = bench_cfg(cfg, args.img_size, args.runs, args.warmup)
+        rows.append({"cfg": Path(cfg).name, "opencv_ms": r["opencv"], "torch_ms": r["torch"],
+                     "torch_fused_ms": r["torch_fused"], "fused_over_opencv": r["torch_fused"] / r["opencv"]})
         print(f"{Path(cfg).name:<22}{r['opencv']:>11.1f}{r['torch']:>10.1f}{r['torch_fused']:>10.1f}"
               f"{r['torch'] / r['opencv']:>14.2f}{r['torch_fused'] / r['opencv']:>14.2f}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
         latency = onnx_latency(load_model(final / "pruned.pt").eval(), final / "pruned.onnx", img, a.runs)
         ft50 = ft = None
         if a.finetune_epochs:
-            tuned = finetune(final / "pruned.pt", a.data, a.finetune_epochs, out, f"{method}-ft")
+            tuned = finetune(final / "pruned.pt", a.data, a.finetune_epochs, out, f"{method}-ft",
+                             img_size=[img])
             ft50, ft = tuned.map50, tuned.map
         b, p, r = report["before"], report["after"], recal["after"]
         gflops_ratio = p["gflops"] / base_gflops
@@ -122,7 +123,7 @@ def print_methods(rows: list[dict], epochs: int) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def wall_times(cfg: str, img_size: int = 64) -> None:
+def wall_times(cfg: str, img_size: int = 64) -> list[dict]:
     """Seconds each method takes to decide and build the pruned model of ``cfg`` (tame weights)."""
     model = tame_random_weights(Darknet(cfg), img_size=img_size)
     g = torch.Generator().manual_seed(0)
@@ -134,6 +135,7 @@ def wall_times(cfg: str, img_size: int = 64) -> None:
     print("| method | seconds | parameters after (ratio) |")
     print("| --- | ---: | ---: |")
     has_blocks = bool(residual_blocks(model.cfg))
+    rows = []
     for method in METHODS:
         if method in ("layer", "layer_channel") and not has_blocks:
             continue
@@ -142,9 +144,12 @@ def wall_times(cfg: str, img_size: int = 64) -> None:
         seconds = time.perf_counter() - t
         ratio = params(pruned) / params(model)
         print(f"| {method} | {seconds:.2f} | {params(pruned) / 1e6:.2f} M ({ratio:.2f}) |")
+        rows.append({"method": f"{method}, {Path(cfg).name} (wall time)", "seconds": seconds,
+                     "params_ratio": ratio})
+    return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", help="sparse-trained .pt (omit to time yolov4 pruning only)")
     ap.add_argument("--data", default="datasets/shapes/shapes.data")
@@ -159,12 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--project", default="runs/bench")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
+    rows = []
     if a.weights:
         out = new_run_dir(a.project, "prune_methods")
         rows = methods_table(a, out)
         print_methods(rows, a.finetune_epochs)
         print(f"\nresults in {out}")
-    wall_times(a.wall_time_cfg)
+    return rows + wall_times(a.wall_time_cfg)
 
 
 if __name__ == "__main__":

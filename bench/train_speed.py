@@ -24,7 +24,7 @@ from utils.datasets import read_data_file, set_epoch
 from utils.trainer import Trainer, TrainOptions, default_workers, resolve_data
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cfg", default="cfg/yolo-small.cfg")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=12, help="batches per measurement")
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--repeats", type=int, default=3)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     data = read_data_file(resolve_data(""))
     with tempfile.TemporaryDirectory() as tmp:
         n_img = a.batch_size * a.batches
@@ -87,6 +87,9 @@ def main() -> None:
     print(f"full train step:        {1000 * f:.0f} ms/batch = {a.batch_size / f:.1f} images/s")
     print(f"bare fwd+loss+bwd+opt:  {1000 * b:.0f} ms/batch = {a.batch_size / b:.1f} images/s")
     print(f"overhead ratio full/bare: {f / b:.3f}")
+    return [{"setting": f"{Path(a.cfg).name} batch {a.batch_size} at {a.img_size}, {a.workers} workers",
+             "loader_images_per_s": statistics.median(load_rates), "full_step_ms": 1000 * f,
+             "bare_step_ms": 1000 * b, "full_over_bare": f / b}]
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ CHANNELS = {"normal", "shortcut", "slim", "regular", "layer_channel"}
 LAYERS = {"layer", "layer_channel"}
 
 
-def parse_args(method: str, argv: list[str] | None) -> argparse.Namespace:
+def build_parser(method: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"prune/{method}_prune.py",
                                 description=f"{method} pruning: {METHODS[method]}. Writes a smaller cfg, "
                                             f"darknet .weights and a .pt checkpoint.")
@@ -65,7 +65,11 @@ def parse_args(method: str, argv: list[str] | None) -> argparse.Namespace:
                    help="do not fold the constant output of removed channels into their consumers")
     p.add_argument("--latency-runs", type=int, default=10, help="forward passes timed for CPU latency")
     p.add_argument("--output", default=None, help="output folder (default: a new runs/prune/<method>)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(method: str, argv: list[str] | None) -> argparse.Namespace:
+    return build_parser(method).parse_args(argv)
 
 
 @dataclass

@@ -121,4 +121,5 @@ class SparsityHook(TrainHook):
         if trainer.run_dir is not None:
             from utils.plots import plot_gamma_histograms
 
-            plot_gamma_histograms(self.history, trainer.run_dir / "gamma.png")
+            plot_gamma_histograms([(f"epoch {e + 1}", v) for e, v in self.history],
+                                  trainer.run_dir / "gamma.png")

@@ -32,7 +32,7 @@ from utils.files import new_run_dir
 CALIBRATIONS = ("minmax", "percentile", "mse")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="trained float .pt")
     p.add_argument("--data", required=True, help=".data file whose training images calibrate")
@@ -50,7 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="symmetric signed activations with zero point 0 (TensorRT) instead of affine")
     p.add_argument("--name", default="exp")
     p.add_argument("--output", default=None, help="output folder (default: a new runs/ptq/<name>)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 from utils.metrics import ClassStats, ConfusionMatrix
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +23,7 @@ def _pyplot():
 
 def plot_results(csv_path: str | Path, path: str | Path) -> Path:
     """Every numeric column of a results.csv (first column ``epoch``) as a grid of small plots."""
-    plt = _pyplot()
+    plt = pyplot()
     with Path(csv_path).open() as fh:
         rows = list(csv.DictReader(fh))
     cols = [c for c in (rows[0].keys() if rows else []) if c != "epoch"]
@@ -46,7 +46,7 @@ def plot_results(csv_path: str | Path, path: str | Path) -> Path:
 
 def plot_pr_curve(stats: ClassStats, path: str | Path) -> Path:
     """Precision-recall at IoU 0.5 per class (COCO-interpolated) and their mean."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     for k, c in enumerate(stats.classes):
         ax.plot(stats.recall_points, stats.precision_curve[k], lw=1,
@@ -64,7 +64,7 @@ def plot_pr_curve(stats: ClassStats, path: str | Path) -> Path:
 
 def plot_confusion_matrix(cm: ConfusionMatrix, names: list[str], path: str | Path) -> Path:
     """Counts normalised per true class (columns), background last."""
-    plt = _pyplot()
+    plt = pyplot()
     m = cm.matrix.astype(float)
     m = m / np.maximum(m.sum(0, keepdims=True), 1)
     labels = [*names, "background"]
@@ -111,20 +111,24 @@ def draw_detections(img: np.ndarray, dets: np.ndarray, names: list[str] | None =
     return img
 
 
-def plot_gamma_histograms(history: list[tuple[int, object]], path: str | Path, bins: int = 60) -> Path:
-    """One |γ| histogram per epoch (``history``: (epoch, |γ| tensor or array)), drawn as stacked lines."""
-    plt = _pyplot()
+def plot_gamma_histograms(history: list[tuple[str, object]], path: str | Path, bins: int = 60,
+                          log: bool = False) -> Path:
+    """One |γ| histogram per (label, |γ| tensor or array) of ``history``, drawn as lines from the first
+    colour to the last; only the first and last are labelled. ``log``: a logarithmic count axis."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     values = [np.asarray(g, dtype=np.float64) for _, g in history]
     top = max((float(v.max()) for v in values if v.size), default=1.0) or 1.0
     edges = np.linspace(0, top, bins + 1)
     cmap = plt.get_cmap("viridis")
-    for k, ((epoch, _), v) in enumerate(zip(history, values)):
+    for k, ((label, _), v) in enumerate(zip(history, values)):
         counts, _ = np.histogram(v, edges)
         ax.plot((edges[:-1] + edges[1:]) / 2, counts, color=cmap(k / max(len(values) - 1, 1)),
-                label=f"epoch {epoch + 1}" if k in (0, len(values) - 1) else None)
+                label=label if k in (0, len(values) - 1) else None)
     ax.set_xlabel("|gamma| of the penalized batch norms")
     ax.set_ylabel("channels")
+    if log:
+        ax.set_yscale("symlog", linthresh=1)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -253,7 +253,9 @@ class Trainer:
                 self.device = torch.device("cuda", local_rank)
             else:
                 self.device = torch.device("cpu")
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.owns_process_group = not dist.is_initialized()  # compress.py may have started it
+            if self.owns_process_group:
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             if opts.batch_size % self.world_size:
                 raise UserError(f"--batch-size {opts.batch_size} must be a multiple of the "
                                 f"{self.world_size} processes")
@@ -398,7 +400,7 @@ class Trainer:
             if writer is not None:
                 writer.close()
                 self.writer = None
-            if self.world_size > 1:
+            if self.world_size > 1 and getattr(self, "owns_process_group", False):
                 import torch.distributed as dist
 
                 if dist.is_initialized():

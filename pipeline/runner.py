@@ -1,0 +1,272 @@
+"""Run a recipe's stages in order, each in its own folder, skipping the ones already done.
+
+Every stage folder holds ``stage.json``: written when the stage starts (it marks the folder as the
+pipeline's) and completed when it ends, with the script's command line, the outputs and the wall time.
+A finished stage whose recipe entry is unchanged is skipped; a changed one is an error that names
+``--restart-from``. An interrupted training stage continues from its ``last.pt``.
+
+Under ``torchrun`` every process runs the training stages (DistributedDataParallel, as train.py does);
+only rank 0 runs the other stages and writes records and logs, and all ranks meet at a barrier after
+each stage, so the next one starts from the files rank 0 finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.recipe import STAGE_REFERENCES, Recipe, Stage, flag_argv
+from utils.errors import UserError
+
+RECORD = "stage.json"
+
+
+@dataclass
+class StageRecord:
+    """What a stage left behind: read from its ``stage.json``."""
+
+    name: str
+    run: str
+    folder: Path
+    checkpoint: Path | None  # the .pt the next stage starts from (None: an export stage)
+    outputs: list[Path] = field(default_factory=list)
+    command: str = ""
+    seconds: float = 0.0
+    source: str | None = None  # the stage it started from
+    options: dict[str, Any] = field(default_factory=dict)
+    given: bool = False  # --weights stood in for this stage
+    skipped: bool = False  # done by an earlier invocation
+
+    @classmethod
+    def read(cls, folder: Path, skipped: bool) -> StageRecord:
+        r = json.loads((folder / RECORD).read_text())
+        ckpt = r.get("checkpoint")
+        return cls(r["name"], r["run"], folder, Path(ckpt) if ckpt else None, [Path(p) for p in r["outputs"]],
+                   r["command"], r["seconds"], r["signature"].get("from"), r["signature"].get("options", {}),
+                   r.get("given", False), skipped)
+
+
+class _Tee:
+    """stdout to the terminal and to a stage's log.txt."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, s: str) -> int:
+        self.log.write(s)
+        return self.stream.write(s)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write through a temporary file and rename: other processes never read half a record."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, root: Path, weights: str | None = None):
+        self.recipe, self.root = recipe, Path(root)
+        self.weights = Path(weights) if weights else None
+        if self.weights and not self.weights.is_file():
+            raise UserError(f"--weights {self.weights}: file not found")
+        if self.weights and self.weights.suffix != ".pt":
+            raise UserError(f"--weights {self.weights}: the pipeline starts from a .pt checkpoint (convert "
+                            f"darknet weights with train.py --cfg C --weights W --epochs 0 ... or train one)")
+        self.records: dict[str, StageRecord] = {}
+        self.rank = int(os.environ.get("RANK", -1))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.main = self.rank in (-1, 0)
+
+    def folder(self, stage: Stage) -> Path:
+        return self.root / stage.name
+
+    def signature(self, stage: Stage, first: bool) -> dict[str, Any]:
+        sig = stage.signature()
+        if first and self.weights:
+            sig = {"given": str(self.weights.resolve())}
+        else:
+            sig["run_wide"] = {"data": self.recipe.data, "img_size": self.recipe.img_size,
+                               "cfg": self.recipe.cfg if first else "", "device": self.recipe.device}
+        return _jsonable(sig)
+
+    # ---------------------------------------------------------------- restarting
+    def clear_from(self, name: str) -> None:
+        """Delete the folders of stage ``name`` and every later one (only folders the pipeline made)."""
+        self._start_processes()
+        if not self.main:
+            return self._barrier()
+        start = self.recipe.index(name)
+        doomed = [self.folder(s) for s in self.recipe.stages[start:] if self.folder(s).exists()]
+        for folder in doomed:
+            if not (folder / RECORD).is_file():
+                raise UserError(f"--restart-from {name}: {folder} was not made by compress.py (no {RECORD}); "
+                                f"move it away first")
+        for folder in doomed:
+            shutil.rmtree(folder)
+            print(f"removed {folder} (--restart-from {name})")
+        self._barrier()
+
+    def _start_processes(self) -> None:
+        """Under torchrun: the process group the barriers and the training stages use."""
+        if self.world_size == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        if self.recipe.device not in ("", "cpu"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("gloo" if self.recipe.device in ("", "cpu") else "nccl")
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        """End the process group the pipeline started (torchrun)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    # ---------------------------------------------------------------- running
+    def run(self) -> list[StageRecord]:
+        self._start_processes()
+        self.root.mkdir(parents=True, exist_ok=True)
+        stages = self.recipe.stages
+        for k, stage in enumerate(stages):
+            if self.main:
+                print(f"\n=== stage {k + 1}/{len(stages)}: {stage.name} ({stage.run}"
+                      f"{' ' + stage.method if stage.method else ''}) ===")
+            record = self._stage(stage, first=k == 0)
+            self._barrier()
+            self.records[stage.name] = record or StageRecord.read(self.folder(stage), skipped=False)
+        return list(self.records.values())
+
+    def _stage(self, stage: Stage, first: bool) -> StageRecord | None:
+        """Run (or skip) one stage; None on a rank other than 0, which reads rank 0's record after."""
+        folder = self.folder(stage)
+        record_path = folder / RECORD
+        signature = self.signature(stage, first)
+        if record_path.is_file():
+            old = json.loads(record_path.read_text())
+            if old["signature"] != signature:
+                raise UserError(f"stage '{stage.name}': {folder} was made with other settings "
+                                f"({json.dumps(old['signature'])}); the recipe now says "
+                                f"{json.dumps(signature)}; rerun with --restart-from {stage.name}, or "
+                                f"use another --name")
+            if old["finished"]:
+                record = StageRecord.read(folder, skipped=True)
+                missing = [p for p in [record.checkpoint, *record.outputs] if p and not p.exists()]
+                if missing:
+                    raise UserError(f"stage '{stage.name}': {missing[0]} is missing; rerun with "
+                                    f"--restart-from {stage.name}")
+                if self.main:
+                    print(f"skipped: done earlier ({record.seconds:.0f} s); its outputs are in {folder}")
+                return record
+        elif folder.exists() and self.main:
+            raise UserError(f"stage '{stage.name}': {folder} exists and was not made by compress.py; "
+                            f"move it away or use another --name")
+        if not self.main:  # only the training stages run on every process
+            if stage.run == "train" and not (first and self.weights):
+                checkpoint = folder / stage.script.checkpoint
+                argv = self._resume(stage, checkpoint, self.argv(stage, first))
+                if argv:
+                    stage.script.main(stage.method, argv)
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        if first and self.weights:
+            return self._finish(stage, folder, signature, self.weights.resolve(), [], "given", 0.0,
+                                given=True)
+        _write_json(record_path, {"name": stage.name, "signature": signature, "finished": False})
+        argv = self.argv(stage, first)
+        checkpoint = folder / stage.script.checkpoint if stage.script.checkpoint else None
+        argv = self._resume(stage, checkpoint, argv)
+        command = f"{stage.script.command(stage.method)} {' '.join(argv)}"
+        print(command)
+        t0 = time.time()
+        with (folder / "log.txt").open("a") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)):
+            # no argv: a training stage whose last.pt had already finished every epoch
+            result = stage.script.main(stage.method, argv) if argv else None
+        seconds = time.time() - t0  # of this invocation (a resumed stage: the part after the restart)
+        outputs = [Path(p) for p in result] if stage.run == "export" else []
+        return self._finish(stage, folder, signature, checkpoint, outputs, command, seconds)
+
+    def _finish(self, stage: Stage, folder: Path, signature: dict, checkpoint: Path | None,
+                outputs: list[Path], command: str, seconds: float, given: bool = False) -> StageRecord:
+        _write_json(folder / RECORD, {
+            "name": stage.name, "run": stage.run, "signature": signature, "finished": True,
+            "checkpoint": str(checkpoint) if checkpoint else None, "outputs": [str(p) for p in outputs],
+            "command": command, "seconds": round(seconds, 1), "given": given})
+        return StageRecord.read(folder, skipped=False)
+
+    def _resume(self, stage: Stage, checkpoint: Path | None, argv: list[str]) -> list[str]:
+        """An interrupted training stage continues from its last.pt (an empty argv: nothing left to do)."""
+        if stage.run != "train" or checkpoint is None or not checkpoint.is_file():
+            return argv
+        from models.io import load_checkpoint
+
+        meta = load_checkpoint(checkpoint)["meta"]
+        if "opts" not in meta or "epoch" not in meta:
+            return argv
+        if meta["epoch"] + 1 >= meta["opts"]["epochs"]:
+            if self.main:
+                print(f"{checkpoint} finished its {meta['opts']['epochs']} epochs before the interruption")
+            return []
+        if self.main:
+            print(f"continuing the interrupted stage from {checkpoint} (epoch {meta['epoch'] + 1} done)")
+        return ["--resume", str(checkpoint)]
+
+    def input_checkpoint(self, name: str) -> Path:
+        record = self.records.get(name)
+        if record is None or record.checkpoint is None:
+            raise UserError(f"{self.recipe.path}: stage '{name}' has no checkpoint to start from")
+        return record.checkpoint
+
+    def argv(self, stage: Stage, first: bool) -> list[str]:
+        """The script's command line: the recipe's flags, then what the pipeline sets."""
+        from utils.trainer import resolve_data
+
+        recipe = self.recipe
+        options = {k: (str(self.input_checkpoint(v)) if k in STAGE_REFERENCES and v in self.records else v)
+                   for k, v in stage.options.items()}
+        argv = flag_argv(stage.script.parser(stage.method), options, f"{recipe.path}: stage '{stage.name}'")
+        if stage.source:
+            argv += ["--weights", str(self.input_checkpoint(stage.source))]
+        elif recipe.cfg:
+            argv += ["--cfg", recipe.cfg]
+        argv += ["--img-size", str(recipe.img_size)]
+        if stage.run != "export":
+            argv += ["--data", str(resolve_data(recipe.data))]
+        if stage.run == "train":
+            argv += ["--project", str(self.root), "--name", stage.name, "--exist-ok"]
+            if recipe.device:
+                argv += ["--device", recipe.device]
+        elif stage.run == "export":
+            argv += ["--output", str(self.folder(stage) / stage.source)]
+        else:
+            argv += ["--output", str(self.folder(stage))]
+        return argv
