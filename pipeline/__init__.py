@@ -1,0 +1,1 @@
+"""compress.py's machinery: recipes, the stage runner and the report."""
