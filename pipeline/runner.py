@@ -84,7 +84,8 @@ def _jsonable(value: Any) -> Any:
 
 class Pipeline:
     def __init__(self, recipe: Recipe, root: Path, weights: str | None = None):
-        self.recipe, self.root = recipe, Path(root)
+        # absolute, so the records stay valid from any working directory
+        self.recipe, self.root = recipe, Path(root).resolve()
         self.weights = Path(weights) if weights else None
         if self.weights and not self.weights.is_file():
             raise UserError(f"--weights {self.weights}: file not found")
