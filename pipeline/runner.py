@@ -90,8 +90,9 @@ class Pipeline:
         if self.weights and not self.weights.is_file():
             raise UserError(f"--weights {self.weights}: file not found")
         if self.weights and self.weights.suffix != ".pt":
-            raise UserError(f"--weights {self.weights}: the pipeline starts from a .pt checkpoint (convert "
-                            f"darknet weights with train.py --cfg C --weights W --epochs 0 ... or train one)")
+            raise UserError(f"--weights {self.weights}: the pipeline starts from a .pt checkpoint; train "
+                            f"darknet weights on your data first (train.py --cfg C --weights W --data D) "
+                            f"and give its last.pt")
         self.records: dict[str, StageRecord] = {}
         self.rank = int(os.environ.get("RANK", -1))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
