@@ -227,3 +227,14 @@ def test_torchrun_two_processes(shapes_data, tmp_path):
 
 
 MINI_DDP_STAGES = ("baseline", "prune", "finetune", "export")
+
+
+def test_given_weights_must_be_a_checkpoint(shapes_data, tmp_path):
+    recipe = write_recipe(tmp_path / "one.yaml", {"stages": {"baseline": {"run": "train", **TRAIN}}})
+    darknet = tmp_path / "yolo.weights"
+    darknet.write_bytes(b"\0" * 64)
+    with pytest.raises(UserError, match=r"starts from a \.pt checkpoint"):
+        run(recipe, shapes_data, tmp_path / "runs", "--weights", str(darknet))
+    with pytest.raises(UserError, match="file not found"):
+        run(recipe, shapes_data, tmp_path / "runs", "--weights", str(tmp_path / "missing.pt"))
+    assert not (tmp_path / "runs").exists()
