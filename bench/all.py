@@ -27,14 +27,15 @@ BENCHES = ("latency_opencv", "train_speed", "int8_latency", "prune_methods", "di
 
 
 def _stage_checkpoint(run: Path, stage: str) -> str:
-    record = run / stage / "stage.json"
+    from pipeline.runner import RECORD, StageRecord
+
+    record = run / stage / RECORD
     if not record.is_file():
         raise UserError(f"--pipeline {run}: no finished stage '{stage}' ({record} missing); run "
                         f"compress.py first or name another run")
-    ckpt = json.loads(record.read_text()).get("checkpoint")
-    if not json.loads(record.read_text()).get("finished") or not ckpt:
+    if not json.loads(record.read_text())["finished"]:
         raise UserError(f"--pipeline {run}: stage '{stage}' did not finish; rerun compress.py")
-    return ckpt
+    return str(StageRecord.read(record.parent, skipped=True).checkpoint)
 
 
 def _commands(a: argparse.Namespace, run: Path, img: str, data: str) -> dict[str, Callable[[], list[dict]]]:

@@ -14,9 +14,7 @@ says whether a graph ran integer kernels.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from quant.convert import QuantConfig, quantize_model
 from quant.modules import QuantSpec
 from quant.ptq import calibrate
 from quant.qdq import export_int8_onnx
-from utils.torch_utils import tame_random_weights
+from utils.torch_utils import alternating_medians, tame_random_weights
 
 
 def _session(path: Path, optimized: Path):
@@ -80,14 +78,8 @@ def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
         _ort_quantize(files["float"], files["ort_qop"], size)
         sessions = {k: _session(f, f.with_suffix(".opt.onnx")) for k, f in files.items()}
         ops = {k: _ops(f.with_suffix(".opt.onnx")) for k, f in files.items()}
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for i in range(warmup + runs):
-            for k, sess in sessions.items():
-                t = time.perf_counter()
-                sess.run(None, {"images": x})
-                if i >= warmup:
-                    times[k].append((time.perf_counter() - t) * 1e3)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        calls = [lambda s=sess: s.run(None, {"images": x}) for sess in sessions.values()]
+        med = dict(zip(sessions, alternating_medians(calls, runs, warmup)))
     return {"cfg": cfg, "float_ms": med["float"], "int8_ms": med["int8"], "ratio": med["int8"] / med["float"],
             "ort_ms": med["ort_qop"], "ort_ratio": med["ort_qop"] / med["float"], "ops": ops}
 

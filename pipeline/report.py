@@ -16,8 +16,6 @@ import io
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from models.darknet import Darknet
 from models.io import load_model
 from pipeline.recipe import Recipe
 from pipeline.runner import StageRecord
+from utils.torch_utils import alternating_medians
 
 GAMMA_PLOT, CHANNEL_PLOT = "gamma.png", "channels.png"
 GFLOPS_PLOT, LATENCY_PLOT = "accuracy_vs_gflops.png", "accuracy_vs_latency.png"
@@ -96,19 +95,6 @@ def _checkpoint_mb(model: Darknet) -> float:
     return buf.tell() / 1e6
 
 
-def _alternating_medians(calls: list[Callable | None], runs: int, warmup: int) -> list[float | None]:
-    times: list[list[float]] = [[] for _ in calls]
-    for r in range(warmup + runs):
-        for k, call in enumerate(calls):
-            if call is None:
-                continue
-            t = time.perf_counter()
-            call()
-            if r >= warmup:
-                times[k].append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(t) if t else None for t in times]
-
-
 def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 30, warmup: int = 3
             ) -> list[Row]:
     """One row per stage with a checkpoint (an export stage adds files, not a row)."""
@@ -147,11 +133,12 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
     # which slow x86 float math (measured 1.26x on a sparse yolo-small in PyTorch)
     torch.set_flush_denormal(True)
     try:
-        for row, ms in zip(rows, _alternating_medians(torch_calls, runs, warmup)):
+        for row, ms in zip(rows, alternating_medians(torch_calls, runs, warmup)):
             row.torch_ms = ms
     finally:
         torch.set_flush_denormal(False)
-    for row, ms in zip(rows, _alternating_medians(ort_calls, runs, warmup)):
+    timed = [(row, call) for row, call in zip(rows, ort_calls) if call is not None]
+    for (row, _), ms in zip(timed, alternating_medians([call for _, call in timed], runs, warmup)):
         row.ort_ms = ms
     return rows
 
@@ -176,7 +163,6 @@ def plots(rows: list[Row], records: list[StageRecord], out: Path) -> list[str]:
 
     plt = pyplot()
     made = []
-    by_name = {r.name: r for r in records}
     ckpt = {r.stage: r.checkpoint for r in rows}
     for file, xkey, xlabel in ((GFLOPS_PLOT, ("gflops",), "GFLOPs"),
                                (LATENCY_PLOT, ("torch_ms", "ort_ms"), "CPU latency, ms (batch 1, median)")):
@@ -210,7 +196,7 @@ def plots(rows: list[Row], records: list[StageRecord], out: Path) -> list[str]:
         before = _conv_widths(ckpt[first.source])
         ax.bar(range(len(before)), before, color="0.75", label=f"before ({first.source})")
         for r in pruned:
-            after = _conv_widths(by_name[r.name].checkpoint)
+            after = _conv_widths(r.checkpoint)
             ax.bar(range(len(after)), after, width=0.5, label=f"after ({r.name})")
         ax.set_xlabel("convolution (in cfg order)")
         ax.set_ylabel("output channels")

@@ -192,21 +192,20 @@ class Pipeline:
         elif folder.exists() and self.main:
             raise UserError(f"stage '{stage.name}': {folder} exists and was not made by compress.py; "
                             f"move it away or use another --name")
-        if not self.main:  # only the training stages run on every process
-            if stage.run == "train" and not (first and self.weights):
-                checkpoint = folder / stage.script.checkpoint
-                argv = self._resume(stage, checkpoint, self.argv(stage, first))
-                if argv:
-                    stage.script.main(stage.method, argv)
-            return None
-        folder.mkdir(parents=True, exist_ok=True)
         if first and self.weights:
+            if not self.main:
+                return None
+            folder.mkdir(parents=True, exist_ok=True)
             return self._finish(stage, folder, signature, self.weights.resolve(), [], "given", 0.0,
                                 given=True)
-        _write_json(record_path, {"name": stage.name, "signature": signature, "finished": False})
-        argv = self.argv(stage, first)
         checkpoint = folder / stage.script.checkpoint if stage.script.checkpoint else None
-        argv = self._resume(stage, checkpoint, argv)
+        argv = self._resume(stage, checkpoint, self.argv(stage, first))
+        if not self.main:  # only the training stages run on every process
+            if stage.run == "train" and argv:
+                stage.script.main(stage.method, argv)
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(record_path, {"name": stage.name, "signature": signature, "finished": False})
         command = f"{stage.script.command(stage.method)} {' '.join(argv)}"
         print(command)
         t0 = time.time()

@@ -127,3 +127,16 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
         fn()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def alternating_medians(fns: list[Callable[[], object]], runs: int, warmup: int) -> list[float]:
+    """Like :func:`median_ms` for several functions timed in turn, round after round, so drift in the
+    machine's speed hits each of them alike: one median (ms) per function."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(warmup + runs):
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(t) for t in times]
