@@ -22,29 +22,32 @@ from pathlib import Path
 
 from pipeline.recipe import load_recipe
 from pipeline.runner import Pipeline
-from utils.cli import run_cli
-from utils.errors import UserError
+from utils.cli import COUNT, IMG_SIZE, Parser, run_cli
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_RECIPE = REPO / "recipes" / "default.yaml"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="compress.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="the recipe (default: recipes/default.yaml)")
     p.add_argument("--name", default=None, help="run folder <project>/<name> (default: the recipe's name)")
     p.add_argument("--project", default="runs/compress")
     p.add_argument("--data", default=None, help="override the recipe's .data file")
     p.add_argument("--cfg", default=None, help="override the recipe's cfg (the first stage's model)")
-    p.add_argument("--img-size", type=int, default=None, help="override the recipe's image size")
+    p.add_argument("--img-size", type=IMG_SIZE, default=None, help="override the recipe's image size")
     p.add_argument("--device", default=None, help="override the recipe's training device (cpu, 0, ...)")
     p.add_argument("--weights", default=None,
                    help="a trained .pt that stands in for the first stage (the baseline is not trained)")
     p.add_argument("--restart-from", default=None, metavar="STAGE",
                    help="delete the outputs of STAGE and every later stage, then run them again")
     p.add_argument("--no-report", action="store_true", help="run the stages only")
-    p.add_argument("--latency-runs", type=int, default=30, help="timed runs per model in the report")
-    return p.parse_args(argv)
+    p.add_argument("--latency-runs", type=COUNT, default=30, help="timed runs per model in the report")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -55,8 +58,6 @@ def main(argv: list[str] | None = None) -> Path | None:
     for key in ("data", "cfg", "img_size", "device"):
         if getattr(a, key) is not None:
             setattr(recipe, key, getattr(a, key))
-    if a.latency_runs < 1:
-        raise UserError(f"--latency-runs {a.latency_runs}: must be at least 1")
     root = Path(a.project) / (a.name or recipe.path.stem)
     pipeline = Pipeline(recipe, root, a.weights)
     if a.restart_from:

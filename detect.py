@@ -6,16 +6,22 @@
 
 Images are written annotated under the same file name, videos as annotated .mp4 with the source's
 frame rate; ``--save-txt`` writes ``labels/<stem>.txt`` (videos ``<stem>_<frame>.txt``) with rows
-``class xc yc w h conf`` normalised to the original image. The output folder is created (default
-runs/detect/exp, exp2, ...); an existing --output is added to, never emptied.
+``class xc yc w h conf`` normalised to the original image. Sources in subfolders (a recursive glob)
+keep their subfolders, so equal names never collide. The output folder is created (default
+runs/detect/exp, exp2, ...); an existing --output is added to, never emptied. Every destination is
+checked before the first write: a source image, or the ground-truth label file of one, is never
+written over, and an existing file only with --exist-ok.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 
 import cv2
@@ -24,11 +30,12 @@ import torch
 
 from models.backends import Detector, load_detector
 from utils.boxes import non_max_suppression, scale_boxes
-from utils.cli import run_cli
+from utils.cli import COUNT, COUNT0, FRACTION, IMG_SIZE, Parser, run_cli
 from utils.errors import UserError
-from utils.files import new_run_dir, read_names
+from utils.files import img2label_path, is_image, is_video, next_run_dir, read_names
+from utils.outputs import OutputPlan, atomic_path, atomic_write
 from utils.plots import draw_detections
-from utils.sources import Frame, open_source
+from utils.sources import Frame, is_stream, open_source, output_stem
 from utils.torch_utils import select_device
 
 DEFAULT_IMG_SIZE = 256  # when neither the checkpoint nor the ONNX says
@@ -43,17 +50,17 @@ class DetectSummary:
     written: list[Path] = field(default_factory=list)  # annotated images and videos
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="detect.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help=".pt, darknet weights with --cfg, or .onnx")
     p.add_argument("--cfg", default=None, help="darknet cfg (needed with darknet weights)")
     p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index, URL, .txt")
-    p.add_argument("--img-size", type=int, default=None,
+    p.add_argument("--img-size", type=IMG_SIZE, default=None,
                    help=f"default: the checkpoint's or ONNX's size, else {DEFAULT_IMG_SIZE}")
-    p.add_argument("--conf-thres", type=float, default=0.25)
-    p.add_argument("--iou-thres", type=float, default=0.45)
-    p.add_argument("--max-det", type=int, default=1000)
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these class indices")
+    p.add_argument("--conf-thres", type=FRACTION, default=0.25)
+    p.add_argument("--iou-thres", type=FRACTION, default=0.45)
+    p.add_argument("--max-det", type=COUNT, default=1000)
+    p.add_argument("--classes", type=COUNT0, nargs="+", default=None, help="keep only these class indices")
     p.add_argument("--agnostic-nms", action="store_true")
     p.add_argument("--half", action="store_true", help="float16 (PyTorch on CUDA only)")
     p.add_argument("--device", default="cpu", help="cpu, 0, cuda:1")
@@ -63,7 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nosave", action="store_true", help="do not write annotated images/videos")
     p.add_argument("--output", default=None, help="default runs/detect/<name> (created, never emptied)")
     p.add_argument("--name", default="exp")
-    return p.parse_args(argv)
+    p.add_argument("--exist-ok", action="store_true",
+                   help="replace files already in the output folder (and reuse runs/detect/<name>); "
+                        "sources and their ground-truth labels are never written over")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def has_gui() -> bool:
@@ -76,8 +90,6 @@ def _check_args(a: argparse.Namespace, det: Detector, names: list[str] | None) -
     for opt, v in (("--conf-thres", a.conf_thres), ("--iou-thres", a.iou_thres)):
         if not 0 <= v <= 1:
             raise UserError(f"{opt} {v}: must be in [0, 1]")
-    if a.max_det < 1:
-        raise UserError(f"--max-det {a.max_det}: must be at least 1")
     if det.classes is not None:
         bad = [c for c in a.classes or [] if not 0 <= c < det.classes]
         if bad:
@@ -103,34 +115,34 @@ def main(argv: list[str] | None = None) -> DetectSummary:
     source = open_source(a.source, img_size, det.stride, auto=det.fixed_hw is None)
     if a.output and Path(a.output).exists() and not Path(a.output).is_dir():
         raise UserError(f"--output {a.output}: exists and is not a folder")
-    out = Path(a.output) if a.output else new_run_dir(Path("runs") / "detect", a.name)
+    out = Path(a.output) if a.output else next_run_dir(Path("runs") / "detect", a.name, a.exist_ok)
+    dests = plan_outputs(source.items, out, a)
     out.mkdir(parents=True, exist_ok=True)
     summary = DetectSummary(out, skipped=source.skipped)
     import torchvision.ops  # noqa: F401 -- NMS imports it lazily; here it stays out of frame 1's time
-    writers: dict[Path, cv2.VideoWriter] = {}
     t_start, t_model = time.perf_counter(), 0.0
-    try:
+    with contextlib.ExitStack() as videos:  # each video is renamed into place once it is complete
+        writers: dict[Path, cv2.VideoWriter] = {}
         for frame in source:
             t0 = time.perf_counter()
             dets = detect_frame(det, frame, a)
             t_model += time.perf_counter() - t0
             summary.frames += 1
             summary.detections += len(dets)
+            dest = dests[frame.path]
             if a.save_txt:
-                txt = f"{frame.stem}_{frame.index}.txt" if frame.is_video else f"{frame.stem}.txt"
-                write_txt(out / "labels" / txt, dets, frame.image.shape[:2])
+                txt = dest.labels.with_name(f"{dest.labels.stem}_{frame.index}.txt") if frame.is_video \
+                    else dest.labels
+                write_txt(txt, dets, frame.image.shape[:2])
             if not a.nosave or a.view_img:
                 annotated = draw_detections(frame.image.copy(), dets, names)
             if not a.nosave:
-                _save(annotated, frame, out, writers, summary)
+                _save(annotated, frame, dest.annotated, videos, writers, summary)
             print(f"{_where(frame)}: {_counts(dets, names)} ({1000 * (time.perf_counter() - t0):.1f} ms)")
             if a.view_img:
                 cv2.imshow(frame.path, annotated)
                 if cv2.waitKey(1) & 0xFF == ord("q"):
                     break
-    finally:
-        for w in writers.values():
-            w.release()
     ms = 1000 * t_model / max(summary.frames, 1)
     print(f"{summary.frames} frames, {summary.detections} detections, {len(summary.skipped)} unreadable "
           f"skipped; {ms:.1f} ms/frame (model + NMS), {time.perf_counter() - t_start:.1f} s in all; "
@@ -148,29 +160,71 @@ def detect_frame(det: Detector, frame: Frame, a: argparse.Namespace) -> np.ndarr
     return pred.numpy()
 
 
+@dataclass(frozen=True)
+class Destination:
+    annotated: Path  # the annotated image, or the .mp4 of a video or stream
+    labels: Path  # --save-txt: labels/<name>.txt (a video's frames: <stem>_<frame>.txt beside it)
+
+
+def plan_outputs(items: list[str], out: Path, a: argparse.Namespace) -> dict[str, Destination]:
+    """Where each source's outputs go, every destination checked before anything is written.
+
+    Names are the sources' paths relative to their common folder (a recursive glob keeps its
+    subfolders). A source, or the ground-truth label file of a source image, is never written over;
+    a file already in ``out`` only with --exist-ok; two sources may not share an output.
+    """
+    files = [Path(os.path.abspath(i)) for i in items if not is_stream(i)]
+    root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else None
+    inputs = [*files, *(img2label_path(f) for f in files if is_image(f))]
+    plan = OutputPlan(inputs, a.exist_ok)
+    dests, frame_labels = {}, []
+    for item in items:
+        if is_stream(item):
+            rel = Path(output_stem(item) + ".mp4")
+        else:
+            rel = Path(os.path.abspath(item)).relative_to(root)
+            if is_video(item):
+                rel = rel.with_suffix(".mp4")
+        d = Destination(out / rel, out / "labels" / rel.with_suffix(".txt"))
+        if not a.nosave:
+            plan.add(d.annotated, f"the annotated {item}")
+        if a.save_txt and (is_stream(item) or is_video(item)):
+            frame_labels.append(d.labels)
+        elif a.save_txt:
+            plan.add(d.labels, f"the labels of {item}")
+        dests[item] = d
+    plan.check()
+    for labels in frame_labels:  # one file per frame: none of the names it could take may exist
+        taken = [f for f in labels.parent.glob(f"{glob_escape(labels.stem)}_*.txt")
+                 if f.stem[len(labels.stem) + 1:].isdigit()]
+        if taken and not a.exist_ok:
+            raise UserError(f"{taken[0]}: exists; pass --exist-ok to replace it, or choose another --output")
+    return dests
+
+
 def write_txt(path: Path, dets: np.ndarray, hw: tuple[int, int]) -> None:
     """Rows ``class xc yc w h conf`` normalised to the original image (an empty file for no boxes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     h, w = hw
     rows = [f"{int(c)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
             f"{(y2 - y1) / h:.6f} {conf:.5f}\n" for x1, y1, x2, y2, conf, c in dets]
-    path.write_text("".join(rows))
+    atomic_write(path, "".join(rows))
 
 
-def _save(img: np.ndarray, frame: Frame, out: Path, writers: dict[Path, cv2.VideoWriter],
-          summary: DetectSummary) -> None:
-    path = out / (f"{frame.stem}.mp4" if frame.is_video else Path(frame.path).name)
-    if not frame.path.isdigit() and path.resolve() == Path(frame.path).resolve():
-        raise UserError(f"--output {out}: would overwrite the source {frame.path}; choose another folder")
+def _save(img: np.ndarray, frame: Frame, path: Path, videos: contextlib.ExitStack,
+          writers: dict[Path, cv2.VideoWriter], summary: DetectSummary) -> None:
     if not frame.is_video:
-        if not cv2.imwrite(str(path), img):
-            raise UserError(f"{path}: OpenCV could not write the annotated image")
+        ok, encoded = cv2.imencode(path.suffix, img)
+        if not ok:
+            raise UserError(f"{path}: OpenCV cannot encode a {path.suffix} image")
+        atomic_write(path, encoded.tobytes())
         summary.written.append(path)
         return
     if path not in writers:
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), frame.fps, frame.video_size)
+        tmp = videos.enter_context(atomic_path(path))
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), frame.fps, frame.video_size)
         if not writer.isOpened():
             raise UserError(f"{path}: OpenCV cannot write an mp4v video here")
+        videos.callback(writer.release)  # released before the rename above it on the stack
         writers[path] = writer
         summary.written.append(path)
     writers[path].write(img)

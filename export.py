@@ -19,7 +19,9 @@
   inference against the fake-quant model.
 
 Outputs go beside the weights (``best.pt`` -> ``best.onnx``, ``best.int8.onnx``, ``best.cfg`` ...) unless
-``--output`` gives another stem.
+``--output`` gives another stem. Every destination is checked before the first is written: an input
+(``--weights``, ``--cfg``) is never written over, an existing file only with ``--exist-ok``; each file
+appears only once its check passed.
 """
 
 from __future__ import annotations
@@ -31,28 +33,31 @@ from pathlib import Path
 
 from models.darknet import Darknet
 from models.io import load_checkpoint, load_model
-from utils.cli import run_cli
-from utils.errors import UserError
+from utils.cli import BATCH, IMG_SIZE, OPSET, Parser, run_cli
+from utils.errors import CheckError, UserError
+from utils.outputs import OutputPlan, atomic_path, atomic_write
 
 FORMATS = ("onnx", "onnx-int8", "engine", "weights", "fpga")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help=".pt checkpoint, or darknet weights with --cfg")
     p.add_argument("--cfg", default=None, help="darknet cfg (needed with darknet weights)")
     p.add_argument("--include", nargs="+", default=["onnx"], choices=FORMATS, help="formats to write")
-    p.add_argument("--img-size", type=int, nargs="+", default=None,
+    p.add_argument("--img-size", type=IMG_SIZE, nargs="+", default=None,
                    help="h [w]; default: the checkpoint's training size, else the cfg's [net] size")
-    p.add_argument("--batch-size", type=int, default=1, help="engine: the batch it is built for")
+    p.add_argument("--batch-size", type=BATCH, default=1, help="engine: the batch it is built for")
     p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
     p.add_argument("--simplify", action="store_true", help="ONNX: onnxruntime's basic graph optimisations")
     p.add_argument("--raw", action="store_true",
                    help="onnx: output the undecoded heads (head0, head1...: B x anchors x H x W x "
                         "(5 + classes) logits) instead of the decoded detections")
     p.add_argument("--half", action="store_true", help="engine: FP16 (a float checkpoint)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=OPSET, default=17)
     p.add_argument("--output", default=None, help="output stem (default: the weights' path without suffix)")
+    p.add_argument("--exist-ok", action="store_true",
+                   help="replace outputs that exist (an FPGA package folder only if this program wrote it)")
     return p
 
 
@@ -123,13 +128,11 @@ def export_darknet(job: Job) -> list[Path]:
     from models.io import save_darknet_weights
 
     cfg, weights = job.path(".cfg"), job.path(".weights")
-    if weights.resolve() == Path(job.args.weights).resolve():
-        raise UserError(f"--output {job.stem}: would overwrite the input {job.args.weights}")
-    cfg.write_text(job.model.cfg_text)
+    atomic_write(cfg, job.model.cfg_text)
     save_darknet_weights(job.model, weights)
     diff = _reload_diff(job.model, cfg, weights, job.hw)
     if diff > 1e-5:
-        raise RuntimeError(f"{weights}: read back with {cfg}, it differs from the checkpoint by {diff:.2e}")
+        raise CheckError(f"{weights}: read back with {cfg}, it differs from the checkpoint by {diff:.2e}")
     return [_report(cfg, "darknet cfg"),
             _report(weights, f"darknet weights, read back with the cfg: max abs diff {diff:.1e}")]
 
@@ -149,20 +152,26 @@ def export_fpga(job: Job) -> list[Path]:
     from quant.fpga import compare_with_model, write_package
 
     out = job.path("_fpga")
-    if out.exists():
-        raise UserError(f"{out}: exists; remove it or give another --output")
-    write_package(job.model, out, job.hw)
-    image = np.random.default_rng(0).random((3, *job.hw), dtype=np.float32)
-    result = compare_with_model(out, job.model, image)
-    if result["mismatched"]:
-        raise RuntimeError(f"{out}: the integer reference differs from the fake-quant model: "
-                           + "; ".join(result["mismatched"][:3]))
+    with atomic_path(out, folder=True) as tmp:  # the folder appears only once its check passed
+        write_package(job.model, tmp, job.hw)
+        image = np.random.default_rng(0).random((3, *job.hw), dtype=np.float32)
+        result = compare_with_model(tmp, job.model, image)
+        if result["mismatched"]:
+            raise CheckError(f"{out}: the integer reference differs from the fake-quant model: "
+                             + "; ".join(result["mismatched"][:3]))
     return [_report(out, f"FPGA package; the integer reference (quant/fpga.py) equals the fake-quant model "
                          f"code for code at {result['layers']} layers")]
 
 
 WRITERS = {"onnx": export_onnx_float, "onnx-int8": export_onnx_int8, "engine": export_engine,
            "weights": export_darknet, "fpga": export_fpga}
+
+
+def destinations(fmt: str, quantized: bool) -> list[str]:
+    """The suffixes (appended to the output stem) that format ``fmt`` writes."""
+    onnx = ".int8.onnx" if quantized else ".onnx"
+    return {"onnx": [".onnx"], "onnx-int8": [".int8.onnx"], "engine": [onnx, ".engine"],
+            "weights": [".cfg", ".weights"], "fpga": ["_fpga"]}[fmt]
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -183,11 +192,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise UserError(f"--raw: applies to --include onnx alone (the other formats keep the decode), not "
                         f"{' '.join(a.include)}")
     stem = Path(a.output) if a.output else weights.with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     order = [f for f in FORMATS if f in a.include]
     if "engine" in order:  # the engine writes its ONNX itself
         order = [f for f in order if f != ("onnx-int8" if meta.get("quant") else "onnx")]
+    from quant.fpga import is_package
+
+    plan = OutputPlan([weights, a.cfg], a.exist_ok, replaceable=is_package)
+    for fmt in order:
+        for suffix in destinations(fmt, bool(meta.get("quant"))):
+            plan.add(stem.with_name(stem.name + suffix), f"--include {fmt}")
+    plan.check()  # before the first file: a refused export writes nothing
     for fmt in order:
         model = load_model(weights, a.cfg).eval()  # a fresh model per format: onnx fuses it
         size = hw or (model.cfg.net["height"], model.cfg.net["width"])

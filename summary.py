@@ -15,18 +15,22 @@ import torch
 
 from models.io import load_model
 from models.summary import summarize
-from utils.cli import run_cli
+from utils.cli import COUNT, IMG_SIZE, Parser, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="summary.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg", help="darknet cfg (needed for .weights; optional with a .pt)")
+    ap.add_argument("--weights", help=".pt checkpoint or darknet .weights")
+    ap.add_argument("--cutoff", type=COUNT, help="load .weights only for layers below this index")
+    ap.add_argument("--img-size", type=IMG_SIZE, help="square input size (default: the cfg's height)")
+    ap.add_argument("--layers", action="store_true", help="print the per-layer table")
+    ap.add_argument("--forward", action="store_true", help="also run one forward pass and time it")
+    return ap
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cfg", help="darknet cfg (needed for .weights; optional with a .pt)")
-    ap.add_argument("--weights", help=".pt checkpoint or darknet .weights")
-    ap.add_argument("--cutoff", type=int, help="load .weights only for layers below this index")
-    ap.add_argument("--img-size", type=int, help="square input size (default: the cfg's height)")
-    ap.add_argument("--layers", action="store_true", help="print the per-layer table")
-    ap.add_argument("--forward", action="store_true", help="also run one forward pass and time it")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     model = load_model(args.weights, args.cfg, cutoff=args.cutoff).eval()
     size = args.img_size or model.cfg.net["height"]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.io import load_checkpoint, load_model
-from utils.cli import run_cli
+from utils.cli import BATCH, COUNT, FRACTION, IMG_SIZE, WORKERS, Parser, run_cli
 from utils.datasets import create_dataloader, read_data_file
 from utils.errors import UserError
 from utils.evaluate import EvalResult, evaluate, format_table
@@ -42,26 +42,30 @@ class OnnxModel(nn.Module):
         return self.detector(x.float()), None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="test.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True,
                    help=".pt checkpoint, darknet weights with --cfg, or an exported .onnx (onnxruntime)")
     p.add_argument("--cfg", default=None, help="cfg for darknet .weights")
     p.add_argument("--data", default="", help=".data file (default: built-in shapes benchmark)")
     p.add_argument("--task", default="valid", choices=["valid", "train"], help="which split")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's, else 416")
-    p.add_argument("--conf-thres", type=float, default=0.001)
-    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU")
-    p.add_argument("--max-det", type=int, default=300, help="detections per image after NMS")
+    p.add_argument("--batch-size", type=BATCH, default=16)
+    p.add_argument("--img-size", type=IMG_SIZE, default=None, help="default: the checkpoint's, else 416")
+    p.add_argument("--conf-thres", type=FRACTION, default=0.001)
+    p.add_argument("--iou-thres", type=FRACTION, default=0.6, help="NMS IoU")
+    p.add_argument("--max-det", type=COUNT, default=300, help="detections per image after NMS")
     p.add_argument("--save-json", action="store_true",
                    help="write COCO-format detections and ground truth, and score them with pycocotools")
     p.add_argument("--device", default="")
     p.add_argument("--half", action="store_true", help="float16 inference (CUDA only)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=WORKERS, default=2)
     p.add_argument("--name", default="exp")
     p.add_argument("--project", default="runs/test")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> EvalResult:
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> EvalResult:
     if a.half and not half:
         print("warning: --half needs CUDA; evaluating in float32")
     loader, _ = create_dataloader(data.split(a.task), data.classes, img_size, a.batch_size,
-                                  stride, rect=rect, workers=a.workers)
+                                  stride, rect=rect, workers=a.workers, need_boxes=True)
     out_dir = new_run_dir(a.project, a.name)
     result = evaluate(model, loader, names, a.conf_thres, a.iou_thres, max_det=a.max_det, half=half,
                       json_path=out_dir / "detections.json" if a.save_json else None)

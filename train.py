@@ -14,21 +14,36 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.cli import run_cli
+from utils.cli import (
+    BATCH,
+    BITS,
+    EPOCH_OR_NEVER,
+    EPOCHS,
+    FRACTION,
+    IMG_SIZE,
+    NONNEGATIVE,
+    POSITIVE,
+    SEED,
+    SPARSITY,
+    WORKERS,
+    Parser,
+    run_cli,
+)
 from utils.errors import UserError
 from utils.trainer import Trainer, TrainOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default=d.cfg,
                    help="model cfg (default: the cfg inside a .pt --weights, else cfg/yolo-small.cfg)")
     p.add_argument("--data", default=d.data, help=".data file (default: built-in shapes benchmark)")
     p.add_argument("--weights", default=d.weights, help="initial weights: .pt, or darknet weights for --cfg")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="total over all processes")
-    p.add_argument("--img-size", type=int, nargs="+", default=d.img_size, help="[min-train max-train] test")
+    p.add_argument("--epochs", type=EPOCHS, default=d.epochs)
+    p.add_argument("--batch-size", type=BATCH, default=d.batch_size, help="total over all processes")
+    p.add_argument("--img-size", type=IMG_SIZE, nargs="+", default=d.img_size,
+                   help="[min-train max-train] test")
     p.add_argument("--multi-scale", action="store_true", help="vary the size between min and max train")
     p.add_argument("--rect", action="store_true", help="rectangular training batches (no mosaic)")
     p.add_argument("--resume", nargs="?", const="latest", default="",
@@ -44,23 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=d.ema,
                    help="exponential moving average of the weights (evaluated and saved)")
     p.add_argument("--amp", "-mpt", action="store_true", help="mixed precision (CUDA only)")
-    p.add_argument("--workers", type=int, default=d.workers,
+    p.add_argument("--workers", type=WORKERS, default=d.workers,
                    help="dataloader processes (default: 0 on 2 cores or fewer, else min(8, cores/2))")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=SEED, default=d.seed)
     p.add_argument("--hyp", default=d.hyp, help="YAML overriding data/hyp.scratch.yaml")
     p.add_argument("--cache-images", action="store_true", help="keep resized images in memory")
     sr = p.add_argument_group("sparse training (BN-L1, see prune/sparsity.py)")
     sr.add_argument("-sr", "--sr", action="store_true", help="add s*sign(gamma) to the selected BN gradients")
-    sr.add_argument("--s", type=float, default=d.s, help="sparsity rate")
+    sr.add_argument("--s", type=SPARSITY, default=d.s, help="sparsity rate")
     sr.add_argument("--prune", type=int, choices=(0, 1, 2), default=d.prune,
                     help="penalized BNs: 0 for normal/regular, 1 also shortcut-tied (shortcut/slim), "
                          "2 residual-block convs (layer)")
     sr.add_argument("--sr-schedule", choices=("constant", "global", "local"), default=d.sr_schedule,
                     help="constant; global: s*0.01 after --sr-decay-at; local: then only the "
                          "--sr-keep largest-gamma share gets s*0.01")
-    sr.add_argument("--sr-decay-at", type=float, default=d.sr_decay_at,
+    sr.add_argument("--sr-decay-at", type=FRACTION, default=d.sr_decay_at,
                     help="fraction of the epochs after which the decay starts")
-    sr.add_argument("--sr-keep", type=float, default=d.sr_keep,
+    sr.add_argument("--sr-keep", type=FRACTION, default=d.sr_keep,
                     help="local decay: share of channels (largest |gamma|) whose rate decays")
     kd = p.add_argument_group("knowledge distillation (see distill/hook.py and the README)")
     kd.add_argument("--KDstr", "--kd-str", dest="kd_str", type=int, choices=range(1, 6), default=d.kd_str,
@@ -69,19 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--t_weights", "--t-weights", dest="t_weights", default=d.t_weights,
                     help="teacher: a .pt alone, or darknet weights with --t_cfg")
     kd.add_argument("--t_cfg", "--t-cfg", dest="t_cfg", default=d.t_cfg, help="teacher cfg (darknet weights)")
-    kd.add_argument("--kd-t", type=float, default=d.kd_t, help="temperature of the class softmax")
-    kd.add_argument("--kd-feat-t", type=float, default=d.kd_feat_t,
+    kd.add_argument("--kd-t", type=POSITIVE, default=d.kd_t, help="temperature of the class softmax")
+    kd.add_argument("--kd-feat-t", type=POSITIVE, default=d.kd_feat_t,
                     help="temperature of the spatial attention softmax (4, 5)")
-    kd.add_argument("--kd-cls", type=float, default=d.kd_cls, help="class KL weight (x the cls gain)")
-    kd.add_argument("--kd-obj", type=float, default=d.kd_obj, help="objectness KL weight (x the obj gain)")
-    kd.add_argument("--kd-box", type=float, default=d.kd_box, help="box term weight (x the box gain)")
-    kd.add_argument("--kd-feat", type=float, default=d.kd_feat, help="attention KL weight")
-    kd.add_argument("--kd-margin", type=float, default=d.kd_margin, help="strategy 2: teacher-bound margin")
+    kd.add_argument("--kd-cls", type=NONNEGATIVE, default=d.kd_cls, help="class KL weight (x the cls gain)")
+    kd.add_argument("--kd-obj", type=NONNEGATIVE, default=d.kd_obj,
+                    help="objectness KL weight (x the obj gain)")
+    kd.add_argument("--kd-box", type=NONNEGATIVE, default=d.kd_box, help="box term weight (x the box gain)")
+    kd.add_argument("--kd-feat", type=NONNEGATIVE, default=d.kd_feat, help="attention KL weight")
+    kd.add_argument("--kd-margin", type=NONNEGATIVE, default=d.kd_margin,
+                    help="strategy 2: teacher-bound margin")
     q = p.add_argument_group("quantization-aware training (see quant/ and the README)")
     q.add_argument("--quantized", default=d.quantized, metavar="1|google|2|dorefa",
                    help="1 or google: Jacob et al. scales; 2 or dorefa: DoReFa")
-    q.add_argument("--w-bit", type=int, default=d.w_bit, help="weight bits (2-8 or 16)")
-    q.add_argument("--a-bit", type=int, default=d.a_bit, help="activation bits (2-8 or 16)")
+    q.add_argument("--w-bit", type=BITS, default=d.w_bit, help="weight bits (2-8 or 16)")
+    q.add_argument("--a-bit", type=BITS, default=d.a_bit, help="activation bits (2-8 or 16)")
     q.add_argument("--BN_Fold", "--bn-fold", dest="bn_fold", action="store_true",
                    help="fold batch norms into the quantized weights (Jacob et al.)")
     q.add_argument("--FPGA", "--fpga", dest="fpga", action="store_true",
@@ -89,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-symmetric", action="store_true", default=d.a_symmetric,
                    help="google: symmetric signed activations with zero point 0 (what TensorRT runs) "
                         "instead of affine uint8-style ones")
-    q.add_argument("--dorefa-range", type=float, default=d.dorefa_range,
+    q.add_argument("--dorefa-range", type=POSITIVE, default=d.dorefa_range,
                    help="DoReFa: activations are clamped to [-r, r] (the paper's r is 1)")
-    q.add_argument("--freeze-bn-epoch", type=int, default=d.freeze_bn_epoch,
+    q.add_argument("--freeze-bn-epoch", type=EPOCH_OR_NEVER, default=d.freeze_bn_epoch,
                    help="from this epoch folded BNs use their running statistics (-1: never)")
-    q.add_argument("--freeze-observer-epoch", type=int, default=d.freeze_observer_epoch,
+    q.add_argument("--freeze-observer-epoch", type=EPOCH_OR_NEVER, default=d.freeze_observer_epoch,
                    help="from this epoch activation ranges stop moving (-1: never)")
     return p
 

@@ -20,8 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from utils.cli import COUNT, EPOCHS, Parser
 from utils.errors import UserError
 from utils.files import new_run_dir
+from utils.outputs import atomic_write
 
 BENCHES = ("latency_opencv", "train_speed", "int8_latency", "prune_methods", "distill", "quant")
 
@@ -70,16 +72,21 @@ def long_rows(bench: str, rows: list[dict]) -> list[tuple[str, str, str, float]]
     return out
 
 
-def main(argv: list[str] | None = None) -> list[tuple[str, str, str, float]]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="python -m bench.all",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", default="runs/compress/default",
                     help="a compress.py run folder whose stages give the checkpoints (made if missing)")
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
-    ap.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs of every training benchmark")
-    ap.add_argument("--runs", type=int, default=30, help="timed runs of every latency measurement")
+    ap.add_argument("--epochs", type=EPOCHS, default=4, help="fine-tuning epochs of every training benchmark")
+    ap.add_argument("--runs", type=COUNT, default=30, help="timed runs of every latency measurement")
     ap.add_argument("--quick", action="store_true", help="--epochs 1 --runs 5: checks that everything runs")
     ap.add_argument("--project", default="runs/bench")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, str, str, float]]:
+    a = build_parser().parse_args(argv)
     if a.quick:
         a.epochs, a.runs = 1, 5
     run = Path(a.pipeline)
@@ -115,9 +122,9 @@ def _write(out: Path, a: argparse.Namespace, table: list, seconds: dict[str, flo
              + ", ".join(f"{b} {s / 60:.1f} min" for b, s in seconds.items()) + ".", "",
              "| benchmark | case | measure | value |", "| --- | --- | --- | ---: |"]
     lines += [f"| {b} | {c} | {m} | {v:.4g} |" for b, c, m, v in table]
-    (out / "all.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "all.md", "\n".join(lines) + "\n")
     summary = {"options": vars(a), "seconds": seconds, "rows": table}
-    (out / "all.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "all.json", json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

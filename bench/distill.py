@@ -22,28 +22,35 @@ from pathlib import Path
 
 from bench.common import evaluate_pt, finetune
 from distill.hook import STRATEGIES
+from utils.cli import EPOCHS, IMG_SIZE, NONNEGATIVE, POSITIVE, SEED, Parser
 from utils.files import new_run_dir
+from utils.outputs import atomic_write
 from utils.trainer import TrainOptions
 
 KD_FIELDS = ("kd_t", "kd_feat_t", "kd_cls", "kd_obj", "kd_box", "kd_feat", "kd_margin")
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="python -m bench.distill",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", required=True, help="pruned .pt to fine-tune")
     ap.add_argument("--teacher", required=True, help="unpruned .pt")
     ap.add_argument("--data", default="datasets/shapes/shapes.data")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--strategies", type=int, nargs="+", default=[0, *STRATEGIES],
+    ap.add_argument("--epochs", type=EPOCHS, default=4)
+    ap.add_argument("--img-size", type=IMG_SIZE, default=224)
+    ap.add_argument("--seed", type=SEED, default=0)
+    ap.add_argument("--strategies", type=int, nargs="+", default=[0, *STRATEGIES], choices=[0, *STRATEGIES],
                     help="0 is plain fine-tuning")
     ap.add_argument("--project", default="runs/bench")
     d = TrainOptions()
     for name in KD_FIELDS:
-        ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name),
-                        help="as train.py's")
-    a = ap.parse_args(argv)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=POSITIVE if name.endswith("_t") else NONNEGATIVE,
+                        default=getattr(d, name), help="as train.py's")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    a = build_parser().parse_args(argv)
     out = new_run_dir(a.project, "distill")
     rows = []
     for label, path in (("teacher", a.teacher), ("student before fine-tuning", a.student)):
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = f"KDstr {k} ({' + '.join(STRATEGIES[k])})" if k else "no distillation"
         rows.append({"run": name, "map50": r.map50, "map": r.map,
                      "seconds_per_epoch": (time.time() - t0) / a.epochs})
-        (out / "distill.json").write_text(json.dumps(rows, indent=2))
+        atomic_write(out / "distill.json", json.dumps(rows, indent=2))
     base = next((r for r in rows if r["run"] == "no distillation"), None)
     weights = ", ".join(f"{n} {getattr(a, n):g}" for n in KD_FIELDS)
     print(f"\n{a.epochs} fine-tuning epochs, seed {a.seed}, {a.img_size} px; {weights}\n")

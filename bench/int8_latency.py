@@ -27,6 +27,7 @@ from quant.convert import QuantConfig, quantize_model
 from quant.modules import QuantSpec
 from quant.ptq import calibrate
 from quant.qdq import export_int8_onnx
+from utils.cli import COUNT, COUNT0, IMG_SIZE, Parser
 from utils.torch_utils import alternating_medians, tame_random_weights
 
 
@@ -84,15 +85,20 @@ def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
             "ort_ms": med["ort_qop"], "ort_ratio": med["ort_qop"] / med["float"], "ops": ops}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="python -m bench.int8_latency",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfgs", nargs="+", default=["cfg/yolo-small.cfg", "cfg/yolov3-tiny.cfg"])
+    ap.add_argument("--img-size", type=IMG_SIZE, default=416)
+    ap.add_argument("--runs", type=COUNT, default=30)
+    ap.add_argument("--warmup", type=COUNT0, default=5)
+    return ap
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     import onnxruntime as ort
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cfgs", nargs="+", default=["cfg/yolo-small.cfg", "cfg/yolov3-tiny.cfg"])
-    ap.add_argument("--img-size", type=int, default=416)
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    a = ap.parse_args(argv)
+    a = build_parser().parse_args(argv)
     rows = [bench_cfg(c, a.img_size, a.runs, a.warmup) for c in a.cfgs]
     print(f"\nonnxruntime {ort.__version__} CPU, batch 1, {a.img_size}x{a.img_size}, median of {a.runs} "
           f"alternating runs\n")

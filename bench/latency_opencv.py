@@ -18,6 +18,8 @@ import torch
 from models.cfg import write_cfg
 from models.darknet import Darknet
 from models.io import save_darknet_weights
+from utils.cli import COUNT, COUNT0, IMG_SIZE, Parser
+from utils.outputs import atomic_write
 from utils.torch_utils import median_ms, tame_random_weights
 
 
@@ -26,7 +28,7 @@ def bench_cfg(cfg_path: str, size: int, runs: int, warmup: int) -> dict[str, flo
     image = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         cfg, weights = Path(tmp) / "m.cfg", Path(tmp) / "m.weights"
-        cfg.write_text(write_cfg(model.cfg))
+        atomic_write(cfg, write_cfg(model.cfg))
         save_darknet_weights(model, weights)
         net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
     names = net.getUnconnectedOutLayersNames()
@@ -47,13 +49,18 @@ def bench_cfg(cfg_path: str, size: int, runs: int, warmup: int) -> dict[str, flo
         }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="python -m bench.latency_opencv",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cfgs", nargs="+", default=["cfg/yolov3-tiny.cfg", "cfg/yolov3.cfg"])
-    ap.add_argument("--img-size", type=int, default=416)
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    args = ap.parse_args(argv)
+    ap.add_argument("--img-size", type=IMG_SIZE, default=416)
+    ap.add_argument("--runs", type=COUNT, default=20)
+    ap.add_argument("--warmup", type=COUNT0, default=3)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
     print(f"CPU latency, batch 1, {args.img_size}x{args.img_size}, median of {args.runs} runs "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads; OpenCV {cv2.__version__})")
     print(f"{'cfg':<22}{'OpenCV ms':>11}{'torch ms':>10}{'fused ms':>10}{'torch/OpenCV':>14}"

@@ -30,7 +30,9 @@ from models.onnx import export_onnx
 from models.summary import summarize
 from prune import cli
 from prune.blocks import residual_blocks
+from utils.cli import COUNT, COUNT0, IMG_SIZE, SHARE_BELOW_1, Parser
 from utils.files import new_run_dir
+from utils.outputs import atomic_write
 from utils.torch_utils import median_ms, tame_random_weights
 
 METHODS = list(cli.METHODS)
@@ -98,7 +100,7 @@ def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
                      "map50_ft": ft50, "map_ft": ft,
                      "ort_ms_before": base_latency, "ort_ms_after": latency,
                      "latency_over_gflops": (latency / base_latency) / gflops_ratio})
-        (out / "methods.json").write_text(json.dumps(rows, indent=2))
+        atomic_write(out / "methods.json", json.dumps(rows, indent=2))
     return rows
 
 
@@ -149,20 +151,25 @@ def wall_times(cfg: str, img_size: int = 64) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="python -m bench.prune_methods",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", help="sparse-trained .pt (omit to time yolov4 pruning only)")
     ap.add_argument("--data", default="datasets/shapes/shapes.data")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--target", type=float, default=0.5, help="share of parameters to remove")
-    ap.add_argument("--finetune-epochs", type=int, default=4)
-    ap.add_argument("--recalibrate", type=int, default=20,
+    ap.add_argument("--target", type=SHARE_BELOW_1, default=0.5, help="share of parameters to remove")
+    ap.add_argument("--finetune-epochs", type=COUNT0, default=4)
+    ap.add_argument("--recalibrate", type=COUNT0, default=20,
                     help="BN re-calibration batches after pruning (0: none); fine-tuning starts from it")
-    ap.add_argument("--img-size", type=int, default=None)
-    ap.add_argument("--runs", type=int, default=30, help="timed ONNX Runtime runs per model")
+    ap.add_argument("--img-size", type=IMG_SIZE, default=None)
+    ap.add_argument("--runs", type=COUNT, default=30, help="timed ONNX Runtime runs per model")
     ap.add_argument("--wall-time-cfg", default="cfg/yolov4.cfg")
     ap.add_argument("--project", default="runs/bench")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    a = build_parser().parse_args(argv)
     torch.manual_seed(0)
     rows = []
     if a.weights:

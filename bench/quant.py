@@ -18,7 +18,9 @@ from pathlib import Path
 
 from bench.common import evaluate_pt, finetune
 from quant import ptq
+from utils.cli import COUNT, EPOCH_OR_NEVER, EPOCHS, IMG_SIZE, POSITIVE, SEED, Parser
 from utils.files import new_run_dir
+from utils.outputs import atomic_write
 
 QAT_RUNS = {  # name → (description, train options)
     "float": ("float fine-tuned, same recipe", {}),
@@ -38,21 +40,26 @@ PTQ_RUNS = {  # name → (description, quant.ptq arguments)
 }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="python -m bench.quant",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True, help="trained float .pt")
     ap.add_argument("--data", default="datasets/shapes/shapes.data")
-    ap.add_argument("--epochs", type=int, default=4, help="QAT fine-tuning epochs")
-    ap.add_argument("--freeze-bn-epoch", type=int, default=None, help="default: epochs // 2")
-    ap.add_argument("--freeze-observer-epoch", type=int, default=None, help="default: epochs - 1")
-    ap.add_argument("--dorefa-range", type=float, default=None, help="default: train.py's")
+    ap.add_argument("--epochs", type=EPOCHS, default=4, help="QAT fine-tuning epochs")
+    ap.add_argument("--freeze-bn-epoch", type=EPOCH_OR_NEVER, default=None, help="default: epochs // 2")
+    ap.add_argument("--freeze-observer-epoch", type=EPOCH_OR_NEVER, default=None, help="default: epochs - 1")
+    ap.add_argument("--dorefa-range", type=POSITIVE, default=None, help="default: train.py's")
     ap.add_argument("--hyp", default="data/hyp.finetune.yaml", help="QAT hyperparameters")
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calib-images", type=int, default=256)
+    ap.add_argument("--img-size", type=IMG_SIZE, default=224)
+    ap.add_argument("--seed", type=SEED, default=0)
+    ap.add_argument("--calib-images", type=COUNT, default=256)
     ap.add_argument("--runs", nargs="+", default=[*PTQ_RUNS, *QAT_RUNS], choices=[*PTQ_RUNS, *QAT_RUNS])
     ap.add_argument("--project", default="runs/bench")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    a = build_parser().parse_args(argv)
     out = new_run_dir(a.project, "quant")
     freeze = {"freeze_bn_epoch": a.epochs // 2 if a.freeze_bn_epoch is None else a.freeze_bn_epoch,
               "freeze_observer_epoch": a.epochs - 1 if a.freeze_observer_epoch is None
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         m50, m = evaluate_pt(weights, a.data, a.img_size, out, f"test_{name}")
         rows.append({"run": description, "name": name, "map50": m50, "map": m, "seconds": seconds,
                      "weights": str(weights)})
-        (out / "quant.json").write_text(json.dumps({"options": vars(a), "rows": rows}, indent=2))
+        atomic_write(out / "quant.json", json.dumps({"options": vars(a), "rows": rows}, indent=2))
 
     for name in a.runs:
         t0 = time.time()

@@ -20,27 +20,34 @@ from pathlib import Path
 
 import torch
 
+from utils.cli import BATCH, COUNT, IMG_SIZE, WORKERS, Parser
 from utils.datasets import read_data_file, set_epoch
+from utils.outputs import atomic_write
 from utils.trainer import Trainer, TrainOptions, default_workers, resolve_data
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="python -m bench.train_speed",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cfg", default="cfg/yolo-small.cfg")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--batches", type=int, default=12, help="batches per measurement")
-    ap.add_argument("--workers", type=int, default=default_workers())
-    ap.add_argument("--repeats", type=int, default=3)
-    a = ap.parse_args(argv)
+    ap.add_argument("--batch-size", type=BATCH, default=16)
+    ap.add_argument("--img-size", type=IMG_SIZE, default=224)
+    ap.add_argument("--batches", type=COUNT, default=12, help="batches per measurement")
+    ap.add_argument("--workers", type=WORKERS, default=default_workers())
+    ap.add_argument("--repeats", type=COUNT, default=3)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    a = build_parser().parse_args(argv)
     data = read_data_file(resolve_data(""))
     with tempfile.TemporaryDirectory() as tmp:
         n_img = a.batch_size * a.batches
         train_list = Path(tmp) / "train.txt"
         images = data.train.read_text().splitlines()[:n_img]
-        train_list.write_text("\n".join(str(data.train.parent / p) for p in images) + "\n")
+        atomic_write(train_list, "\n".join(str(data.train.parent / p) for p in images) + "\n")
         data_file = Path(tmp) / "bench.data"
-        data_file.write_text(f"classes={data.classes}\ntrain={train_list}\nvalid={train_list}\n")
+        atomic_write(data_file, f"classes={data.classes}\ntrain={train_list}\nvalid={train_list}\n")
         opts = TrainOptions(cfg=a.cfg, data=str(data_file), epochs=100, batch_size=a.batch_size,
                             img_size=[a.img_size], workers=a.workers, project=tmp, notest=True)
         t = Trainer(opts)

@@ -9,10 +9,10 @@ leaves float (the head convs and the decode, by default) run in half precision.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from utils.errors import UserError
+from utils.errors import CheckError, UserError
+from utils.outputs import atomic_write
 
 PRECISIONS = ("fp32", "fp16", "int8")
 WORKSPACE = 2 << 30  # bytes the builder may use for tactics
@@ -64,7 +64,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
+        raise CheckError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
     config = builder.create_builder_config()
     if hasattr(config, "set_memory_pool_limit"):
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE)
@@ -82,8 +82,5 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
         config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
-        raise RuntimeError(f"{onnx_path}: TensorRT could not build a {precision} engine (see its log above)")
-    part = engine_path.with_name(engine_path.name + ".part")
-    part.write_bytes(bytes(engine))
-    os.replace(part, engine_path)
-    return engine_path
+        raise CheckError(f"{onnx_path}: TensorRT could not build a {precision} engine (see its log above)")
+    return atomic_write(engine_path, bytes(engine))

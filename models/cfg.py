@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from utils.errors import UserError
+from utils.files import read_text
+from utils.outputs import atomic_write
 
 # Activations darknet names; models/layers.py maps each to a torch module.
 ACTIVATIONS = ("linear", "leaky", "relu", "relu6", "mish", "swish", "logistic", "tanh", "elu", "selu",
@@ -392,14 +394,7 @@ def _check_block(b: Block) -> None:
 
 def read_cfg(path: str | Path) -> ModelCfg:
     """Read and parse a cfg file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"cfg file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read cfg {path}: {e}") from None
-    return parse_cfg(text, str(path))
+    return parse_cfg(read_text(path, "cfg"), str(path))
 
 
 def _format(value: Any) -> str:
@@ -431,4 +426,4 @@ def write_cfg(cfg: ModelCfg) -> str:
 
 
 def save_cfg(cfg: ModelCfg, path: str | Path) -> None:
-    Path(path).write_text(write_cfg(cfg))
+    atomic_write(path, write_cfg(cfg))

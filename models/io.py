@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from models.cfg import ModelCfg, parse_cfg, read_cfg, write_cfg
 from models.darknet import Darknet
 from models.shapes import head_channels, infer_shapes, layer_inputs
 from utils.errors import UserError
+from utils.outputs import atomic_write, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -262,27 +262,7 @@ def save_darknet_weights(model: Darknet, path: str | Path, cutoff: int | None = 
     header += np.array([model.seen if seen is None else seen], "<u8").tobytes()
     chunks = [state[key].detach().float().cpu().numpy().astype("<f4").ravel()
               for spec in specs for key, _ in spec.tensors]
-    _atomic_write(Path(path), lambda f: (f.write(header), *(f.write(c.tobytes()) for c in chunks)))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename, so an interruption never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda f: (f.write(header), *(f.write(c.tobytes()) for c in chunks)))
 
 
 def save_checkpoint(path: str | Path, model: Darknet, **meta: Any) -> None:
@@ -294,7 +274,7 @@ def save_checkpoint(path: str | Path, model: Darknet, **meta: Any) -> None:
         meta = {**meta, "quant": model.quant_config.to_dict()}
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "cfg": write_cfg(model.cfg),
             "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, "meta": meta}
-    _atomic_write(Path(path), lambda f: torch.save(ckpt, f))
+    save_torch(ckpt, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -304,8 +284,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # what a pickled class or function gives
+            raise UserError(f"{path}: not a readable checkpoint (damaged, or not a PyTorch file)") from None
+        # PyTorch's message goes on to advise loading it unsafely; the user gets the fact instead
+        raise UserError(f"{path}: refused: it holds Python objects beyond tensors and plain data, which "
+                        f"could run code when loaded; only checkpoints this project writes are read"
+                        ) from None
     except Exception as e:  # torch raises several types for damaged or foreign files
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format "
                         f"tag); darknet weights end in .weights and need --cfg")

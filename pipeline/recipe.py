@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from utils.errors import UserError
+from utils.files import read_text
 
 RUN_KEYS = ("description", "data", "cfg", "img_size", "device", "stages")
 STAGE_KEYS = ("run", "from", "method")  # the pipeline's own keys; the rest are script flags
@@ -222,10 +223,8 @@ def _stage(recipe_path: Path, name: str, body: Any, previous: str | None, names:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe: every stage's flags are validated by its script's parser."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--recipe {path}: file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path, "--recipe"))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict) or not raw["stages"]:

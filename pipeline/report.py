@@ -27,6 +27,7 @@ from models.darknet import Darknet
 from models.io import load_model
 from pipeline.recipe import Recipe
 from pipeline.runner import StageRecord
+from utils.outputs import atomic_write, save_figure
 from utils.torch_utils import alternating_medians
 
 GAMMA_PLOT, CHANNEL_PLOT = "gamma.png", "channels.png"
@@ -91,7 +92,7 @@ def _checkpoint_mb(model: Darknet) -> float:
     from models.cfg import write_cfg
 
     buf = io.BytesIO()
-    torch.save({"cfg": write_cfg(model.cfg), "model": model.state_dict()}, buf)
+    torch.save({"cfg": write_cfg(model.cfg), "model": model.state_dict()}, buf)  # into a temporary buffer
     return buf.tell() / 1e6
 
 
@@ -179,7 +180,7 @@ def plots(rows: list[Row], records: list[StageRecord], out: Path) -> list[str]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / file, dpi=110)
+        save_figure(fig, out / file, dpi=110)
         plt.close(fig)
         made.append(file)
     sparse = next((r for r in records if r.run == "train" and r.options.get("sr") and r.source in ckpt), None)
@@ -202,7 +203,7 @@ def plots(rows: list[Row], records: list[StageRecord], out: Path) -> list[str]:
         ax.set_ylabel("output channels")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / CHANNEL_PLOT, dpi=110)
+        save_figure(fig, out / CHANNEL_PLOT, dpi=110)
         plt.close(fig)
         made.append(CHANNEL_PLOT)
     return made
@@ -282,11 +283,11 @@ def write(records: list[StageRecord], recipe: Recipe, root: Path, seconds: float
             "img_size": recipe.img_size, "runs": runs, "seconds": round(seconds, 1),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
-    (out / "report.json").write_text(json.dumps(
+    atomic_write(out / "report.json", json.dumps(
         {**info, "stages": [{**asdict(r), "deployed_mb": r.deployed_mb} for r in rows],
          "ratios": {r.stage: {k: _ratio_value(getattr(r, k), getattr(rows[0], k)) for k, _, _ in COLUMNS}
                     for r in rows},
          "exports": [str(p) for rec in records for p in rec.outputs], "figures": figures}, indent=2))
     md = out / "report.md"
-    md.write_text(markdown(rows, records, info, figures))
+    atomic_write(md, markdown(rows, records, info, figures))
     return md

@@ -24,6 +24,7 @@ from typing import Any
 
 from pipeline.recipe import STAGE_REFERENCES, Recipe, Stage, flag_argv
 from utils.errors import UserError
+from utils.outputs import atomic_write
 
 RECORD = "stage.json"
 
@@ -72,10 +73,8 @@ class _Tee:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    """Write through a temporary file and rename: other processes never read half a record."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    """Through a temporary file and a rename: other processes never read half a record."""
+    atomic_write(path, json.dumps(value, indent=2))
 
 
 def _jsonable(value: Any) -> Any:
@@ -266,8 +265,8 @@ class Pipeline:
             argv += ["--project", str(self.root), "--name", stage.name, "--exist-ok"]
             if recipe.device:
                 argv += ["--device", recipe.device]
-        elif stage.run == "export":
-            argv += ["--output", str(self.folder(stage) / stage.source)]
+        elif stage.run == "export":  # the stage folder is the pipeline's: a rerun replaces its outputs
+            argv += ["--output", str(self.folder(stage) / stage.source), "--exist-ok"]
         else:
-            argv += ["--output", str(self.folder(stage))]
+            argv += ["--output", str(self.folder(stage)), "--exist-ok"]
         return argv

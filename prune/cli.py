@@ -3,7 +3,8 @@
 Each script names its method; :func:`main` does the rest. Outputs go to a new folder
 ``runs/prune/<method>`` (numbered, never an existing one) unless ``--output`` names a folder:
 ``pruned.cfg`` + ``pruned.weights`` (darknet, for darknet/OpenCV/tensorrtx), ``pruned.pt`` (this
-project's checkpoint: ``train.py --weights pruned.pt`` fine-tunes it) and ``report.json``.
+project's checkpoint: ``train.py --weights pruned.pt`` fine-tunes it) and ``report.json``. Those four
+are checked before any work: an input is never written over, an existing file only with --exist-ok.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from models.io import load_checkpoint, load_model, save_checkpoint, save_darknet
 from models.summary import summarize
 from prune.engine import prune_channels, remove_blocks
 from prune.policies import channel_plan, lowest_blocks
-from utils.cli import run_cli
+from utils.cli import BATCH, COUNT, COUNT0, FRACTION, IMG_SIZE, MULTIPLE, SHARE_BELOW_1, Parser, run_cli
 from utils.errors import UserError
-from utils.files import new_run_dir
+from utils.files import new_run_dir, next_run_dir
+from utils.outputs import OutputPlan, atomic_write
 from utils.torch_utils import median_ms, recalibrate_bn
 
 METHODS = {
@@ -39,7 +41,7 @@ LAYERS = {"layer", "layer_channel"}
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"prune/{method}_prune.py",
+    p = Parser(prog=f"prune/{method}_prune.py",
                                 description=f"{method} pruning: {METHODS[method]}. Writes a smaller cfg, "
                                             f"darknet .weights and a .pt checkpoint.")
     p.add_argument("--weights", required=True, help=".pt checkpoint (sparse-trained), or darknet weights "
@@ -48,23 +50,24 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help=".data file: evaluate mAP before and after (and "
                                                 "--recalibrate on its training split)")
     if method in CHANNELS:
-        p.add_argument("--percent", type=float, default=0.5,
+        p.add_argument("--percent", type=SHARE_BELOW_1, default=0.5,
                        help="share of the candidate channels' |gamma| below the global threshold (0..1)")
-        p.add_argument("--layer-keep", "--layer_keep", type=float, default=0.01,
+        p.add_argument("--layer-keep", "--layer_keep", type=FRACTION, default=0.01,
                        help="each layer (residual chain) keeps at least this share of its channels")
     if method == "regular":
-        p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this")
+        p.add_argument("--round-to", type=MULTIPLE, default=8, help="kept widths are multiples of this")
     if method in LAYERS:
-        p.add_argument("--shortcuts", type=int, default=2, help="residual blocks to remove")
-    p.add_argument("--img-size", type=int, default=None,
+        p.add_argument("--shortcuts", type=COUNT, default=2, help="residual blocks to remove")
+    p.add_argument("--img-size", type=IMG_SIZE, default=None,
                    help="evaluation, GFLOPs and latency size (default: the checkpoint's, else the cfg's)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--recalibrate", type=int, default=0, metavar="N",
+    p.add_argument("--batch-size", type=BATCH, default=16)
+    p.add_argument("--recalibrate", type=COUNT0, default=0, metavar="N",
                    help="re-estimate BN statistics of the pruned model on N training batches (needs --data)")
     p.add_argument("--no-compensate", action="store_true",
                    help="do not fold the constant output of removed channels into their consumers")
-    p.add_argument("--latency-runs", type=int, default=10, help="forward passes timed for CPU latency")
+    p.add_argument("--latency-runs", type=COUNT, default=10, help="forward passes timed for CPU latency")
     p.add_argument("--output", default=None, help="output folder (default: a new runs/prune/<method>)")
+    p.add_argument("--exist-ok", action="store_true", help="replace the outputs in an existing --output")
     return p
 
 
@@ -121,7 +124,8 @@ def _loaders(data_path: str, img_size: int, batch: int, stride: int, need_train:
     from utils.datasets import create_dataloader, read_data_file
 
     data = read_data_file(Path(data_path))
-    val, _ = create_dataloader(data.split("valid"), data.classes, img_size, batch, stride, rect=True)
+    val, _ = create_dataloader(data.split("valid"), data.classes, img_size, batch, stride, rect=True,
+                               need_boxes=True)
     train = None
     if need_train:
         train, _ = create_dataloader(data.split("train"), data.classes, img_size, batch, stride,
@@ -171,13 +175,13 @@ def main(method: str, argv: list[str] | None = None) -> dict:
         if data.classes != model.cfg.classes:
             raise UserError(f"{weights}: the model predicts {model.cfg.classes} classes, {data.path} has "
                             f"{data.classes}")
-    out_dir = Path(a.output) if a.output else new_run_dir("runs/prune", method)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(a.output) if a.output else next_run_dir("runs/prune", method)
     paths = {k: out_dir / f"pruned.{k}" for k in ("cfg", "weights", "pt")}
-    inputs = {weights.resolve(), *([Path(a.cfg).resolve()] if a.cfg else [])}
-    clash = [p for p in paths.values() if p.resolve() in inputs]
-    if clash:
-        raise UserError(f"--output {out_dir}: {clash[0]} is an input; choose another folder")
+    paths["report"] = out_dir / "report.json"
+    plan = OutputPlan([weights, a.cfg, a.data], a.exist_ok)
+    for p in paths.values():
+        plan.add(p)
+    plan.check()  # before the work: a refused run neither prunes nor writes
 
     before = measure(model, img_size, a.latency_runs, loader, names)
     pruned, notes = apply_method(model, method, getattr(a, "percent", 0.5), getattr(a, "layer_keep", 0.01),
@@ -189,7 +193,10 @@ def main(method: str, argv: list[str] | None = None) -> dict:
     pruned.eval()
     after = measure(pruned, img_size, a.latency_runs, loader, names)
 
-    paths["cfg"].write_text(pruned.cfg_text)
+    if not a.output:  # made only now, so a refused or failed run leaves no empty folder
+        out_dir = new_run_dir("runs/prune", method)
+        paths = {k: out_dir / p.name for k, p in paths.items()}
+    atomic_write(paths["cfg"], pruned.cfg_text)
     save_darknet_weights(pruned, paths["weights"])
     report = {"method": method, "source": str(weights), "img_size": img_size, "notes": notes,
               "options": {k: v for k, v in vars(a).items()},
@@ -200,11 +207,11 @@ def main(method: str, argv: list[str] | None = None) -> dict:
                          and method not in LAYERS}}
     save_checkpoint(paths["pt"], pruned, names=meta.get("names", names), img_size=img_size,
                     prune={k: v for k, v in report.items() if k != "widths"})
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write(paths["report"], json.dumps(report, indent=2))
     for line in notes:
         print(line)
     print(table(before, after, img_size))
-    print(f"wrote {paths['cfg']}, {paths['weights']}, {paths['pt']} and {out_dir / 'report.json'}")
+    print(f"wrote {paths['cfg']}, {paths['weights']}, {paths['pt']} and {paths['report']}")
     return report
 
 

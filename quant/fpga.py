@@ -39,6 +39,7 @@ from models.shapes import IMAGE
 from quant.convert import FPGA_LEAKY, QOutput, scale_owners
 from quant.modules import ActQuant, QConvBN
 from utils.errors import UserError
+from utils.outputs import atomic_write, save_npy
 
 FORMAT = "yolo-compress-fpga"
 VERSION = 1
@@ -79,7 +80,8 @@ def _quantizer_entry(q: ActQuant, ids: dict[int, int]) -> dict:
 
 @torch.no_grad()
 def write_package(model: Darknet, out: str | Path, hw: tuple[int, int]) -> dict:
-    """Write the package of ``model`` into the new folder ``out``; returns the manifest."""
+    """Write the package of ``model`` into the folder ``out`` (export.py gives a temporary one, renamed
+    once the package is checked); returns the manifest."""
     out = Path(out)
     problems = fpga_problems(model)
     if problems:
@@ -93,7 +95,7 @@ def write_package(model: Darknet, out: str | Path, hw: tuple[int, int]) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    out.mkdir(parents=True, exist_ok=False)
+    out.mkdir(parents=True, exist_ok=True)
     owner, _ = scale_owners(model)
     ids: dict[int, int] = {}
 
@@ -130,8 +132,17 @@ def write_package(model: Darknet, out: str | Path, hw: tuple[int, int]) -> dict:
                 "input": {"shape": [3, *hw], "channels": "RGB", "values": "pixels / 255",
                           **_quantizer_entry(model.input_quant, ids)},
                 "layers": layers}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
+
+
+def is_package(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a package this module wrote (its manifest says so)."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def _leaky(activation: str) -> dict:
@@ -146,8 +157,8 @@ def _conv_entry(layer: nn.Module, i: int, in_q: ActQuant, out: Path, ids: dict[i
         raise UserError(f"layer {i}: a bias needs more than int32 at scale s_in·s_w")
     e_in, e_w = _exponent(s_in)[0], _exponent(s_w)
     names = {k: f"layer_{i:03d}.{k}.npy" for k in ("weight", "bias")}
-    np.save(out / names["weight"], w_codes.to(torch.int8).numpy())
-    np.save(out / names["bias"], b_codes.to(torch.int32).numpy())
+    save_npy(out / names["weight"], w_codes.to(torch.int8).numpy())
+    save_npy(out / names["bias"], b_codes.to(torch.int32).numpy())
     c = layer.conv
     act = {nn.LeakyReLU: "leaky", nn.ReLU: "relu", nn.Identity: "linear"}[type(layer.act)]
     entry = {"size": c.kernel_size[0], "stride": c.stride[0], "pad": c.padding[0], "groups": c.groups,

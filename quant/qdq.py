@@ -30,7 +30,8 @@ from torch import nn
 from models.darknet import Darknet
 from quant.convert import QOutput
 from quant.modules import ActQuant, QConvBN
-from utils.errors import UserError
+from utils.errors import CheckError, UserError
+from utils.outputs import display_name
 
 MIN_OPSET = 13
 PASS_THROUGH = {"MaxPool", "Resize", "Slice", "Split", "Identity", "Reshape", "Transpose", "Pad"}
@@ -282,12 +283,12 @@ def int8_check(model: Darknet, max_ties: float = 1e-3) -> Callable:
 
         bad = tensorrt_rule_violations(onnx.load(str(path)))
         if bad:
-            raise RuntimeError(f"{path}: breaks TensorRT's Q/DQ rules: " + "; ".join(bad[:3]))
+            raise CheckError(f"{display_name(path)}: breaks TensorRT's Q/DQ rules: " + "; ".join(bad[:3]))
         report = compare_steps(path, module, model, x)
-        print(f"{path.name.removesuffix('.part')}: onnxruntime vs PyTorch fake-quant at {tuple(x.shape)}: "
+        print(f"{display_name(path)}: onnxruntime vs PyTorch fake-quant at {tuple(x.shape)}: "
               f"{report}")
         if report.worse or report.off_by_one > max_ties * report.values:
-            raise RuntimeError(f"{path}: onnxruntime and the fake-quant model differ by up to "
+            raise CheckError(f"{display_name(path)}: onnxruntime and the fake-quant model differ by up to "
                                f"{report.max_steps:g} steps at {report.worst} ({report.off_by_one} values "
                                f"one step apart, {report.worse} more, of {report.values})")
 

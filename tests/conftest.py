@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,12 @@ def rel_err(a, b) -> float:
 @pytest.fixture(params=CFGS, ids=cfg_id)
 def cfg_path(request) -> Path:
     return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _label_cache(tmp_path_factory):
+    """Label caches of the test datasets go to a session folder, not the user's ~/.cache."""
+    os.environ["YOLO_COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("label-cache"))
 
 
 TINY_SHAPES = dict(n_train=8, n_val=4, img_min=64, img_max=96, max_objects=3, size_min=0.15)

@@ -153,6 +153,6 @@ def test_cli_errors(shapes_data, tmp_path, capsys):
     assert run_cli(main, ["--data", str(tmp_path / "no.data"), "--cfg", cfg]) == 2
     assert "no.data: .data file not found" in capsys.readouterr().err
     assert run_cli(main, ["--data", str(shapes_data), "--cfg", cfg, "--thr", "0.5"]) == 2
-    assert "--thr 0.5: must be above 1" in capsys.readouterr().err
+    assert "argument --thr: 0.5 is not a number in (1, 1000]" in capsys.readouterr().err
     assert run_cli(main, ["--data", str(shapes_data), "--cfg", cfg, "--n", "500"]) == 2
     assert "shapes.data: the train split has" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.datasets import collate, create_dataloader, load_labels, read_data_file
+from utils.datasets import cache_path, collate, create_dataloader, load_labels, read_data_file
 from utils.errors import UserError
 
 
@@ -58,8 +58,8 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
 def test_cache_is_used_and_rebuilt_when_a_label_changes(tmp_path):
     data = read_data_file(make_dataset(tmp_path))
     first = load_labels(data.train, data.classes)
-    cache = tmp_path / "images" / "labels.cache"
-    assert cache.is_file()
+    cache = cache_path(data.train)
+    assert cache.is_file() and not (tmp_path / "images" / "labels.cache").exists()  # not beside the data
     stamp = cache.stat().st_mtime_ns
     load_labels(data.train, data.classes)
     assert cache.stat().st_mtime_ns == stamp  # unchanged files: read from the cache

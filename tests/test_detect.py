@@ -16,7 +16,7 @@ from models.onnx import export_onnx
 from tests.conftest import REPO, tame_model
 from utils.augment import PAD_VALUE
 from utils.cli import run_cli
-from utils.errors import UserError
+from utils.errors import CheckError, UserError
 from utils.sources import expand_source, open_source
 
 NAMES = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -227,7 +227,7 @@ def test_one_label_per_box(models, media, tmp_path):
 
 def test_failed_onnx_check_leaves_no_file(tmp_path):
     model = tame_model(REPO / "cfg" / "yolo-small.cfg")
-    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+    with pytest.raises(CheckError, match="differs from PyTorch"):
         export_onnx(model, tmp_path / "m.onnx", 64, atol=-1.0)  # no difference can pass a negative bound
     with pytest.raises(UserError, match="multiples of 32"):
         export_onnx(model, tmp_path / "m.onnx", (64, 80))

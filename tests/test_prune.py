@@ -278,7 +278,7 @@ def test_scripts_never_write_over_their_input(trained_small, tmp_path):
     src = tmp_path / "pruned.pt"
     shutil.copy(trained_small, src)
     before = src.read_bytes()
-    with pytest.raises(UserError, match="is an input"):
+    with pytest.raises(UserError, match="would overwrite the input"):
         cli.main("normal", ["--weights", str(src), "--output", str(tmp_path)])
     assert src.read_bytes() == before
     with pytest.raises(UserError, match="--recalibrate needs --data"):

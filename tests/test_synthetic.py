@@ -138,15 +138,15 @@ def test_existing_folders_are_reused_or_refused_never_touched(tmp_path, capsys):
 
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
     written = []
-    real_imwrite = synthetic.cv2.imwrite
+    real_imencode = synthetic.cv2.imencode
 
-    def imwrite_then_interrupt(path, img, params):
+    def imencode_then_interrupt(ext, img, params):
         if len(written) == 3:
             raise KeyboardInterrupt
-        written.append(path)
-        return real_imwrite(path, img, params)
+        written.append(ext)
+        return real_imencode(ext, img, params)
 
-    monkeypatch.setattr(synthetic.cv2, "imwrite", imwrite_then_interrupt)
+    monkeypatch.setattr(synthetic.cv2, "imencode", imencode_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         generate_shapes(tmp_path / "shapes", TINY)
     assert len(written) == 3 and list(tmp_path.iterdir()) == []
@@ -180,7 +180,7 @@ def test_cli_prints_counts_and_rejects_bad_options(tmp_path, capsys):
         counts = [sum(r.split()[0] == str(k) for r in rows) for k in range(len(NAMES))]
         assert line == f"{split}: " + ", ".join(f"{n} {c}" for n, c in zip(NAMES, counts))
     assert run_cli(main, ["--root", str(tmp_path / "bad"), "--n-train", "0"]) == 2
-    assert "n_train=0: must be at least 1 (--n-train)" in capsys.readouterr().err
+    assert "argument --n-train: 0 is not an integer from 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     with pytest.raises(UserError, match="img_min=300"):
         dataclasses.replace(TINY, img_min=300, img_max=200)

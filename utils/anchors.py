@@ -19,6 +19,7 @@ from models.cfg import ModelCfg, read_cfg, save_cfg
 from models.io import fit_head_conv
 from models.shapes import infer_shapes
 from utils.errors import UserError
+from utils.outputs import OutputPlan
 
 MIN_BOX = 2.0  # pixels; smaller boxes say nothing about anchor shapes
 FIT_SAMPLE = 30_000  # boxes the search uses at most (a random subset); metrics use all
@@ -155,25 +156,31 @@ def _print_metrics(label: str, m: dict[str, float], anchors: np.ndarray) -> None
           f"{m['anchors_above_thr']:.2f}  [{'  '.join(f'{w:.0f},{h:.0f}' for w, h in anchors)}]")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from utils.cli import COUNT, COUNT0, IMG_SIZE, RATIO_ABOVE_1, SEED, Parser
+
+    p = Parser(prog="python -m utils.anchors",
+               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="darknet .data file; its train split is used")
+    p.add_argument("--cfg", required=True, help="cfg whose anchors are compared and replaced")
+    p.add_argument("--img-size", type=IMG_SIZE, default=None, help="training size (default: the cfg's width)")
+    p.add_argument("--n", type=COUNT, default=None, help="number of anchors (default: the cfg's)")
+    p.add_argument("--thr", type=RATIO_ABOVE_1, default=4.0, help="anchor/box size ratio threshold")
+    p.add_argument("--generations", type=COUNT0, default=300, help="mutation rounds after k-means")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--out", default=None, help="write the cfg with the fitted anchors here")
+    p.add_argument("--exist-ok", action="store_true", help="replace an existing --out")
+    return p
+
+
 def main(argv: list[str] | None = None) -> Path | None:
     from utils.datasets import split_labels
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="darknet .data file; its train split is used")
-    p.add_argument("--cfg", required=True, help="cfg whose anchors are compared and replaced")
-    p.add_argument("--img-size", type=int, default=None, help="training size (default: the cfg's width)")
-    p.add_argument("--n", type=int, default=None, help="number of anchors (default: the cfg's)")
-    p.add_argument("--thr", type=float, default=4.0, help="anchor/box size ratio threshold")
-    p.add_argument("--generations", type=int, default=300, help="mutation rounds after k-means")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the cfg with the fitted anchors here")
-    a = p.parse_args(argv)
-    if a.thr <= 1:
-        raise UserError(f"--thr {a.thr}: must be above 1")
-    if a.img_size is not None and a.img_size < 1:
-        raise UserError(f"--img-size {a.img_size}: must be positive")
-    if a.n is not None and a.n < 1:
-        raise UserError(f"--n {a.n}: must be at least 1")
+    a = build_parser().parse_args(argv)
+    if a.out:  # checked before the work: never over the input cfg, an existing file only with --exist-ok
+        plan = OutputPlan([a.cfg, a.data], a.exist_ok)
+        plan.add(a.out)
+        plan.check()
     cfg = read_cfg(a.cfg)
     if not cfg.heads:
         raise UserError(f"{a.cfg}: no [yolo] layers")

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from utils.cli import Parser
 from utils.errors import UserError
-from utils.files import IMG_SUFFIXES, img2label_path, read_names
+from utils.files import IMG_SUFFIXES, img2label_path, read_names, read_text
+from utils.outputs import atomic_path, atomic_write
 
 SPLIT_KEYS = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}  # split -> .data key
 
@@ -84,15 +86,15 @@ def _same_content(a: Path, b: Path) -> bool:
 
 
 def _place_image(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` to ``dst`` (copy where linking fails); a different file at ``dst`` is replaced."""
-    if dst.exists():
-        if os.path.samefile(src, dst):
-            return
-        dst.unlink()  # a converted image of an earlier run (only reached with overwrite)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    """Hard-link ``src`` to ``dst`` (copy where linking fails); a different file at ``dst`` (a converted
+    image of an earlier run, only reached with overwrite) is replaced in one rename."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)  # into a temporary (atomic_path)
+        except OSError:
+            shutil.copy2(src, tmp)  # into a temporary (atomic_path)
 
 
 def _destinations(out: Path, split: str, items: list[_Item]) -> list[tuple[Path, Path]]:
@@ -138,7 +140,7 @@ def _update_data_file(data: Path, split: str, classes: int, names_file: Path) ->
     """Write ``data`` with this split's list, keeping the other entries of an existing file."""
     entries: dict[str, str] = {}
     if data.exists():
-        for line in data.read_text().splitlines():
+        for line in read_text(data, ".data file").splitlines():
             line = line.split("#", 1)[0]
             if "=" in line:
                 k, v = (s.strip() for s in line.split("=", 1))
@@ -149,9 +151,7 @@ def _update_data_file(data: Path, split: str, classes: int, names_file: Path) ->
         entries["valid"] = entries["train"]
     order = ["classes", "train", "valid", "names"]
     keys = [k for k in order if k in entries] + [k for k in entries if k not in order]
-    tmp = data.with_name(data.name + ".tmp")
-    tmp.write_text("".join(f"{k}={entries[k]}\n" for k in keys))
-    tmp.replace(data)
+    atomic_write(data, "".join(f"{k}={entries[k]}\n" for k in keys))
 
 
 def _write_split(out: Path, split: str, name: str | None, names: list[str], items: list[_Item],
@@ -172,9 +172,9 @@ def _write_split(out: Path, split: str, name: str | None, names: list[str], item
         (out / folder / split).mkdir(parents=True, exist_ok=True)
     for it, (img, label) in zip(items, pairs):
         _place_image(it.src, img)
-        label.write_text("".join(it.rows))
-    (out / f"{split}.txt").write_text("".join(f"{img.relative_to(out).as_posix()}\n" for img, _ in pairs))
-    names_file.write_text("".join(f"{n}\n" for n in names))
+        atomic_write(label, "".join(it.rows))
+    atomic_write(out / f"{split}.txt", "".join(f"{img.relative_to(out).as_posix()}\n" for img, _ in pairs))
+    atomic_write(names_file, "".join(f"{n}\n" for n in names))
     _update_data_file(data, split, len(names), names_file)
     return data
 
@@ -198,8 +198,8 @@ def _read_coco(path: Path) -> tuple[list[dict], dict[Any, _CocoImage], list[dict
     if not path.is_file():
         raise UserError(f"--json {path}: file not found")
     try:
-        coco = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        coco = json.loads(read_text(path, "--json"))
+    except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     try:
         cats = sorted(({"id": c["id"], "name": str(c["name"]).strip()} for c in coco["categories"]),
@@ -324,7 +324,7 @@ def _voc_xml_files(xml_dir: Path, split: str, ids: Path | None) -> list[Path]:
     if not ids.is_file():
         raise UserError(f"--ids {ids}: file not found")
     files = []
-    for n, line in enumerate(ids.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(ids, "--ids list").splitlines(), 1):
         if line.split():
             f = ann_dir / f"{line.split()[0]}.xml"
             if not f.is_file():
@@ -402,7 +402,8 @@ def convert_voc(xml_dir: str | Path, images_dir: str | Path, out_dir: str | Path
 # ----------------------------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m utils.convert",
+               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="format", required=True)
     c = sub.add_parser("coco", help="COCO instances JSON")
     c.add_argument("--json", required=True, help="instances_*.json")
@@ -417,7 +418,8 @@ def main(argv: list[str] | None = None) -> Path:
         s.add_argument("--split", default="train", choices=sorted(SPLIT_KEYS))
         s.add_argument("--name", default=None, help="stem of the .data and .names files (default: the "
                                                     "--out folder's name)")
-        s.add_argument("--overwrite", action="store_true", help="replace labels of an earlier conversion")
+        s.add_argument("--overwrite", "--exist-ok", action="store_true",
+                       help="replace labels of an earlier conversion")
     a = p.parse_args(argv)
     if a.format == "coco":
         data, report = convert_coco(a.json, a.images, a.out, a.split, a.name, a.overwrite)

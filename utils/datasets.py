@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import pickle
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from utils.augment import PAD_VALUE, augment_hsv, letterbox, random_affine
 from utils.boxes import xywh2xyxy, xyxy2xywh
 from utils.errors import UserError
-from utils.files import IMG_SUFFIXES, img2label_path, is_image, read_names
+from utils.files import IMG_SUFFIXES, image_damage, img2label_path, is_image, read_names, read_text
+from utils.outputs import atomic_write
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 WARNINGS_SHOWN = 10  # per dataset; the summary still counts every problem
 
 
@@ -65,7 +66,7 @@ def read_data_file(path: str | Path) -> DataConfig:
     if not path.is_file():
         raise UserError(f"{path}: .data file not found")
     entries: dict[str, str] = {}
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
+    for n, raw in enumerate(read_text(path, ".data file").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -104,7 +105,7 @@ def list_images(source: str | Path) -> list[Path]:
         files = [source]
     elif source.is_file():
         files = []
-        for line in source.read_text().splitlines():
+        for line in read_text(source, "image list").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 files.append(_resolve(line, source.parent))
@@ -132,7 +133,7 @@ def parse_label_file(path: Path, classes: int) -> tuple[np.ndarray, list[str]]:
             warnings.append(f"{where}: not a number in {raw.strip()!r}")
             continue
         c, w, h = vals[0], vals[3], vals[4]
-        if c != int(c) or not 0 <= c < classes:
+        if not math.isfinite(c) or c != int(c) or not 0 <= c < classes:
             warnings.append(f"{where}: class {parts[0]} outside 0..{classes - 1}")
         elif not all(math.isfinite(v) for v in vals[1:]) or min(vals[1:]) < 0 or max(vals[1:]) > 1:
             warnings.append(f"{where}: coordinates outside [0, 1]")
@@ -177,10 +178,11 @@ def _scan(files: list[Path], classes: int) -> LabelSet:
     out = LabelSet([], np.zeros((0, 2), np.int64), [])
     shapes = []
     for f in files:
-        img = cv2.imread(str(f))  # decoding is the only reliable readability check
+        damage = image_damage(f)
+        img = None if damage else cv2.imread(str(f))  # decoding is the only reliable readability check
         if img is None:
             out.bad_images += 1
-            out.warnings.append(f"{f}: unreadable image, skipped")
+            out.warnings.append(f"{f}: {damage or 'unreadable image'}, skipped")
             continue
         lf = img2label_path(f)
         if lf.is_file():
@@ -197,13 +199,81 @@ def _scan(files: list[Path], classes: int) -> LabelSet:
     return out
 
 
+def cache_root() -> Path:
+    """The folder of label caches: ``$YOLO_COMPRESS_CACHE``, else ``$XDG_CACHE_HOME/yolo-compress``
+    (``~/.cache/yolo-compress``). Caches never go beside a user's files: a ``.data`` entry may name any
+    file (``train=/etc/passwd``), and writing beside it would write anywhere."""
+    env = os.environ.get("YOLO_COMPRESS_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "yolo-compress"
+
+
 def cache_path(source: Path) -> Path:
-    """Where the label cache of an image list or folder lives (beside the list, inside the folder)."""
-    return source / "labels.cache" if source.is_dir() else source.with_suffix(".cache")
+    """The label cache of an image list or folder: one file per source path in :func:`cache_root`."""
+    digest = hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:20]
+    return cache_root() / "labels" / f"{Path(source).name[:40]}-{digest}.npz"
 
 
-def load_labels(source: str | Path, classes: int, verbose: bool = True) -> LabelSet:
-    """Validated labels of every image in ``source``, from the cache when no file changed since."""
+def _save_cache(path: Path, key: str, classes: int, labels: LabelSet) -> None:
+    """Plain arrays only (no pickle): strings as fixed-width unicode, the labels concatenated."""
+    arrays = {
+        "version": np.array(CACHE_VERSION), "key": np.array(key), "classes": np.array(classes),
+        "images": np.array([str(p) for p in labels.images], dtype=str),
+        "shapes": labels.shapes.astype(np.int64).reshape(-1, 2),
+        "counts": np.array([len(x) for x in labels.labels], dtype=np.int64),
+        "labels": np.concatenate([*labels.labels, np.zeros((0, 5), np.float32)]).astype(np.float32),
+        "stats": np.array([labels.bad_rows, labels.bad_images, labels.missing_labels], dtype=np.int64),
+        "warnings": np.array(labels.warnings, dtype=str)}
+
+    def write(f) -> None:
+        np.savez(f, **arrays)  # into a temporary file that atomic_write renames
+
+    atomic_write(path, write)
+
+
+class _BadCache(Exception):
+    pass
+
+
+def _load_cache(path: Path, key: str, classes: int) -> LabelSet | None:
+    """The cached labels if ``path`` is a valid cache for ``key`` and ``classes``; None if it is for
+    other files (stale). A cache that is not one (damaged, foreign, tampered) raises _BadCache; it is
+    never unpickled, so it cannot run code."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise _BadCache(f"not a readable cache ({type(e).__name__})") from None
+    need = {"version": "i", "key": "U", "classes": "i", "images": "U", "shapes": "i", "counts": "i",
+            "labels": "f", "stats": "i", "warnings": "U"}
+    for k, kind in need.items():
+        if k not in a or a[k].dtype.kind != kind:
+            raise _BadCache(f"entry '{k}' missing or of the wrong type")
+    if int(a["version"]) != CACHE_VERSION or str(a["key"]) != key or int(a["classes"]) != classes:
+        return None
+    images, shapes, counts, rows = a["images"], a["shapes"], a["counts"], a["labels"]
+    n = len(images)
+    ok = (images.ndim == 1 and shapes.shape == (n, 2) and counts.shape == (n,) and rows.ndim == 2
+          and rows.shape[1] == 5 and (counts >= 0).all() and int(counts.sum()) == len(rows)
+          and a["stats"].shape == (3,) and (shapes > 0).all() and np.isfinite(rows).all()
+          and ((rows[:, 0] >= 0) & (rows[:, 0] < classes) & (rows[:, 0] == rows[:, 0].round())).all()
+          and ((rows[:, 1:] >= 0) & (rows[:, 1:] <= 1)).all())
+    if not ok:
+        raise _BadCache("inconsistent contents")
+    ends = np.cumsum(counts)
+    labels = [rows[e - c:e] for c, e in zip(counts, ends)]
+    bad_rows, bad_images, missing = (int(v) for v in a["stats"])
+    return LabelSet([Path(str(p)) for p in images], shapes, labels, bad_rows, bad_images, missing,
+                    [str(w) for w in a["warnings"]])
+
+
+def load_labels(source: str | Path, classes: int, verbose: bool = True, need_boxes: bool = False
+                ) -> LabelSet:
+    """Validated labels of every image in ``source``, from the cache when no file changed since.
+
+    With ``need_boxes`` (training, evaluation) a split without a single valid box is an error.
+    """
     source = Path(source)
     files = list_images(source)
     key = _fingerprint(files)
@@ -211,20 +281,14 @@ def load_labels(source: str | Path, classes: int, verbose: bool = True) -> Label
     labels = None
     if cache.is_file():
         try:
-            with cache.open("rb") as fh:
-                stored = pickle.load(fh)
-            if stored.get("key") == key and stored.get("classes") == classes:
-                labels = stored["labels"]
-        except Exception:  # a stale or foreign cache is rebuilt, never trusted
-            labels = None
+            labels = _load_cache(cache, key, classes)
+        except _BadCache as e:
+            print(f"warning: label cache {cache}: {e}; rebuilding it", file=sys.stderr)
     if labels is None:
         labels = _scan(files, classes)
-        tmp = cache.with_name(cache.name + ".tmp")
         try:
-            with tmp.open("wb") as fh:
-                pickle.dump({"key": key, "classes": classes, "labels": labels}, fh)
-            tmp.replace(cache)
-        except OSError as e:
+            _save_cache(cache, key, classes, labels)
+        except (OSError, UserError) as e:
             print(f"warning: cannot write label cache {cache}: {e}", file=sys.stderr)
     if verbose:
         for w in labels.warnings[:WARNINGS_SHOWN]:
@@ -234,6 +298,10 @@ def load_labels(source: str | Path, classes: int, verbose: bool = True) -> Label
         print(f"{source}: {labels.summary()}")
     if not labels.images:
         raise UserError(f"{source}: no readable images ({labels.summary()})")
+    if need_boxes and not any(len(x) for x in labels.labels):
+        where = img2label_path(labels.images[0]).parent
+        raise UserError(f"{source}: not a single valid label row ({labels.summary()}); the labels of "
+                        f"{labels.images[0]} are expected in {where}")
     return labels
 
 
@@ -394,14 +462,15 @@ def collate(batch):
 def create_dataloader(source: str | Path, classes: int, img_size: int, batch_size: int, stride: int = 32,
                       augment: bool = False, hyp: dict | None = None, rect: bool = False, workers: int = 0,
                       shuffle: bool = False, seed: int = 0, rank: int = -1, world_size: int = 1,
-                      cache_images: bool = False, verbose: bool = True
+                      cache_images: bool = False, verbose: bool = True, need_boxes: bool = False
                       ) -> tuple[DataLoader, YoloDataset]:
-    """A loader over one split. With ``world_size`` > 1 each rank reads its own shard.
+    """A loader over one split. With ``world_size`` > 1 each rank reads its own shard; ``need_boxes``:
+    a split without a single valid box is an error (training and evaluation, not calibration).
 
     The order depends only on ``seed`` and the epoch given to :func:`set_epoch`, so an interrupted run
     resumes with the batches it would have seen.
     """
-    labels = load_labels(source, classes, verbose=verbose)
+    labels = load_labels(source, classes, verbose=verbose, need_boxes=need_boxes)
     ds = YoloDataset(labels, img_size, batch_size, augment, hyp, rect, stride, seed=seed,
                      cache_images=cache_images)
     sampler = DistributedSampler(ds, max(world_size, 1), max(rank, 0), shuffle=shuffle, seed=seed)

@@ -6,3 +6,8 @@ class UserError(Exception):
 
     Command-line scripts print it as one line without a traceback and exit with status 2.
     """
+
+
+class CheckError(UserError):
+    """An output failed the check that it computes what its source computes (an export against
+    PyTorch, say). Printed as one line like a UserError; the output is not kept."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from utils.boxes import non_max_suppression, scale_boxes, xywh2xyxy
 from utils.metrics import ClassStats, ConfusionMatrix, DetectionStats, coco_detections, coco_ground_truth
+from utils.outputs import atomic_write
 
 
 @dataclass
@@ -127,8 +128,8 @@ def _coco_eval(json_path: Path, images, labels, dets, names) -> dict[str, float]
 
     gt = coco_ground_truth(images, labels, names)
     gt_path = json_path.with_name(json_path.stem + "_gt.json")
-    gt_path.write_text(json.dumps(gt))
-    json_path.write_text(json.dumps(dets))
+    atomic_write(gt_path, json.dumps(gt))
+    atomic_write(json_path, json.dumps(dets))
     return pycocotools_eval(gt, dets) if dets else {"map": 0.0, "map50": 0.0}
 
 

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from utils.metrics import ClassStats, ConfusionMatrix
+from utils.outputs import save_figure
 
 
 def pyplot():
@@ -39,7 +40,7 @@ def plot_results(csv_path: str | Path, path: str | Path) -> Path:
     for ax in list(axes.flat)[len(cols):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -57,7 +58,7 @@ def plot_pr_curve(stats: ClassStats, path: str | Path) -> Path:
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -81,7 +82,7 @@ def plot_confusion_matrix(cm: ConfusionMatrix, names: list[str], path: str | Pat
                             color="white" if m[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -131,6 +132,6 @@ def plot_gamma_histograms(history: list[tuple[str, object]], path: str | Path, b
         ax.set_yscale("symlog", linthresh=1)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -18,7 +18,7 @@ import numpy as np
 
 from utils.augment import letterbox
 from utils.errors import UserError
-from utils.files import is_image, is_video
+from utils.files import image_damage, is_image, is_video, read_text
 
 STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://")
 DEFAULT_FPS = 30.0  # when a webcam or stream does not report its frame rate
@@ -38,10 +38,14 @@ class Frame:
 
     @property
     def stem(self) -> str:
-        """A file-name stem for the outputs: the file's stem, ``webcam0``, or the URL's last part."""
-        if self.path.isdigit():
-            return f"webcam{self.path}"
-        return Path(self.path.rstrip("/")).stem or "stream"
+        return output_stem(self.path)
+
+
+def output_stem(source: str) -> str:
+    """A file-name stem for the outputs of a source: the file's stem, ``webcam0``, or a URL's last part."""
+    if source.isdigit():
+        return f"webcam{source}"
+    return Path(source.rstrip("/")).stem or "stream"
 
 
 def is_stream(source: str) -> bool:
@@ -56,7 +60,7 @@ def _media(files: list[str]) -> list[str]:
 def _read_list(path: Path) -> list[str]:
     """The entries of a .txt list, relative ones resolved against the list's folder."""
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "--source list").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -113,11 +117,12 @@ class MediaSource:
     def __iter__(self) -> Iterator[Frame]:
         for item in self.items:
             if is_image(item) and not is_stream(item):
-                img = cv2.imread(item)
+                damage = image_damage(item)
+                img = None if damage else cv2.imread(item)
                 if img is None:
                     if len(self.items) == 1:
-                        raise UserError(f"--source {item}: unreadable image")
-                    print(f"warning: {item}: unreadable image, skipped", file=sys.stderr)
+                        raise UserError(f"--source {item}: {damage or 'unreadable image'}")
+                    print(f"warning: {item}: {damage or 'unreadable image'}, skipped", file=sys.stderr)
                     self.skipped.append(item)
                     continue
                 yield self._frame(item, 0, img)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ import cv2
 import numpy as np
 
 from utils.errors import UserError
+from utils.outputs import atomic_write
 
 VERSION = "shapes-2"
 NAMES = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -201,11 +203,11 @@ def _write_split(root: Path, split: str, n: int, p: ShapesParams) -> None:
         rng = np.random.default_rng((p.seed, split_id, i))
         img, labels = render_image(rng, p)
         rel = f"images/{split}/{i:06d}.jpg"
-        cv2.imwrite(str(root / rel), img, [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
+        atomic_write(root / rel, cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])[1])
         rows = "".join(f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
-        (root / "labels" / split / f"{i:06d}.txt").write_text(rows)
+        atomic_write(root / "labels" / split / f"{i:06d}.txt", rows)
         lines.append(rel + "\n")
-    (root / f"{split}.txt").write_text("".join(lines))
+    atomic_write(root / f"{split}.txt", "".join(lines))
 
 
 def _marker(p: ShapesParams) -> str:
@@ -221,10 +223,29 @@ def _is_dataset(root: Path, p: ShapesParams) -> bool:
 def _write_dataset(root: Path, p: ShapesParams) -> None:
     _write_split(root, "train", p.n_train, p)
     _write_split(root, "val", p.n_val, p)
-    (root / "shapes.names").write_text("\n".join(NAMES) + "\n")
+    atomic_write(root / "shapes.names", "\n".join(NAMES) + "\n")
     data = f"classes={len(NAMES)}\ntrain=train.txt\nvalid=val.txt\nnames=shapes.names\n"
-    (root / "shapes.data").write_text(data)
-    (root / "VERSION").write_text(_marker(p))  # written last: a folder with the marker is complete
+    atomic_write(root / "shapes.data", data)
+    atomic_write(root / "VERSION", _marker(p))  # written last: a folder with the marker is complete
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Remove the temporary folders of generations that were killed: ``<root>.tmp-<pid>-<hex>`` whose
+    process is gone (one still running, e.g. another training rank, keeps its folder)."""
+    for tmp in root.parent.glob(f"{glob.escape(root.name)}.tmp-*-*"):
+        pid = tmp.name[len(root.name) + 5:].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def generate_shapes(root: str | Path, params: ShapesParams = DEFAULT_PARAMS) -> Path:
@@ -242,11 +263,13 @@ def generate_shapes(root: str | Path, params: ShapesParams = DEFAULT_PARAMS) -> 
         raise UserError(f"{root}: exists but is not the shapes benchmark {VERSION} with these parameters; "
                         f"move it away or choose another --root")
     root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(root)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     tmp.mkdir()  # not mkdtemp: the dataset keeps the usual (umask) permissions
     try:
         _write_dataset(tmp, params)
-        os.rename(tmp, root)  # fails when root appeared meanwhile (unless it is an empty folder)
+        # written into a temporary folder, renamed once complete; fails when root appeared meanwhile
+        os.rename(tmp, root)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # only the temporary folder this call created
         if _is_dataset(root, params):
@@ -266,13 +289,20 @@ def ensure_shapes(root: str | Path | None = None, params: ShapesParams = DEFAULT
     return generate_shapes(root, params)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(description="Generate the built-in shapes benchmark dataset.")
+def build_parser() -> argparse.ArgumentParser:
+    from utils.cli import COUNT, SEED, Parser
+
+    ap = Parser(prog="python -m utils.synthetic",
+                description="Generate the built-in shapes benchmark dataset.")
     ap.add_argument("--root", default=str(DEFAULT_ROOT))
-    ap.add_argument("--n-train", type=int, default=DEFAULT_PARAMS.n_train)
-    ap.add_argument("--n-val", type=int, default=DEFAULT_PARAMS.n_val)
-    ap.add_argument("--seed", type=int, default=DEFAULT_PARAMS.seed)
-    a = ap.parse_args(argv)
+    ap.add_argument("--n-train", type=COUNT, default=DEFAULT_PARAMS.n_train)
+    ap.add_argument("--n-val", type=COUNT, default=DEFAULT_PARAMS.n_val)
+    ap.add_argument("--seed", type=SEED, default=DEFAULT_PARAMS.seed)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> Path:
+    a = build_parser().parse_args(argv)
     params = dataclasses.replace(DEFAULT_PARAMS, n_train=a.n_train, n_val=a.n_val, seed=a.seed)
     data = ensure_shapes(a.root, params)
     for split in ("train", "val"):

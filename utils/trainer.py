@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 import time
@@ -34,13 +35,15 @@ from models.io import load_checkpoint, load_model, save_checkpoint, with_classes
 from utils.datasets import DataConfig, create_dataloader, read_data_file, set_epoch
 from utils.errors import UserError
 from utils.evaluate import EvalResult, evaluate
-from utils.files import new_run_dir
+from utils.files import new_run_dir, read_text
 from utils.loss import LossOutput, YoloLoss
+from utils.outputs import OutputPlan, atomic_write
 from utils.torch_utils import ModelEMA, select_device, unwrap
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HYP = REPO / "data" / "hyp.scratch.yaml"
 DEFAULT_CFG = "cfg/yolo-small.cfg"
+OUTPUT_FILES = ("results.csv", "opt.yaml", "hyp.yaml")  # beside weights/ and results.png
 RESULT_COLUMNS = ["epoch", "train/box", "train/obj", "train/cls", "metrics/precision", "metrics/recall",
                   "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box", "val/obj", "val/cls", "lr",
                   "time_s"]
@@ -136,6 +139,13 @@ class TrainHook:
         pass
 
 
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run folder of a checkpoint: ``<run>/weights/last.pt`` -> ``<run>``; a checkpoint outside a
+    ``weights`` folder is its own run folder."""
+    folder = Path(checkpoint).resolve().parent
+    return folder.parent if folder.name == "weights" else folder
+
+
 def in_repo(path: str | Path) -> Path:
     """A relative path that is missing here but exists in the repository (the shipped cfgs) goes there."""
     p = Path(path)
@@ -147,9 +157,10 @@ def load_hyp(path: str | Path = "") -> dict[str, Any]:
     hyp = yaml.safe_load(DEFAULT_HYP.read_text())
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"--hyp {p}: file not found")
-        user = yaml.safe_load(p.read_text()) or {}
+        try:
+            user = yaml.safe_load(read_text(p, "--hyp")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--hyp {p}: not valid YAML ({e})".replace("\n", " ")) from None
         if not isinstance(user, dict):
             raise UserError(f"--hyp {p}: expected a mapping of hyperparameter: value")
         unknown = sorted(set(user) - set(hyp))
@@ -225,7 +236,11 @@ class Trainer:
         if "opts" not in meta or "train_state" not in meta:
             raise UserError(f"--resume {p}: not a train.py last.pt (no optimizer state); start a new run "
                             f"with --weights {p} instead")
-        opts = TrainOptions(**{**meta["opts"], "resume": str(p), "exist_ok": True})
+        # the run continues in the folder that holds the checkpoint (runs/train/<name>/weights/last.pt),
+        # wherever the run was when it started: a moved or renamed run never writes into another one
+        run_dir = run_dir_of(p)
+        opts = TrainOptions(**{**meta["opts"], "resume": str(p), "exist_ok": True,
+                               "project": str(run_dir.parent), "name": run_dir.name})
         if meta["epoch"] + 1 >= opts.epochs:
             raise UserError(f"--resume {p}: the run already finished its {opts.epochs} epochs; start a new "
                             f"run with --weights {p} to train further")
@@ -272,23 +287,20 @@ class Trainer:
                 raise UserError(f"--img-size {s}: must be a multiple of the model's largest stride {stride}")
         if not opts.weights and not self.resume_ckpt:
             init_head_biases(self.model, self.max_size)
-        self.run_dir = Path(self.resume_ckpt["meta"]["run_dir"]) if self.resume_ckpt else None
-        if self.main and self.run_dir is None:
-            self.run_dir = new_run_dir(opts.project, opts.name, opts.exist_ok)
-        self.weights_dir = self.run_dir / "weights" if self.run_dir else None
         self.batch = opts.batch_size // self.world_size
         self.accumulate = max(round(hyp["nbs"] / opts.batch_size), 1)
         self.train_loader, self.train_set = create_dataloader(
             self.data.split("train"), self.data.classes, self.max_size, self.batch, stride, augment=True,
             hyp=hyp, rect=opts.rect, workers=opts.workers, shuffle=True, seed=opts.seed,
-            rank=self.rank, world_size=self.world_size, cache_images=opts.cache_images, verbose=self.main)
+            rank=self.rank, world_size=self.world_size, cache_images=opts.cache_images, verbose=self.main,
+            need_boxes=True)
         if opts.rect:
             self.train_set.hyp["mosaic"] = 0.0
         self.val_loader = None
         if self.main:
             self.val_loader, _ = create_dataloader(
                 self.data.split("valid"), self.data.classes, self.test_size, self.batch * 2, stride,
-                rect=True, workers=opts.workers, cache_images=opts.cache_images)
+                rect=True, workers=opts.workers, cache_images=opts.cache_images, need_boxes=True)
         self.loss_fn = YoloLoss(self.model.yolo_heads, hyp, self.max_size)
         for h in self.hooks:
             self.model = h.prepare_model(self, self.model)
@@ -301,6 +313,9 @@ class Trainer:
             print("warning: --amp needs CUDA; training in float32 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.start_epoch, self.best_fitness = 0, -1.0
+        self.run_dir = self.weights_dir = None
+        if self.main:  # made only now, so a run refused while setting up leaves no empty folder behind
+            self._open_run_dir()
         if self.resume_ckpt:
             self._load_train_state(self.resume_ckpt)
         if self.world_size > 1:
@@ -312,6 +327,27 @@ class Trainer:
             self.train_model = self.model
         if self.main:
             self._write_options()
+
+    def _open_run_dir(self) -> None:
+        """The run folder: the resumed checkpoint's, else a new one (or the named one with --exist-ok).
+
+        Nothing the run writes may be one of its inputs (``--weights`` of a run folder reused with
+        --exist-ok, say); temporaries an interrupted save left are removed.
+        """
+        opts = self.opts
+        if self.resume_ckpt:
+            self.run_dir = run_dir_of(opts.resume)
+            self.weights_dir = Path(opts.resume).resolve().parent
+        else:
+            self.run_dir = new_run_dir(opts.project, opts.name, opts.exist_ok)
+            self.weights_dir = self.run_dir / "weights"
+        inputs = [opts.weights, opts.t_weights, opts.t_cfg, opts.cfg, opts.hyp, self.data_file]
+        plan = OutputPlan(inputs, exist_ok=True)
+        for f in (*OUTPUT_FILES, "results.png"):
+            plan.add(self.run_dir / f)
+        for f in ("last.pt", "best.pt"):
+            plan.add(self.weights_dir / f)
+        plan.check()
 
     def _build_model(self) -> Darknet:
         opts = self.opts
@@ -359,15 +395,33 @@ class Trainer:
             self.ema.updates = state["ema_updates"]
         torch.set_rng_state(state["torch_rng"])
         self.start_epoch = meta["epoch"] + 1
-        self.best_fitness = meta["best_fitness"]
+        self.best_fitness = self._saved_best_fitness(meta["best_fitness"])
         self.model.seen = meta.get("seen", 0)
         print(f"resuming {self.opts.resume} from epoch {self.start_epoch} of {self.opts.epochs}")
 
+    def _saved_best_fitness(self, recorded: float) -> float:
+        """The best fitness of the ``best.pt`` on disk: the one to beat. ``best.pt`` is written before
+        ``last.pt`` records its fitness, but a run older than that order, or a best.pt removed by hand,
+        could leave the record ahead of the file, and the better epoch would then never be saved."""
+        if self.weights_dir is None:  # another DDP rank: rank 0 saves
+            return recorded
+        best = self.weights_dir / "best.pt"
+        if not best.is_file():
+            return -1.0
+        try:
+            saved = float(load_checkpoint(best)["meta"].get("fitness", -1.0))
+        except UserError:
+            return -1.0
+        if saved != recorded:
+            print(f"{best} holds fitness {saved:.4f}, the checkpoint recorded {recorded:.4f}: "
+                  f"{best} is replaced by the first epoch that beats it")
+        return saved
+
     def _write_options(self) -> None:
-        (self.run_dir / "opt.yaml").write_text(yaml.safe_dump(
+        atomic_write(self.run_dir / "opt.yaml", yaml.safe_dump(
             {**dataclasses.asdict(self.opts), "data_resolved": str(self.data_file),
              "accumulate": self.accumulate, "world_size": self.world_size}, sort_keys=False))
-        (self.run_dir / "hyp.yaml").write_text(yaml.safe_dump(self.hyp, sort_keys=False))
+        atomic_write(self.run_dir / "hyp.yaml", yaml.safe_dump(self.hyp, sort_keys=False))
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> EvalResult | None:
@@ -546,10 +600,11 @@ class Trainer:
             with path.open() as fh:
                 rows = [x for x in csv.DictReader(fh) if int(x["epoch"]) < epoch]
         rows.append(row)
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=columns)
-            w.writeheader()
-            w.writerows(rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(path, text.getvalue())  # a kill mid-write keeps the previous epochs' rows
         if writer is not None:
             for k, v in row.items():
                 if k != "epoch" and not math.isnan(v):
@@ -581,9 +636,10 @@ class Trainer:
                 "hyp": self.hyp, "opts": dataclasses.asdict(self.opts), "run_dir": str(self.run_dir),
                 "results": row, "interrupted": interrupted, "seen": self.model.seen,
                 "train_state": train_state, "img_size": self.test_size}
-        save_checkpoint(self.weights_dir / "last.pt", model, **meta)
+        # best.pt first: last.pt records this epoch as the best, and a resumed run trusts that record
         if best and not interrupted:
             save_checkpoint(self.weights_dir / "best.pt", model, **meta)
+        save_checkpoint(self.weights_dir / "last.pt", model, **meta)
 
     def _plot(self) -> None:
         from utils.plots import plot_results
