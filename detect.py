@@ -87,9 +87,6 @@ def has_gui() -> bool:
 
 
 def _check_args(a: argparse.Namespace, det: Detector, names: list[str] | None) -> None:
-    for opt, v in (("--conf-thres", a.conf_thres), ("--iou-thres", a.iou_thres)):
-        if not 0 <= v <= 1:
-            raise UserError(f"{opt} {v}: must be in [0, 1]")
     if det.classes is not None:
         bad = [c for c in a.classes or [] if not 0 <= c < det.classes]
         if bad:

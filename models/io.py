@@ -26,6 +26,7 @@ from models.cfg import ModelCfg, parse_cfg, read_cfg, write_cfg
 from models.darknet import Darknet
 from models.shapes import head_channels, infer_shapes, layer_inputs
 from utils.errors import UserError
+from utils.files import read_bytes
 from utils.outputs import atomic_write, save_torch
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,7 @@ class DarknetFile:
 
 def read_darknet_file(path: str | Path) -> DarknetFile:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"weights file not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot read weights {path}: {e.strerror or e}") from None
+    raw = read_bytes(path, "weights")
     too_short = UserError(f"{path}: {len(raw)} bytes is too short for a darknet .weights header")
     if len(raw) < 12:
         raise too_short

@@ -57,8 +57,7 @@ class Bounded:
         return self.kind.__name__
 
     def describe(self) -> str:
-        lo = f"{self.lo:g}"
-        hi = f"{self.hi:g}"
+        lo, hi = (f"{int(v)}" if self.kind is int else f"{v:g}" for v in (self.lo, self.hi))
         if self.kind is int:
             text = f"an integer from {lo} to {hi}"
         else:

@@ -60,16 +60,22 @@ def new_run_dir(root: str | Path, name: str, exist_ok: bool = False) -> Path:
             continue
 
 
-def read_text(path: str | Path, what: str = "file") -> str:
-    """A user's text file as UTF-8 (a BOM is dropped). A missing or unreadable file, or bytes that are not
-    UTF-8, are one UserError naming the file and the line."""
+def read_bytes(path: str | Path, what: str = "file") -> bytes:
+    """A user's file; a missing or unreadable one is one UserError naming ``what`` and the file."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{what} {path}: file not found") from None
     except OSError as e:
         raise UserError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A user's text file as UTF-8 (a BOM is dropped). A missing or unreadable file, or bytes that are not
+    UTF-8, are one UserError naming the file and the line."""
+    path = Path(path)
+    raw = read_bytes(path, what)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
