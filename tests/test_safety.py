@@ -135,10 +135,14 @@ def test_best_pt_is_saved_before_it_is_recorded_and_rederived_on_resume(shapes_d
         Trainer(tiny_opts(shapes_data, tmp_path, epochs=3), [StopAt(2)]).fit()
     weights = tmp_path / "exp" / "weights"
     assert (weights / "last.pt").stat().st_mtime_ns >= (weights / "best.pt").stat().st_mtime_ns
-    # what a kill between the two writes of an older version left: the record ahead of best.pt
+    # what a kill between the two writes of an older version left: last.pt records a best fitness
+    # (here one no epoch can beat) that best.pt, still an older epoch's, does not hold
     stale = load_checkpoint(weights / "best.pt")
     stale["meta"]["fitness"], stale["meta"]["epoch"] = -0.5, -1
     torch.save(stale, weights / "best.pt")
+    last = load_checkpoint(weights / "last.pt")
+    last["meta"]["best_fitness"] = 2.0
+    torch.save(last, weights / "last.pt")
     t = Trainer(TrainOptions(resume=str(weights / "last.pt")))
     t.fit()
     assert load_checkpoint(weights / "best.pt")["meta"]["epoch"] == 2  # the first epoch that beat it

@@ -61,10 +61,7 @@ def clean_stale_temps(folder: str | Path) -> list[Path]:
         return removed
     for p in folder.iterdir():
         if is_temp(p):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            _remove(p)
             removed.append(p)
     return removed
 
@@ -96,9 +93,8 @@ def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write (a new empty folder with ``folder``); it becomes
     ``path`` in one rename when the block ends, and is removed if the block fails.
 
-    A file replaces an existing ``path``; a folder replaces only an empty one (see
-    :func:`replace_folder` for the rest). The caller decides whether ``path`` may be replaced
-    (:class:`OutputPlan`).
+    A file replaces an existing ``path`` in the rename; a folder replaces an existing one through
+    :func:`replace_folder`. The caller has decided that ``path`` may be replaced (:class:`OutputPlan`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
