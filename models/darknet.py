@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from models.cfg import ModelCfg, read_cfg, write_cfg
-from models.layers import ConvBN, YoloHead, build_layer
+from models.kinds import kind_of
+from models.layers import ConvBN, YoloHead
 from models.shapes import Shape, infer_shapes, layer_inputs, max_stride
 from utils.errors import UserError
 
@@ -31,7 +32,7 @@ class Darknet(nn.Module):
         net = self.cfg.net
         image = Shape(net["channels"], net["height"], net["width"])
         self.layers = nn.ModuleList(
-            build_layer(block, [shapes[j] if j >= 0 else image for j in srcs])
+            kind_of(block).module(block, [shapes[j] if j >= 0 else image for j in srcs])
             for block, srcs in zip(self.cfg.layers, self.inputs))
         self.heads = self.cfg.heads
         self.cfg.classes  # noqa: B018 -- raises UserError unless every head has the same class count

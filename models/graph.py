@@ -1,13 +1,14 @@
 """Which conv output channels are tied together, and where every layer's channels come from.
 
-Every channel of every layer's output is traced back to the conv output channels it is made of:
-a conv makes its own channels; ``[maxpool]``, ``[upsample]``, ``[avgpool]`` and ``[dropout]`` pass
-them through; ``[route]`` concatenates (and with ``groups`` takes slice ``group_id`` of each input);
-``[shortcut]``, ``[scale_channels]`` and ``[sam]`` combine channel ``c`` of their inputs into channel
-``c``. Conv channels that end up combined are **tied**: a pruning method must keep or remove them
-together, or the add (multiply) would no longer line up. A ``[route]`` with ``groups`` splits a tensor
-into equal slices, so channel ``k`` of one slice is tied to channel ``k`` of the others: removing the
-same positions from every slice keeps the split where it was.
+Every channel of every layer's output is traced back to the conv output channels it is made of, by
+each layer kind's channel rule (:mod:`models.kinds`): a conv makes its own channels (OWN); pooling,
+upsampling and dropout pass them through (PASS); ``[route]`` concatenates, with ``groups`` taking
+slice ``group_id`` of each input (CONCAT); ``[shortcut]``, ``[scale_channels]`` and ``[sam]`` combine
+channel ``c`` of their inputs into channel ``c`` (COMBINE). Conv channels that end up combined are
+**tied**: a pruning method must keep or remove them together, or the add (multiply) would no longer
+line up. A ``[route]`` with ``groups`` splits a tensor into equal slices, so channel ``k`` of one
+slice is tied to channel ``k`` of the others: removing the same positions from every slice keeps the
+split where it was.
 
 Pruning, the choice of layers for sparse training, shared quantization scales across adds and
 concats, and feature matching for distillation ask this graph; none re-derives cfg index rules.
@@ -20,10 +21,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 from models.cfg import ModelCfg
+from models.kinds import COMBINE, CONCAT, OWN, kind_of
 from models.shapes import IMAGE, infer_shapes, layer_inputs
 
 Channel = tuple[int, int]  # (conv layer index or IMAGE, output channel)
-_COMBINE = ("shortcut", "scale_channels", "sam")
 
 
 class UnionFind:
@@ -61,9 +62,10 @@ class ChannelGraph:
         origins: list[tuple[frozenset[Channel], ...]] = []
         for i, (b, srcs) in enumerate(zip(cfg.layers, self.inputs)):
             ins = [image if j == IMAGE else origins[j] for j in srcs]
-            if b.type == "convolutional":
+            rule = kind_of(b).channels
+            if rule == OWN:
                 out = tuple(frozenset({(i, c)}) for c in range(b["filters"]))
-            elif b.type == "route":
+            elif rule == CONCAT:
                 g, gid = b["groups"], b["group_id"]
                 out = ()
                 for x in ins:
@@ -72,11 +74,11 @@ class ChannelGraph:
                         for m in range(1, g):
                             uf.union(min(x[k]), min(x[m * size + k]))
                     out += x[gid * size:(gid + 1) * size]
-            elif b.type in _COMBINE:
-                # scale_channels: the per-channel scales (first input) times the `from` layer
-                width = len(ins[1]) if b.type == "scale_channels" else len(ins[0])
-                out = tuple(frozenset().union(*(x[c] for x in ins)) for c in range(width))
-            else:  # pass-through (and [yolo], whose output is its input)
+            elif rule == COMBINE:
+                # the output has the channels of the last input (scale_channels: the `from` layer,
+                # scaled by the first input's per-channel values)
+                out = tuple(frozenset().union(*(x[c] for x in ins)) for c in range(len(ins[-1])))
+            else:  # PASS (a head's output is its input)
                 out = ins[0]
             for chans in out:
                 first = min(chans)
@@ -85,7 +87,7 @@ class ChannelGraph:
             origins.append(out)
         self.origins = origins
         self._uf = uf
-        self.convs = [i for i, b in enumerate(cfg.layers) if b.type == "convolutional"]
+        self.convs = [i for i, b in enumerate(cfg.layers) if kind_of(b).channels == OWN]
         # convs are in one chain when any of their channels are tied; (i, 0) stands for conv i here
         convs_uf = UnionFind()
         first_conv: dict[Channel, int] = {}  # channel group -> the first conv seen in it

@@ -1,17 +1,22 @@
 """The torch modules behind each darknet section, with darknet's arithmetic.
 
 Every module takes its inputs positionally in the order ``models.shapes.layer_inputs`` lists them,
-so ``Darknet.forward`` is one loop with no per-type branches.
+so ``Darknet.forward`` is one loop with no per-type branches. Which module a section gets is the
+layer kind's (:mod:`models.kinds`).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cfg import Block
-from models.shapes import Shape, conv_padding
+from models.kinds import Shape, conv_padding
+
+if TYPE_CHECKING:
+    from models.cfg import Block
 
 BN_EPS = 1e-5  # darknet (AlexeyAB) normalizes with sqrt(var + .00001f)
 BN_MOMENTUM = 0.03  # running-statistics update rate in training (darknet itself uses 0.01)
@@ -141,8 +146,18 @@ class MaxPool(nn.Module):
 class GlobalAvgPool(nn.Module):
     """``[avgpool]``: darknet's avgpool averages each channel over the whole map."""
 
+    def __init__(self, block: Block | None = None):
+        super().__init__()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean((2, 3), keepdim=True)
+
+
+class Dropout(nn.Dropout):
+    """``[dropout]``: drops with ``probability`` while training, the identity in eval."""
+
+    def __init__(self, block: Block):
+        super().__init__(block["probability"])
 
 
 class ScaleChannels(nn.Module):
@@ -199,32 +214,6 @@ class YoloHead(nn.Module):
             xy, wh, rest = p[..., :2].sigmoid(), p[..., 2:4].exp(), p[..., 4:].sigmoid()
         xy = (xy * s - 0.5 * (s - 1) + grid) * stride
         return torch.cat((xy, wh * anchors, rest), -1).view(b, -1, no)
-
-
-def build_layer(block: Block, in_shapes: list[Shape]) -> nn.Module:
-    """The module for one block, given the shapes of its inputs."""
-    t = block.type
-    if t == "convolutional":
-        return ConvBN(block, in_shapes[0].c)
-    if t == "maxpool":
-        return MaxPool(block)
-    if t == "upsample":
-        return Upsample(block)
-    if t == "avgpool":
-        return GlobalAvgPool()
-    if t == "dropout":
-        return nn.Dropout(block["probability"])
-    if t == "route":
-        return Route(block)
-    if t == "shortcut":
-        return Shortcut(block)
-    if t == "scale_channels":
-        return ScaleChannels(block)
-    if t == "sam":
-        return SAM(block)
-    if t == "yolo":
-        return YoloHead(block)
-    raise AssertionError(f"no module for [{t}]")
 
 
 def conv_macs(block: Block, c_in: int, out: Shape) -> int:

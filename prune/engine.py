@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from models.cfg import ModelCfg
 from models.darknet import Darknet
 from models.graph import ChannelGraph
+from models.kinds import COMBINE, CONCAT, OWN, kind_of
 from models.layers import activation
 from models.shapes import IMAGE, layer_inputs
 from prune.blocks import ResidualBlock
@@ -67,24 +68,27 @@ def missing_signal(cfg: ModelCfg, conv_missing: dict[int, torch.Tensor],
     out: list[tuple[torch.Tensor, torch.Tensor]] = []  # (missing constant, removed as a whole)
     for i, (b, srcs) in enumerate(zip(cfg.layers, inputs)):
         ins = [image if j == IMAGE else out[j] for j in srcs]
-        t = b.type
-        if t == "convolutional":
+        kind = kind_of(b)
+        if kind.channels == OWN:
             none = torch.zeros(b["filters"], dtype=torch.float64)
             m = conv_missing.get(i, none)
             gone = conv_gone.get(i, none.bool())
-        elif t == "route":
+        elif kind.channels == CONCAT:
             g, gid = b["groups"], b["group_id"]
             m = torch.cat([x.chunk(g)[gid] for x, _ in ins])
             gone = torch.cat([x.chunk(g)[gid] for _, x in ins])
-        elif t in ("shortcut", "scale_channels", "sam"):
+        elif kind.channels == COMBINE:
             gone = torch.stack([x for _, x in ins]).all(0)
-            m = sum((x for x, _ in ins[1:]), ins[0][0]) if t == "shortcut" else ins[0][0] * ins[1][0]
-            if t != "shortcut" or b["activation"] != "linear":
+            add = kind.combine == "add"
+            m = ins[0][0]
+            for x, _ in ins[1:]:
+                m = m + x if add else m * x
+            if not add or b["activation"] != "linear":
                 m = torch.where(gone, _act(b["activation"], m), 0.0)
-        elif t == "upsample":
-            m, gone = ins[0][0] * b["scale"], ins[0][1]
-        else:  # maxpool, avgpool, dropout, yolo: a constant passes unchanged
+        else:  # PASS: pooling, dropout, heads carry a constant unchanged; upsampling scales it
             m, gone = ins[0]
+            if kind.constant_scale:
+                m = m * b[kind.constant_scale]
         out.append((m, gone))
     return [m for m, _ in out]
 
@@ -184,11 +188,6 @@ def prune_channels(model: Darknet, masks: Masks, compensate: bool = True) -> Dar
 
 
 # ---------------------------------------------------------------- layer pruning
-def _reference_keys(block_type: str) -> tuple[str, ...]:
-    return {"route": ("layers",), "shortcut": ("from",), "scale_channels": ("from",),
-            "sam": ("from",)}.get(block_type, ())
-
-
 @torch.no_grad()
 def remove_blocks(model: Darknet, blocks: list[ResidualBlock], compensate: bool = True) -> Darknet:
     """A new model without the residual ``blocks`` (branch and shortcut); later references renumbered."""
@@ -206,7 +205,7 @@ def remove_blocks(model: Darknet, blocks: list[ResidualBlock], compensate: bool 
         conv_missing = {c: removed_output(work, c) for blk in blocks for c in blk.convs}
         conv_gone = {c: torch.ones_like(v, dtype=torch.bool) for c, v in conv_missing.items()}
         kept_convs = [i for i, b in enumerate(cfg_old.layers)
-                      if b.type == "convolutional" and i not in removed]
+                      if kind_of(b).channels == OWN and i not in removed]
         fold_missing(work, missing_signal(cfg_old, conv_missing, conv_gone), kept_convs)
     new_index: dict[int, int] = {}
     by_shortcut = {blk.shortcut: blk for blk in blocks}
@@ -224,10 +223,12 @@ def remove_blocks(model: Darknet, blocks: list[ResidualBlock], compensate: bool 
             continue
         b = b.copy()
         k = new_index[i]
-        for key in _reference_keys(b.type):
+        kind = kind_of(b)
+        srcs = list(inputs[i][1:] if kind.reads_previous else inputs[i])  # what the reference keys name
+        for key in kind.references:
             refs = b[key] if isinstance(b[key], list) else [b[key]]
-            srcs = inputs[i][1:] if b.type == "shortcut" else inputs[i][-len(refs):]
-            new = [new_index[j] - k if r < 0 else new_index[j] for r, j in zip(refs, srcs)]
+            named, srcs = srcs[:len(refs)], srcs[len(refs):]
+            new = [new_index[j] - k if r < 0 else new_index[j] for r, j in zip(refs, named)]
             b.set(key, new if isinstance(b[key], list) else new[0])
         layers.append(b)
     cfg = ModelCfg(cfg_old.net.copy(), layers, cfg_old.source)

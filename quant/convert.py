@@ -4,7 +4,8 @@ Every tensor an integer pipeline stores has one scale: the outputs of convs and 
 (``[shortcut]``, ``[scale_channels]``, ``[sam]``) are requantized by an :class:`ActQuant`; pass-through
 layers (maxpool, upsample, dropout, a single-input route) keep their input's scale. Two tensors that a
 ``[shortcut]`` adds or a ``[route]`` concatenates must share one scale, so their producers get the
-same :class:`ActQuant` (union-find over the layer graph).
+same :class:`ActQuant` (union-find over the layer graph). Which kind does what is the layer kind
+table's (:mod:`models.kinds`: ``requantized``, ``shares_input_scales``).
 
 Policy (:class:`QuantConfig`):
 
@@ -27,11 +28,11 @@ from torch import nn
 
 from models.darknet import Darknet
 from models.graph import UnionFind
+from models.kinds import OWN, kind_of
 from models.layers import ConvBN
 from models.shapes import IMAGE
 from quant.modules import ActQuant, QConvBN, QuantSpec
 
-COMBINE = ("shortcut", "scale_channels", "sam")
 FPGA_LEAKY = (13, 7)  # leaky slope 13 / 2**7 = 0.1015625 under --FPGA
 
 
@@ -68,18 +69,12 @@ def scale_owners(model: Darknet) -> tuple[list[int], UnionFind]:
     owner: list[int] = []
     uf = UnionFind()
     for i, (b, srcs) in enumerate(zip(model.cfg.layers, model.inputs)):
+        kind = kind_of(b)
         src_owner = [IMAGE if j == IMAGE else owner[j] for j in srcs]
-        if b.type in ("convolutional", *COMBINE):
-            if b.type == "shortcut":
-                for o in src_owner[1:]:
-                    uf.union(src_owner[0], o)
-            owner.append(i)
-        elif b.type == "route":
+        if kind.shares_input_scales:  # an add or a concat: its inputs share one scale
             for o in src_owner[1:]:
                 uf.union(src_owner[0], o)
-            owner.append(src_owner[0])
-        else:  # pass-through and [yolo]
-            owner.append(src_owner[0])
+        owner.append(i if kind.requantized else src_owner[0])
     return owner, uf
 
 
@@ -106,14 +101,15 @@ def quantize_model(model: Darknet, config: QuantConfig) -> Darknet:
         layer = model.layers[i]
         if config.fpga and isinstance(getattr(layer, "act", None), nn.LeakyReLU):
             layer.act = nn.LeakyReLU(FPGA_LEAKY[0] / 2 ** FPGA_LEAKY[1])
-        if b.type == "convolutional":
+        kind = kind_of(b)
+        if kind.channels == OWN:
             in_q = quant_of(IMAGE if srcs[0] == IMAGE else owner[srcs[0]])
             if i in head_convs and not config.fpga:
                 continue  # float head conv on a quantized input
             assert isinstance(layer, ConvBN)
             out_q = None if i in head_convs else quant_of(i)
             model.layers[i] = QConvBN(layer, spec, in_q, out_q)
-        elif b.type in COMBINE:
+        elif kind.requantized:
             model.layers[i] = QOutput(layer, quant_of(i))
     model.quant_config = config
     return model

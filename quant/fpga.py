@@ -27,13 +27,17 @@ against, and the export checks it against the PyTorch fake-quant model code for 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from models.cfg import Block
 from models.darknet import Darknet
+from models.kinds import kind_of
 from models.layers import YoloHead
 from models.shapes import IMAGE
 from quant.convert import FPGA_LEAKY, QOutput, scale_owners
@@ -43,25 +47,22 @@ from utils.outputs import atomic_write, save_npy
 
 FORMAT = "yolo-compress-fpga"
 VERSION = 1
-LAYERS = ("convolutional", "shortcut", "route", "maxpool", "upsample", "yolo")
-ACTIVATIONS = ("linear", "leaky", "relu")
 
 
 def fpga_problems(model: Darknet) -> list[str]:
-    """Why ``model`` has no integer package (empty when it has one)."""
+    """Why ``model`` has no integer package (empty when it has one): which kinds have an integer form,
+    and on what condition, is the layer kind table's (``LayerKind.fpga``)."""
     config = model.quant_config
     if config is None or not config.fpga or not config.spec.pow2:
         return ["it is not a power-of-two quantized checkpoint: quantize with --FPGA (train.py --quantized "
                 "google --FPGA, or python -m quant.ptq --FPGA)"]
     bad = []
     for b in model.cfg.layers:
-        if b.type not in LAYERS:
-            bad.append(f"{b.where()}: [{b.type}] has no integer form here ({', '.join(LAYERS)} do)")
-        elif b.type in ("convolutional", "shortcut") and b["activation"] not in ACTIVATIONS:
-            bad.append(f"{b.where()}: activation={b['activation']} has no integer form "
-                       f"({', '.join(ACTIVATIONS)} do)")
-        elif b.type == "upsample" and b["scale"] != 1:
-            bad.append(f"{b.where()}: upsample scale={b['scale']} (only 1)")
+        kind = kind_of(b)
+        if kind.fpga is None:
+            bad.append(f"{b.where()}: [{b.type}] has no integer form here ({', '.join(INTEGER_FORMS)} do)")
+        elif (problem := kind.fpga(b)) is not None:
+            bad.append(f"{b.where()}: {problem}")
     return bad
 
 
@@ -105,27 +106,11 @@ def write_package(model: Darknet, out: str | Path, hw: tuple[int, int]) -> dict:
 
     layers = []
     for i, (b, srcs) in enumerate(zip(model.cfg.layers, model.inputs)):
-        layer = model.layers[i]
+        form = INTEGER_FORMS[b.type]
         e = {"index": i, "type": b.type, "inputs": ["image" if j == IMAGE else j for j in srcs],
              "shape": shapes[i]}
-        if b.type == "convolutional":
-            e |= _conv_entry(layer, i, quant_at(srcs[0]), out, ids)
-        elif b.type == "yolo":
-            head: YoloHead = layer
-            e |= {"anchors": head.anchors.tolist(), "classes": head.classes, "scale_x_y": head.scale_x_y,
-                  "new_coords": head.new_coords, "decode": "float, outside the integer pipeline"}
-        else:
-            if b.type == "shortcut":
-                assert isinstance(layer, QOutput)
-                e |= {"activation": b["activation"], **_leaky(b["activation"]),
-                      "shift": _exponent(quant_at(srcs[0]).qparams()[0])[0]
-                      - _exponent(layer.output_quant.qparams()[0])[0]}
-            elif b.type == "route":
-                e |= {"groups": b["groups"], "group_id": b["group_id"]}
-            elif b.type == "maxpool":
-                e |= {"size": layer.size, "stride": layer.stride, "pad": list(layer.pad)}
-            elif b.type == "upsample":
-                e |= {"stride": b["stride"]}
+        e |= form.entry(_Site(b, model.layers[i], i, [quant_at(j) for j in srcs], out, ids))
+        if form.requantizes:
             e["output"] = _quantizer_entry(quant_at(i), ids)
         layers.append(e)
     manifest = {"format": FORMAT, "version": VERSION, "cfg": model.cfg.source,
@@ -149,16 +134,29 @@ def _leaky(activation: str) -> dict:
     return {"leaky": {"multiplier": FPGA_LEAKY[0], "shift": FPGA_LEAKY[1]}} if activation == "leaky" else {}
 
 
-def _conv_entry(layer: nn.Module, i: int, in_q: ActQuant, out: Path, ids: dict[int, int]) -> dict:
+@dataclass(frozen=True)
+class _Site:
+    """What a manifest entry is made from: the block, its (quantized) module, its index, the
+    quantizers of its inputs, the package folder and the quantizer ids given so far."""
+    block: Block
+    layer: nn.Module
+    index: int
+    input_quants: list[ActQuant]
+    out: Path
+    ids: dict[int, int]
+
+
+def _conv_entry(s: _Site) -> dict:
+    layer, i, ids = s.layer, s.index, s.ids
     assert isinstance(layer, QConvBN)
     w_codes, s_w, b_codes = layer.integer_params()
-    s_in = in_q.qparams()[0]
+    s_in = s.input_quants[0].qparams()[0]
     if b_codes.abs().max() >= 2 ** 31:
         raise UserError(f"layer {i}: a bias needs more than int32 at scale s_in·s_w")
     e_in, e_w = _exponent(s_in)[0], _exponent(s_w)
     names = {k: f"layer_{i:03d}.{k}.npy" for k in ("weight", "bias")}
-    save_npy(out / names["weight"], w_codes.to(torch.int8).numpy())
-    save_npy(out / names["bias"], b_codes.to(torch.int32).numpy())
+    save_npy(s.out / names["weight"], w_codes.to(torch.int8).numpy())
+    save_npy(s.out / names["bias"], b_codes.to(torch.int32).numpy())
     c = layer.conv
     act = {nn.LeakyReLU: "leaky", nn.ReLU: "relu", nn.Identity: "linear"}[type(layer.act)]
     entry = {"size": c.kernel_size[0], "stride": c.stride[0], "pad": c.padding[0], "groups": c.groups,
@@ -171,6 +169,19 @@ def _conv_entry(layer: nn.Module, i: int, in_q: ActQuant, out: Path, ids: dict[i
         entry["output"] = _quantizer_entry(layer.output_quant, ids)
         entry["shift"] = [e_in + k - entry["output"]["exponent"] for k in e_w]
     return entry
+
+
+def _shortcut_entry(s: _Site) -> dict:
+    assert isinstance(s.layer, QOutput)
+    act = s.block["activation"]
+    return {"activation": act, **_leaky(act), "shift": _exponent(s.input_quants[0].qparams()[0])[0]
+            - _exponent(s.layer.output_quant.qparams()[0])[0]}
+
+
+def _yolo_entry(s: _Site) -> dict:
+    head: YoloHead = s.layer
+    return {"anchors": head.anchors.tolist(), "classes": head.classes, "scale_x_y": head.scale_x_y,
+            "new_coords": head.new_coords, "decode": "float, outside the integer pipeline"}
 
 
 # ---------------------------------------------------------------- the integer reference
@@ -230,46 +241,88 @@ def run_reference(package: str | Path, image: np.ndarray) -> dict[str, np.ndarra
     codes = np.clip(np.round(np.ldexp(image.astype(np.float64), -inq["exponent"])) + inq["zero_point"],
                     inq["qmin"], inq["qmax"]).astype(np.int64)
     values: dict[str, np.ndarray] = {"input": codes}
-    zero = {"image": inq["zero_point"]}
+    zero: dict = {"image": inq["zero_point"]}
 
     def read(j):
         return values["input" if j == "image" else str(j)]
 
     for e in manifest["layers"]:
-        srcs = [read(j) for j in e["inputs"]]
-        t = e["type"]
-        if t == "convolutional":
-            z_in = zero[e["inputs"][0]]
-            w = np.load(package / e["weights"]).astype(np.int64)
-            b = np.load(package / e["bias"]).astype(np.int64)
-            acc = _conv(srcs[0] - z_in, w, e["stride"], e["pad"], e["groups"]) + b[:, None, None]
-            if e["output"] is None:
-                y = acc
-            else:
-                shift = np.asarray(e["shift"], np.int64)[:, None, None]
-                v, s = _activate(acc, np.broadcast_to(shift, acc.shape), e["activation"])
-                y = _requantize(v, s, e["output"])
-        elif t == "shortcut":
-            total = sum(x - zero[j] for x, j in zip(srcs, e["inputs"]))
-            v, s = _activate(total, np.full(total.shape, e["shift"], np.int64), e["activation"])
-            y = _requantize(v, s, e["output"])
-        elif t == "route":
-            xs = [np.split(x, e["groups"], 0)[e["group_id"]] for x in srcs] if e["groups"] > 1 else srcs
-            y = np.concatenate(xs, 0)
-        elif t == "maxpool":
-            before_y, after_y, before_x, after_x = e["pad"][2], e["pad"][3], e["pad"][0], e["pad"][1]
-            x = np.pad(srcs[0], ((0, 0), (before_y, after_y), (before_x, after_x)),
-                       constant_values=np.iinfo(np.int64).min)
-            k, st = e["size"], e["stride"]
-            y = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, ::st, ::st].max((3, 4))
-        elif t == "upsample":
-            y = srcs[0].repeat(e["stride"], 1).repeat(e["stride"], 2)
-        else:  # yolo: the float decode reads the head conv's accumulators
-            y = srcs[0]
-        values[str(e["index"])] = y
+        form = INTEGER_FORMS.get(e["type"])
+        if form is None:
+            raise UserError(f"{package / 'manifest.json'}: layer {e['index']} [{e['type']}] has no integer "
+                            f"form here")
+        srcs = [read(j) - zero[j] for j in e["inputs"]]  # codes minus their zero points
+        values[str(e["index"])] = form.run(e, srcs, package)
         out = e.get("output")
         zero[e["index"]] = out["zero_point"] if out else 0
     return values
+
+
+def _run_conv(e: dict, srcs: list[np.ndarray], package: Path) -> np.ndarray:
+    w = np.load(package / e["weights"]).astype(np.int64)
+    b = np.load(package / e["bias"]).astype(np.int64)
+    acc = _conv(srcs[0], w, e["stride"], e["pad"], e["groups"]) + b[:, None, None]
+    if e["output"] is None:  # a head conv: the accumulators are the output
+        return acc
+    shift = np.asarray(e["shift"], np.int64)[:, None, None]
+    v, s = _activate(acc, np.broadcast_to(shift, acc.shape), e["activation"])
+    return _requantize(v, s, e["output"])
+
+
+def _run_shortcut(e: dict, srcs: list[np.ndarray], package: Path) -> np.ndarray:
+    total = sum(srcs)
+    v, s = _activate(total, np.full(total.shape, e["shift"], np.int64), e["activation"])
+    return _requantize(v, s, e["output"])
+
+
+def _restore_zero(e: dict, y: np.ndarray) -> np.ndarray:
+    """Layers that move codes without arithmetic give back their (shared) zero point."""
+    return y + e["output"]["zero_point"]
+
+
+def _run_route(e: dict, srcs: list[np.ndarray], package: Path) -> np.ndarray:
+    xs = [np.split(x, e["groups"], 0)[e["group_id"]] for x in srcs] if e["groups"] > 1 else srcs
+    return _restore_zero(e, np.concatenate(xs, 0))
+
+
+def _run_maxpool(e: dict, srcs: list[np.ndarray], package: Path) -> np.ndarray:
+    before_y, after_y, before_x, after_x = e["pad"][2], e["pad"][3], e["pad"][0], e["pad"][1]
+    x = np.pad(srcs[0], ((0, 0), (before_y, after_y), (before_x, after_x)),
+               constant_values=np.iinfo(np.int64).min)
+    k, st = e["size"], e["stride"]
+    y = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, ::st, ::st].max((3, 4))
+    return _restore_zero(e, y)
+
+
+def _run_upsample(e: dict, srcs: list[np.ndarray], package: Path) -> np.ndarray:
+    return _restore_zero(e, srcs[0].repeat(e["stride"], 1).repeat(e["stride"], 2))
+
+
+def _run_head(e: dict, srcs: list[np.ndarray], package: Path) -> np.ndarray:
+    return srcs[0]  # the float decode reads the head conv's accumulators
+
+
+@dataclass(frozen=True)
+class IntegerForm:
+    """How the package describes one layer kind (``entry``), whether the entry carries an output
+    quantizer of the layer's own (``requantizes``; a conv writes its own, a head has none), and how the
+    reference computes it in integers from its inputs' codes minus their zero points (``run``)."""
+    entry: Callable[[_Site], dict]
+    run: Callable[[dict, list[np.ndarray], Path], np.ndarray]
+    requantizes: bool = True
+
+
+# one entry per layer kind whose LayerKind.fpga is set (tests/test_kinds.py holds the two together)
+INTEGER_FORMS: dict[str, IntegerForm] = {
+    "convolutional": IntegerForm(_conv_entry, _run_conv, requantizes=False),
+    "shortcut": IntegerForm(_shortcut_entry, _run_shortcut),
+    "route": IntegerForm(lambda s: {"groups": s.block["groups"], "group_id": s.block["group_id"]},
+                         _run_route),
+    "maxpool": IntegerForm(lambda s: {"size": s.layer.size, "stride": s.layer.stride,
+                                      "pad": list(s.layer.pad)}, _run_maxpool),
+    "upsample": IntegerForm(lambda s: {"stride": s.block["stride"]}, _run_upsample),
+    "yolo": IntegerForm(_yolo_entry, _run_head, requantizes=False),
+}
 
 
 # ---------------------------------------------------------------- the check

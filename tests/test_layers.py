@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.cfg import ACTIVATIONS
 from models.layers import activation
+from models.options import ACTIVATIONS
 
 TEST_NET = "[net]\nwidth=32\nheight=32\nchannels=3\n"
 
