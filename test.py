@@ -16,12 +16,11 @@ from torch import nn
 
 from models.io import load_checkpoint, load_model
 from utils.cli import BATCH, COUNT, FRACTION, IMG_SIZE, WORKERS, Parser, run_cli
-from utils.datasets import create_dataloader, read_data_file
+from utils.datasets import create_dataloader, read_data_file, resolve_data
 from utils.errors import UserError
 from utils.evaluate import EvalResult, evaluate, format_table
 from utils.files import new_run_dir
 from utils.torch_utils import select_device
-from utils.trainer import resolve_data
 
 
 class OnnxModel(nn.Module):

@@ -16,11 +16,14 @@ def evaluate_pt(weights: str | Path, data: str, img_size: int, out: Path, name: 
     return r.map50, r.map
 
 
-def finetune(weights: Path, data: str, epochs: int, out: Path, name: str, **train_opts) -> EvalResult:
+def finetune(weights: Path, data: str, epochs: int, out: Path, name: str, **flags) -> EvalResult:
     """``train.py --weights W --hyp data/hyp.finetune.yaml`` for ``epochs`` (Adam at 5e-5, no warm-up),
-    evaluated once at the end; ``train_opts`` are further :class:`TrainOptions` fields (``hyp`` too)."""
-    from utils.trainer import REPO, Trainer, TrainOptions
+    evaluated once at the end; ``flags`` are further train.py options by field name (``hyp`` too,
+    ``kd_str`` and the other techniques' fields)."""
+    from engine.options import REPO
+    from stages.train import TrainJob, run
 
-    train_opts.setdefault("hyp", str(REPO / "data" / "hyp.finetune.yaml"))
-    return Trainer(TrainOptions(weights=str(weights), data=data, epochs=epochs, project=str(out), name=name,
-                                exist_ok=True, notest=True, **train_opts)).fit()
+    flags.setdefault("hyp", str(REPO / "data" / "hyp.finetune.yaml"))
+    job = TrainJob.from_record({"weights": str(weights), "data": data, "epochs": epochs, "project": str(out),
+                                "name": name, "exist_ok": True, "notest": True, **flags})
+    return run(job).value

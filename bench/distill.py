@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 from bench.common import evaluate_pt, finetune
-from distill.hook import STRATEGIES
+from distill.hook import STRATEGIES, DistillOptions
 from utils.cli import EPOCHS, IMG_SIZE, NONNEGATIVE, POSITIVE, SEED, Parser
 from utils.files import new_run_dir
 from utils.outputs import atomic_write
-from utils.trainer import TrainOptions
 
 KD_FIELDS = ("kd_t", "kd_feat_t", "kd_cls", "kd_obj", "kd_box", "kd_feat", "kd_margin")
 
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--strategies", type=int, nargs="+", default=[0, *STRATEGIES], choices=[0, *STRATEGIES],
                     help="0 is plain fine-tuning")
     ap.add_argument("--project", default="runs/bench")
-    d = TrainOptions()
+    d = DistillOptions()
     for name in KD_FIELDS:
         ap.add_argument(f"--{name.replace('_', '-')}", type=POSITIVE if name.endswith("_t") else NONNEGATIVE,
                         default=getattr(d, name), help="as train.py's")

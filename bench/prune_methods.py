@@ -30,12 +30,13 @@ from models.onnx import export_onnx
 from models.summary import summarize
 from prune import cli
 from prune.blocks import residual_blocks
+from prune.methods import METHODS as REGISTRY
 from utils.cli import COUNT, COUNT0, IMG_SIZE, SHARE_BELOW_1, Parser
 from utils.files import new_run_dir
 from utils.outputs import atomic_write
 from utils.torch_utils import median_ms, tame_random_weights
 
-METHODS = list(cli.METHODS)
+METHODS = list(REGISTRY)
 
 
 def params(model: Darknet) -> int:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from engine.options import TrainOptions, default_workers
+from engine.trainer import Trainer
 from utils.cli import BATCH, COUNT, IMG_SIZE, WORKERS, Parser
-from utils.datasets import read_data_file, set_epoch
+from utils.datasets import read_data_file, resolve_data, set_epoch
 from utils.outputs import atomic_write
-from utils.trainer import Trainer, TrainOptions, default_workers, resolve_data
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,11 +38,12 @@ from distill.losses import (
     to_regression,
 )
 from distill.matching import match_features, match_heads
+from engine.hooks import TrainContext, TrainHook
 from models.darknet import Darknet
 from models.io import load_model
+from utils.cli import NONNEGATIVE, POSITIVE, option
 from utils.errors import UserError
 from utils.loss import LossOutput, decode_box, obj_balance
-from utils.trainer import Trainer, TrainHook
 
 STRATEGIES = {1: ("cls", "obj"), 2: ("box_bounded", "cls", "obj"), 3: ("box", "cls"),
               4: ("box", "cls", "feat"), 5: ("box", "cls", "feat_masked")}
@@ -50,16 +51,29 @@ STRATEGIES = {1: ("cls", "obj"), 2: ("box_bounded", "cls", "obj"), 3: ("box", "c
 
 @dataclass
 class DistillOptions:
-    strategy: int
-    t_weights: str
-    t_cfg: str = ""
-    temperature: float = 3.0  # class softmax
-    feat_temperature: float = 1.0  # spatial attention softmax
-    w_cls: float = 1.0
-    w_obj: float = 1.0
-    w_box: float = 1.0
-    w_feat: float = 1.0
-    margin: float = 0.0  # strategy 2: the student's box error counts unless within this of the teacher's
+    """``train.py``'s distillation flags; :meth:`hook` is the hook they ask for (None: off)."""
+    kd_str: int = option(0, "--KDstr", "--kd-str", type=int, choices=(0, *STRATEGIES), metavar="1..5",
+                         help="strategy: 1 outputs, 2 + teacher-bounded boxes, 3 box imitation + classes, "
+                              "4 3 + attention maps, 5 4 near the objects only")
+    t_weights: str = option("", "--t_weights", "--t-weights",
+                            help="teacher: a .pt alone, or darknet weights with --t_cfg")
+    t_cfg: str = option("", "--t_cfg", "--t-cfg", help="teacher cfg (darknet weights)")
+    kd_t: float = option(3.0, "--kd-t", type=POSITIVE, help="temperature of the class softmax")
+    kd_feat_t: float = option(1.0, "--kd-feat-t", type=POSITIVE,
+                              help="temperature of the spatial attention softmax (4, 5)")
+    kd_cls: float = option(1.0, "--kd-cls", type=NONNEGATIVE, help="class KL weight (x the cls gain)")
+    kd_obj: float = option(1.0, "--kd-obj", type=NONNEGATIVE, help="objectness KL weight (x the obj gain)")
+    kd_box: float = option(1.0, "--kd-box", type=NONNEGATIVE, help="box term weight (x the box gain)")
+    kd_feat: float = option(1.0, "--kd-feat", type=NONNEGATIVE, help="attention KL weight")
+    # strategy 2: the student's box error counts unless within this of the teacher's
+    kd_margin: float = option(0.0, "--kd-margin", type=NONNEGATIVE, help="strategy 2: teacher-bound margin")
+
+    def hook(self) -> DistillHook | None:
+        if not self.kd_str and not self.t_weights:
+            return None
+        if not self.kd_str:
+            raise UserError(f"--t_weights {self.t_weights}: choose a distillation strategy with --KDstr 1..5")
+        return DistillHook(self)
 
 
 def load_teacher(t_weights: str, t_cfg: str = "", device: torch.device | str = "cpu") -> Darknet:
@@ -83,22 +97,25 @@ def _record(store: dict[int, torch.Tensor], key: int, training_only: bool):
 
 class DistillHook(TrainHook):
     def __init__(self, opts: DistillOptions):
-        if opts.strategy not in STRATEGIES:
-            raise UserError(f"--KDstr {opts.strategy}: expected one of {', '.join(map(str, STRATEGIES))}")
-        for name in ("temperature", "feat_temperature"):
+        if opts.kd_str not in STRATEGIES:
+            raise UserError(f"--KDstr {opts.kd_str}: expected one of {', '.join(map(str, STRATEGIES))}")
+        for name in ("kd_t", "kd_feat_t"):
             if getattr(opts, name) <= 0:
-                raise UserError(f"--kd-{name.replace('_', '-').replace('temperature', 't')}: must be > 0")
+                raise UserError(f"--{name.replace('_', '-')}: must be > 0")
         self.opts = opts
-        self.terms = STRATEGIES[opts.strategy]
+        self.terms = STRATEGIES[opts.kd_str]
         self.teacher: Darknet | None = None
         self._s_feats: dict[int, torch.Tensor] = {}
         self._t_feats: dict[int, torch.Tensor] = {}
 
-    def prepare_model(self, trainer: Trainer, model: nn.Module) -> nn.Module:
+    def inputs(self) -> list[str]:
+        return [self.opts.t_weights, self.opts.t_cfg]
+
+    def prepare_model(self, ctx: TrainContext, model: nn.Module) -> nn.Module:
         o = self.opts
-        self.teacher = load_teacher(o.t_weights, o.t_cfg, trainer.device)
+        self.teacher = load_teacher(o.t_weights, o.t_cfg, ctx.device)
         self.teacher.to(memory_format=torch.channels_last)
-        for size in set(trainer.opts.sizes):
+        for size in set(ctx.sizes):
             if size % self.teacher.max_stride:
                 raise UserError(f"--img-size {size}: must be a multiple of the teacher's largest stride "
                                 f"{self.teacher.max_stride} ({o.t_weights})")
@@ -113,28 +130,27 @@ class DistillHook(TrainHook):
                 model.layers[s.layer].register_forward_hook(_record(self._s_feats, s.layer, True))
                 self.teacher.layers[t.layer].register_forward_hook(_record(self._t_feats, t.layer, False))
         strides = ", ".join(f"{s.stride:g} (layers {s.layer}/{t.layer})" for s, t in self.feat_pairs)
-        print(f"distillation: strategy {o.strategy} ({' + '.join(self.terms)}) from {o.t_weights}"
+        print(f"distillation: strategy {o.kd_str} ({' + '.join(self.terms)}) from {o.t_weights}"
               + (f"; features at stride {strides}" if strides else ""))
         return model
 
-    def extra_losses(self, trainer: Trainer, imgs: torch.Tensor, targets: torch.Tensor,
+    def extra_losses(self, ctx: TrainContext, imgs: torch.Tensor, targets: torch.Tensor,
                      preds: list[torch.Tensor], loss: LossOutput) -> dict[str, torch.Tensor]:
-        o, teacher = self.opts, self.teacher
-        with torch.no_grad(), torch.autocast(imgs.device.type, enabled=trainer.amp):
+        o, teacher, gains = self.opts, self.teacher, ctx.gains
+        with torch.no_grad(), torch.autocast(imgs.device.type, enabled=ctx.amp):
             t_raw = teacher(imgs)[1]
-        gains = trainer.loss_fn
         out: dict[str, torch.Tensor] = {}
 
         def add(name: str, value: torch.Tensor) -> None:
             out[name] = out.get(name, 0) + value
 
-        for head, ps, k, pos in zip(gains.heads, preds, self.head_pairs, loss.positives):
+        for head, ps, k, pos in zip(ctx.model.yolo_heads, preds, self.head_pairs, loss.positives):
             t_head, pt, ps = teacher.yolo_heads[k], t_raw[k].float(), ps.float()
             stride = imgs.shape[2] / ps.shape[2]
             if "cls" in self.terms:
-                add("kd_cls", class_kl(head, ps, pt, o.temperature) * gains.gain_cls * o.w_cls)
+                add("kd_cls", class_kl(head, ps, pt, o.kd_t) * gains.cls * o.kd_cls)
             if "obj" in self.terms:
-                add("kd_obj", objectness_kl(head, ps, pt) * obj_balance(stride) * gains.gain_obj * o.w_obj)
+                add("kd_obj", objectness_kl(head, ps, pt) * obj_balance(stride) * gains.obj * o.kd_obj)
             if "box" in self.terms or "box_bounded" in self.terms:
                 idx = (pos.b, pos.a, pos.gj, pos.gi)
                 a_s = head.anchors.to(ps.device)[pos.a] / stride
@@ -144,14 +160,14 @@ class DistillHook(TrainHook):
                 if "box" in self.terms:
                     term = box_imitation_l2(rs, rt)
                 else:
-                    term = bounded_box_l2(rs, rt, to_regression(pos.tbox, a_s), o.margin)
-                add("kd_box", term * gains.gain_box * o.w_box)
+                    term = bounded_box_l2(rs, rt, to_regression(pos.tbox, a_s), o.kd_margin)
+                add("kd_box", term * gains.box * o.kd_box)
         if self.feat_pairs:
             masked = "feat_masked" in self.terms
             targets = targets.to(imgs.device)
             for s, t in self.feat_pairs:
                 fs, ft = self._s_feats.pop(s.layer), self._t_feats.pop(t.layer)
                 mask = object_mask(targets, fs.shape[0], *fs.shape[2:]) if masked else None
-                add("kd_feat", attention_kl(fs, ft, o.feat_temperature, mask) * o.w_feat)
+                add("kd_feat", attention_kl(fs, ft, o.kd_feat_t, mask) * o.kd_feat)
         bs = imgs.shape[0]
         return {k: v * bs for k, v in out.items()}

@@ -197,7 +197,7 @@ def _stage(recipe_path: Path, name: str, body: Any, previous: str | None, names:
         raise UserError(f"{where}: the first stage must train (or be replaced by compress.py --weights)")
     method = body.get("method", "")
     if run == "prune":
-        from prune.cli import METHODS
+        from prune.methods import METHODS
 
         if method not in METHODS:
             raise UserError(f"{where}: 'method' must be one of {', '.join(METHODS)}, not {method!r}")

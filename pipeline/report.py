@@ -27,6 +27,9 @@ from models.darknet import Darknet
 from models.io import load_model
 from pipeline.recipe import Recipe
 from pipeline.runner import StageRecord
+from prune.methods import PruneMethod
+from prune.sparsity import SparsityOptions
+from stages.train import TrainJob
 from utils.outputs import atomic_write, save_figure
 from utils.torch_utils import alternating_medians
 
@@ -100,9 +103,8 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
             ) -> list[Row]:
     """One row per stage with a checkpoint (an export stage adds files, not a row)."""
     from models.summary import summarize
-    from utils.datasets import create_dataloader, read_data_file
+    from utils.datasets import create_dataloader, read_data_file, resolve_data
     from utils.evaluate import evaluate
-    from utils.trainer import resolve_data
 
     size = recipe.img_size
     data = read_data_file(resolve_data(recipe.data))
@@ -145,12 +147,18 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
 
 
 # -------------------------------------------------------------------- plots
-def _gammas(checkpoint: str | Path, mode: int) -> np.ndarray:
-    from prune.sparsity import sparse_convs
-
+def _gammas(checkpoint: str | Path, method: PruneMethod) -> np.ndarray:
     model = load_model(checkpoint)
     return torch.cat([model.layers[c].bn.weight.detach().abs().flatten()
-                      for c in sparse_convs(model, mode)]).numpy()
+                      for c in method.penalized_convs(model.cfg)]).numpy()
+
+
+def _sparsity(record: StageRecord) -> SparsityOptions | None:
+    """The sparse-training options of a training stage (None for other stages or without -sr)."""
+    if record.run != "train":
+        return None
+    opts = TrainJob.from_mapping(record.options, f"stage '{record.name}'").sparsity
+    return opts if opts.sr else None
 
 
 def _conv_widths(checkpoint: str | Path) -> list[int]:
@@ -183,11 +191,11 @@ def plots(rows: list[Row], records: list[StageRecord], out: Path) -> list[str]:
         save_figure(fig, out / file, dpi=110)
         plt.close(fig)
         made.append(file)
-    sparse = next((r for r in records if r.run == "train" and r.options.get("sr") and r.source in ckpt), None)
+    sparse = next((r for r in records if _sparsity(r) and r.source in ckpt), None)
     if sparse is not None:
-        mode = int(sparse.options.get("prune", 0))
-        plot_gamma_histograms([(f"before ({sparse.source})", _gammas(ckpt[sparse.source], mode)),
-                               (f"after ({sparse.name})", _gammas(sparse.checkpoint, mode))],
+        method = _sparsity(sparse).method
+        plot_gamma_histograms([(f"before ({sparse.source})", _gammas(ckpt[sparse.source], method)),
+                               (f"after ({sparse.name})", _gammas(sparse.checkpoint, method))],
                               out / GAMMA_PLOT, log=True)
         made.append(GAMMA_PLOT)
     pruned = [r for r in records if r.run == "prune" and r.source in ckpt]
@@ -271,7 +279,7 @@ def markdown(rows: list[Row], records: list[StageRecord], info: dict, figures: l
 
 def write(records: list[StageRecord], recipe: Recipe, root: Path, seconds: float, runs: int = 30) -> Path:
     """Measure every stage and write ``report/report.{md,json}`` and the plots; returns the .md path."""
-    from utils.trainer import resolve_data
+    from utils.datasets import resolve_data
 
     out = root / "report"
     out.mkdir(parents=True, exist_ok=True)

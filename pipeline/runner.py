@@ -248,7 +248,7 @@ class Pipeline:
 
     def argv(self, stage: Stage, first: bool) -> list[str]:
         """The script's command line: the recipe's flags, then what the pipeline sets."""
-        from utils.trainer import resolve_data
+        from utils.datasets import resolve_data
 
         recipe = self.recipe
         options = {k: (str(self.input_checkpoint(v)) if k in STAGE_REFERENCES and v in self.records else v)

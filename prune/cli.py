@@ -20,43 +20,32 @@ import torch
 from models.darknet import Darknet
 from models.io import load_checkpoint, load_model, save_checkpoint, save_darknet_weights
 from models.summary import summarize
-from prune.engine import prune_channels, remove_blocks
-from prune.policies import channel_plan, lowest_blocks
+from prune.methods import apply_plan, method, plan
 from utils.cli import BATCH, COUNT, COUNT0, FRACTION, IMG_SIZE, MULTIPLE, SHARE_BELOW_1, Parser, run_cli
 from utils.errors import UserError
 from utils.files import new_run_dir, next_run_dir
 from utils.outputs import OutputPlan, atomic_write
 from utils.torch_utils import median_ms, recalibrate_bn
 
-METHODS = {
-    "normal": "global |gamma| threshold over convs no shortcut ties (residual chains stay whole)",
-    "shortcut": "every conv of a residual chain takes the mask of the chain's first conv",
-    "slim": "global threshold with a per-layer floor; a chain keeps the union of its members' masks",
-    "regular": "normal's convs, kept widths rounded up to a multiple of --round-to",
-    "layer": "remove the --shortcuts residual blocks with the lowest mean |gamma|",
-    "layer_channel": "slim channel pruning, then layer pruning",
-}
-CHANNELS = {"normal", "shortcut", "slim", "regular", "layer_channel"}
-LAYERS = {"layer", "layer_channel"}
 
-
-def build_parser(method: str) -> argparse.ArgumentParser:
-    p = Parser(prog=f"prune/{method}_prune.py",
-                                description=f"{method} pruning: {METHODS[method]}. Writes a smaller cfg, "
-                                            f"darknet .weights and a .pt checkpoint.")
+def build_parser(name: str) -> argparse.ArgumentParser:
+    m = method(name)
+    p = Parser(prog=f"prune/{name}_prune.py",
+               description=f"{name} pruning: {m.summary}. Writes a smaller cfg, darknet .weights and a .pt "
+                           f"checkpoint.")
     p.add_argument("--weights", required=True, help=".pt checkpoint (sparse-trained), or darknet weights "
                                                     "with --cfg")
     p.add_argument("--cfg", default=None, help="cfg for darknet .weights")
     p.add_argument("--data", default=None, help=".data file: evaluate mAP before and after (and "
                                                 "--recalibrate on its training split)")
-    if method in CHANNELS:
+    if m.channels:
         p.add_argument("--percent", type=SHARE_BELOW_1, default=0.5,
                        help="share of the candidate channels' |gamma| below the global threshold (0..1)")
         p.add_argument("--layer-keep", "--layer_keep", type=FRACTION, default=0.01,
                        help="each layer (residual chain) keeps at least this share of its channels")
-    if method == "regular":
+    if m.round_widths:
         p.add_argument("--round-to", type=MULTIPLE, default=8, help="kept widths are multiples of this")
-    if method in LAYERS:
+    if m.blocks:
         p.add_argument("--shortcuts", type=COUNT, default=2, help="residual blocks to remove")
     p.add_argument("--img-size", type=IMG_SIZE, default=None,
                    help="evaluation, GFLOPs and latency size (default: the checkpoint's, else the cfg's)")
@@ -71,8 +60,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(method: str, argv: list[str] | None) -> argparse.Namespace:
-    return build_parser(method).parse_args(argv)
+def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
+    return build_parser(name).parse_args(argv)
 
 
 @dataclass
@@ -133,30 +122,16 @@ def _loaders(data_path: str, img_size: int, batch: int, stride: int, need_train:
     return data, val, train
 
 
-def apply_method(model: Darknet, method: str, percent: float = 0.5, layer_keep: float = 0.01,
+def apply_method(model: Darknet, name: str, percent: float = 0.5, layer_keep: float = 0.01,
                  round_to: int = 8, shortcuts: int = 2, compensate: bool = True
                  ) -> tuple[Darknet, list[str]]:
-    """Prune ``model`` with one of :data:`METHODS`: the pruned model and lines saying what went."""
-    notes = []
-    pruned = model
-    if method in CHANNELS:
-        policy = "slim" if method == "layer_channel" else method
-        plan = channel_plan(model, policy, percent, layer_keep, round_to)
-        removed = sum(int((~m).sum()) for m in plan.masks.values())
-        total = sum(m.numel() for m in plan.masks.values())
-        notes += [plan.summary(), f"channels removed: {removed} of {total} candidates in "
-                                  f"{len(plan.masks)} convs"]
-        pruned = prune_channels(model, plan.masks, compensate)
-    if method in LAYERS:
-        blocks = lowest_blocks(model, shortcuts)
-        notes.append("residual blocks removed (shortcut layer, from): "
-                     + ", ".join(f"{b.shortcut} ({b.source})" for b in blocks))
-        pruned = remove_blocks(pruned, blocks, compensate)
-    return pruned, notes
+    """Prune ``model`` with the registered method ``name``: the pruned model and lines saying what went."""
+    p = plan(model, name, percent, layer_keep, round_to, shortcuts)
+    return apply_plan(model, p, compensate), p.notes()
 
 
-def main(method: str, argv: list[str] | None = None) -> dict:
-    a = parse_args(method, argv)
+def main(name: str, argv: list[str] | None = None) -> dict:
+    a = parse_args(name, argv)
     weights = Path(a.weights)
     if not weights.is_file():
         raise UserError(f"--weights {weights}: file not found")
@@ -175,7 +150,7 @@ def main(method: str, argv: list[str] | None = None) -> dict:
         if data.classes != model.cfg.classes:
             raise UserError(f"{weights}: the model predicts {model.cfg.classes} classes, {data.path} has "
                             f"{data.classes}")
-    out_dir = Path(a.output) if a.output else next_run_dir("runs/prune", method)
+    out_dir = Path(a.output) if a.output else next_run_dir("runs/prune", name)
     paths = {k: out_dir / f"pruned.{k}" for k in ("cfg", "weights", "pt")}
     paths["report"] = out_dir / "report.json"
     plan = OutputPlan([weights, a.cfg, a.data], a.exist_ok)
@@ -184,7 +159,7 @@ def main(method: str, argv: list[str] | None = None) -> dict:
     plan.check()  # before the work: a refused run neither prunes nor writes
 
     before = measure(model, img_size, a.latency_runs, loader, names)
-    pruned, notes = apply_method(model, method, getattr(a, "percent", 0.5), getattr(a, "layer_keep", 0.01),
+    pruned, notes = apply_method(model, name, getattr(a, "percent", 0.5), getattr(a, "layer_keep", 0.01),
                                  getattr(a, "round_to", 8), getattr(a, "shortcuts", 2), not a.no_compensate)
     if a.recalibrate:
         batches = (imgs.float() / 255 for k, (imgs, *_) in zip(range(a.recalibrate), train_loader))
@@ -194,17 +169,17 @@ def main(method: str, argv: list[str] | None = None) -> dict:
     after = measure(pruned, img_size, a.latency_runs, loader, names)
 
     if not a.output:  # made only now, so a refused or failed run leaves no empty folder
-        out_dir = new_run_dir("runs/prune", method)
+        out_dir = new_run_dir("runs/prune", name)
         paths = {k: out_dir / p.name for k, p in paths.items()}
     atomic_write(paths["cfg"], pruned.cfg_text)
     save_darknet_weights(pruned, paths["weights"])
-    report = {"method": method, "source": str(weights), "img_size": img_size, "notes": notes,
+    report = {"method": name, "source": str(weights), "img_size": img_size, "notes": notes,
               "options": {k: v for k, v in vars(a).items()},
               "before": vars(before), "after": vars(after),
               "widths": {str(i): [model.cfg.layers[i]["filters"], b["filters"]]
                          for i, b in enumerate(pruned.cfg.layers)
                          if b.type == "convolutional" and i < len(model.cfg.layers)
-                         and method not in LAYERS}}
+                         and not method(name).blocks}}
     save_checkpoint(paths["pt"], pruned, names=meta.get("names", names), img_size=img_size,
                     prune={k: v for k, v in report.items() if k != "widths"})
     atomic_write(paths["report"], json.dumps(report, indent=2))
@@ -215,6 +190,6 @@ def main(method: str, argv: list[str] | None = None) -> dict:
     return report
 
 
-def script(method: str) -> int:
-    """Entry point of ``prune/<method>_prune.py``."""
-    return run_cli(lambda argv: main(method, argv), sys.argv[1:])
+def script(name: str) -> int:
+    """Entry point of ``prune/<name>_prune.py``."""
+    return run_cli(lambda argv: main(name, argv), sys.argv[1:])

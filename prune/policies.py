@@ -1,14 +1,14 @@
-"""What each method removes: channel masks from the BN scales γ, or the residual blocks to drop.
+"""How a method chooses: channel masks from the BN scales γ, or the residual blocks to drop.
 
 A *unit* is a set of convs whose channels are tied (a residual chain, or one conv split by a grouped
-``[route]``), or one untied conv; a *group* is a set of tied channels, kept or removed together.
+``[route]``), or one untied conv; a *group* is a set of tied channels, kept or removed together. What a
+method declares (:mod:`prune.methods`) sets the rest:
 
-- ``normal``:   untied convs only; a channel goes when |γ| is at or below the global threshold.
-- ``shortcut``: tied convs too; a group follows the γ of its chain's first conv.
-- ``slim``:     tied convs too; a group stays when any member's |γ| is above the threshold (the
-  union of the members' masks).
-- ``regular``:  normal's convs; each conv keeps its top channels by |γ|, their count rounded up to
-  a multiple of ``round_to`` (hardware-friendly widths).
+- its candidate convs: untied only (``normal``, ``regular``) or tied ones too (``shortcut``, ``slim``);
+- its group score: the best member's |γ| (a group stays when any member is above the threshold: the
+  union of the members' masks, ``slim``), or the γ of the chain's first conv (``shortcut``);
+- whether kept widths are rounded: each conv keeps its top channels by |γ|, their count rounded up
+  to a multiple of ``round_to`` (hardware-friendly widths, ``regular``).
 
 The global threshold is the ``percent`` quantile of |γ| over all candidate channels. Every unit keeps
 at least ``max(1, ceil(layer_keep · groups))`` groups, its best by score: a ``percent`` that would
@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from models.darknet import Darknet
 from models.graph import ChannelGraph
-from prune.blocks import ResidualBlock, channel_candidates, residual_blocks
+from prune.blocks import ResidualBlock, residual_blocks
 from prune.engine import Masks
 from utils.errors import UserError
 
-CHANNEL_METHODS = ("normal", "shortcut", "slim", "regular")
+if TYPE_CHECKING:
+    from prune.methods import PruneMethod
 
 
 @dataclass
@@ -51,11 +53,11 @@ def _gamma(model: Darknet, conv: int) -> torch.Tensor:
     return model.layers[conv].bn.weight.detach().abs().cpu().double()
 
 
-def channel_plan(model: Darknet, method: str, percent: float, layer_keep: float = 0.01,
+def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep: float = 0.01,
                  round_to: int = 8) -> ChannelPlan:
     """The masks ``method`` chooses at ``percent`` (0..1) of the candidate channels' |γ|."""
-    if method not in CHANNEL_METHODS:
-        raise UserError(f"unknown channel-pruning method {method!r}; known: {', '.join(CHANNEL_METHODS)}")
+    if not method.channels:
+        raise UserError(f"{method.name} pruning removes no channels")
     if not 0 <= percent < 1:
         raise UserError(f"--percent {percent}: must be in [0, 1)")
     if not 0 <= layer_keep <= 1:
@@ -63,22 +65,22 @@ def channel_plan(model: Darknet, method: str, percent: float, layer_keep: float 
     if round_to < 1:
         raise UserError(f"--round-to {round_to}: must be >= 1")
     graph = ChannelGraph(model.cfg)
-    convs = channel_candidates(graph, include_tied=method in ("shortcut", "slim"))
+    convs = method.channel_convs(graph)
     if not convs:
-        raise UserError(f"{model.cfg.source}: no conv that {method} pruning may cut (every conv feeds a "
-                        f"head, lacks batch norm or is tied)")
+        raise UserError(f"{model.cfg.source}: no conv that {method.name} pruning may cut (every conv feeds "
+                        f"a head, lacks batch norm or is tied)")
     gammas = {i: _gamma(model, i) for i in convs}
     everything = torch.cat(list(gammas.values()))
     threshold = float(torch.quantile(everything, percent)) if percent > 0 else -1.0
 
-    # group score: slim takes the best member, shortcut the chain's first conv, the others the channel
+    # group score: the best member, or the chain's first conv (an untied group has one member)
     members: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for i in convs:
         for c in range(len(gammas[i])):
             members.setdefault(graph.group(i, c), []).append((i, c))
     score = {}
     for rep, chans in members.items():
-        if method == "shortcut":
+        if method.group_score == "first":
             first = min(chans)
             score[rep] = float(gammas[first[0]][first[1]])
         else:
@@ -99,7 +101,7 @@ def channel_plan(model: Darknet, method: str, percent: float, layer_keep: float 
         if n_keep < floor:
             n_keep = floor
             floored.append(model.cfg.layers[min(unit)].where())
-        if method == "regular":
+        if method.round_widths:
             n_keep = min(len(ranked), math.ceil(n_keep / round_to) * round_to)
         for k, r in enumerate(ranked):
             keep_group[r] = k < n_keep

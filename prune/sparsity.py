@@ -5,9 +5,12 @@ the selected convs once per optimizer step, after AMP unscaling and before gradi
 
     γ.grad += s_c · sign(γ)
 
-so neither gradient accumulation nor the AMP loss scale changes its strength. ``--prune`` selects
-the convs (:mod:`prune.blocks`): 0 those normal/regular pruning may cut, 1 also the convs tied by
-shortcuts (shortcut/slim pruning), 2 the convs of removable residual blocks (layer pruning).
+so neither gradient accumulation nor the AMP loss scale changes its strength. ``--prune-method M``
+penalizes exactly the batch norms pruning method M ranks (:meth:`prune.methods.PruneMethod.
+penalized_convs`), so one sparse run prepares channel and layer pruning together for
+``layer_channel``. The older tools' ``--prune 0|1|2`` still works: 0 the convs normal/regular pruning
+may cut, 1 also the convs tied by shortcuts (shortcut/slim), 2 the convs of removable residual blocks
+(layer pruning).
 
 ``--sr-schedule`` sets ``s_c`` in epoch ``e`` of ``E`` (decay point ``D = --sr-decay-at``,
 local share ``K = --sr-keep``):
@@ -25,29 +28,53 @@ Every epoch the hook logs a histogram of the selected γ to TensorBoard (``bn_ga
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from models.graph import ChannelGraph
-from prune.blocks import channel_candidates, residual_blocks
+from engine.hooks import TrainContext, TrainHook
+from prune.methods import METHODS, SPARSITY_ALIASES, PruneMethod, method
+from utils.cli import FRACTION, SPARSITY, option
 from utils.errors import UserError
-from utils.trainer import Trainer, TrainHook
 
 SCHEDULES = ("constant", "global", "local")
 DECAY = 0.01  # the factor of the decayed penalty
 SMALL = 0.01  # |γ| below this counts as pruned in the logged share
 
 
-def sparse_convs(model: nn.Module, mode: int) -> list[int]:
-    """The conv layer indices whose γ ``--prune mode`` penalizes."""
-    cfg = model.cfg
-    if mode in (0, 1):
-        return channel_candidates(ChannelGraph(cfg), include_tied=mode == 1)
-    if mode == 2:
-        return sorted({c for b in residual_blocks(cfg) for c in b.convs
-                       if cfg.layers[c]["batch_normalize"]})
-    raise UserError(f"--prune {mode}: expected 0 (normal/regular), 1 (shortcut/slim) or 2 (layer)")
+@dataclass
+class SparsityOptions:
+    """``train.py``'s sparse-training flags; :meth:`hook` is the hook they ask for (None: off)."""
+    sr: bool = option(False, "-sr", "--sr", help="add s*sign(gamma) to the penalized BN gradients")
+    s: float = option(0.001, "--s", type=SPARSITY, help="sparsity rate")
+    prune_method: str = option("", "--prune-method", choices=list(METHODS),
+                               help="the pruning method to come: the batch norms it ranks are penalized")
+    prune: int = option(0, "--prune", type=int, choices=tuple(SPARSITY_ALIASES),
+                        help="the older spelling (without --prune-method): 0 normal/regular, 1 also "
+                             "shortcut-tied (shortcut/slim), 2 residual-block convs (layer)")
+    sr_schedule: str = option("constant", "--sr-schedule", choices=SCHEDULES,
+                              help="constant; global: s*0.01 after --sr-decay-at; local: then only the "
+                                   "--sr-keep largest-gamma share gets s*0.01")
+    sr_decay_at: float = option(0.5, "--sr-decay-at", type=FRACTION,
+                                help="fraction of the epochs after which the decay starts")
+    sr_keep: float = option(0.15, "--sr-keep", type=FRACTION,
+                            help="local decay: share of channels (largest |gamma|) whose rate decays")
+
+    @property
+    def method(self) -> PruneMethod:
+        """The pruning method whose batch norms are penalized: --prune-method, else --prune's."""
+        return method(self.prune_method or SPARSITY_ALIASES[self.prune])
+
+    def hook(self) -> SparsityHook | None:
+        if not self.sr:
+            return None
+        return SparsityHook(self.s, self.method, self.sr_schedule, self.sr_decay_at, self.sr_keep)
+
+
+def sparse_convs(model: nn.Module, m: PruneMethod | str) -> list[int]:
+    """The conv layer indices whose γ sparse training penalizes for pruning method ``m``."""
+    return (method(m) if isinstance(m, str) else m).penalized_convs(model.cfg)
 
 
 def sparsity_scale(schedule: str, s: float, epoch: int, epochs: int, decay_at: float, keep: float,
@@ -70,15 +97,16 @@ def sparsity_scale(schedule: str, s: float, epoch: int, epochs: int, decay_at: f
 class SparsityHook(TrainHook):
     """Adds ``s_c · sign(γ)`` to the γ gradients of the selected batch norms once per optimizer step."""
 
-    def __init__(self, s: float, mode: int = 0, schedule: str = "constant", decay_at: float = 0.5,
-                 keep: float = 0.15):
+    def __init__(self, s: float, prune_method: PruneMethod | str = "normal", schedule: str = "constant",
+                 decay_at: float = 0.5, keep: float = 0.15):
         if s < 0:
             raise UserError(f"--s {s}: the sparsity rate must be >= 0")
         if not 0 <= decay_at <= 1 or not 0 <= keep <= 1:
             raise UserError(f"--sr-decay-at {decay_at} and --sr-keep {keep} must be in [0, 1]")
         if schedule not in SCHEDULES:
             raise UserError(f"--sr-schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
-        self.s, self.mode, self.schedule, self.decay_at, self.keep = s, mode, schedule, decay_at, keep
+        self.method = method(prune_method) if isinstance(prune_method, str) else prune_method
+        self.s, self.schedule, self.decay_at, self.keep = s, schedule, decay_at, keep
         self.bns: list[nn.BatchNorm2d] = []
         self.scales: list[torch.Tensor] = []
         self.history: list[tuple[int, torch.Tensor]] = []  # (epoch, |γ|) for the plot
@@ -86,19 +114,19 @@ class SparsityHook(TrainHook):
     def _gammas(self) -> torch.Tensor:
         return torch.cat([bn.weight.detach().flatten() for bn in self.bns])
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
         if not self.bns:
-            convs = sparse_convs(trainer.model, self.mode)
+            convs = sparse_convs(ctx.model, self.method)
             if not convs:
-                raise UserError(f"-sr --prune {self.mode}: {trainer.model.cfg.source} has no conv that "
-                                f"this mode selects; try another --prune")
-            self.bns = [trainer.model.layers[i].bn for i in convs]
-        flat = sparsity_scale(self.schedule, self.s, epoch, trainer.opts.epochs, self.decay_at,
-                              self.keep, self._gammas())
+                raise UserError(f"-sr --prune-method {self.method.name}: {ctx.model.cfg.source} has no conv "
+                                f"that {self.method.name} pruning ranks; choose another method")
+            self.bns = [ctx.model.layers[i].bn for i in convs]
+        flat = sparsity_scale(self.schedule, self.s, epoch, ctx.epochs, self.decay_at, self.keep,
+                              self._gammas())
         self.scales = list(flat.split([bn.num_features for bn in self.bns]))
 
     @torch.no_grad()
-    def after_backward(self, trainer: Trainer) -> None:
+    def after_backward(self, ctx: TrainContext) -> None:
         for bn, scale in zip(self.bns, self.scales):
             penalty = scale.to(bn.weight) * torch.sign(bn.weight)
             if bn.weight.grad is None:
@@ -106,20 +134,18 @@ class SparsityHook(TrainHook):
             else:
                 bn.weight.grad.add_(penalty)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, result) -> None:
-        if not trainer.main:
+    def on_epoch_end(self, ctx: TrainContext, epoch: int, result) -> None:
+        if not ctx.main:
             return
         g = self._gammas().abs().cpu()
         share = float((g < SMALL).float().mean())
         self.history.append((epoch, g))
         print(f"sparsity: {len(self.bns)} batch norms, {g.numel()} channels, share |gamma| < {SMALL}: "
               f"{share:.1%}, median |gamma| {g.median():.4f}")
-        writer = getattr(trainer, "writer", None)
-        if writer is not None:
-            writer.add_histogram("bn_gamma", g, epoch)
-            writer.add_scalar("sparsity/share_below_0.01", share, epoch)
-        if trainer.run_dir is not None:
+        if ctx.writer is not None:
+            ctx.writer.add_histogram("bn_gamma", g, epoch)
+            ctx.writer.add_scalar("sparsity/share_below_0.01", share, epoch)
+        if ctx.run_dir is not None:
             from utils.plots import plot_gamma_histograms
 
-            plot_gamma_histograms([(f"epoch {e + 1}", v) for e, v in self.history],
-                                  trainer.run_dir / "gamma.png")
+            plot_gamma_histograms([(f"epoch {e + 1}", v) for e, v in self.history], ctx.run_dir / "gamma.png")

@@ -11,12 +11,15 @@ starts far better than moving averages of the batch extremes (README, Quantizati
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
+from engine.hooks import TrainContext, TrainHook
 from quant.convert import QuantConfig, freeze_bn, freeze_observers, quantize_model
 from quant.modules import QuantSpec
+from utils.cli import BITS, EPOCH_OR_NEVER, POSITIVE, option
 from utils.errors import UserError
-from utils.trainer import Trainer, TrainHook
 
 METHODS = {1: "google", 2: "dorefa"}  # --quantized numbers, as the older tools' users know them
 
@@ -30,6 +33,31 @@ def method_name(value: str) -> str:
     return names[value]
 
 
+@dataclass
+class QuantOptions:
+    """``train.py``'s quantization-aware training flags; :meth:`hook` is the hook they ask for."""
+    quantized: str = option("", "--quantized", metavar="1|google|2|dorefa",
+                            help="1 or google: Jacob et al. scales; 2 or dorefa: DoReFa")
+    w_bit: int = option(8, "--w-bit", type=BITS, help="weight bits (2-8 or 16)")
+    a_bit: int = option(8, "--a-bit", type=BITS, help="activation bits (2-8 or 16)")
+    bn_fold: bool = option(False, "--BN_Fold", "--bn-fold",
+                           help="fold batch norms into the quantized weights (Jacob et al.)")
+    fpga: bool = option(False, "--FPGA", "--fpga",
+                        help="power-of-two scales and every layer quantized, image and heads included")
+    a_symmetric: bool = option(False, "--a-symmetric",
+                               help="google: symmetric signed activations with zero point 0 (what TensorRT "
+                                    "runs) instead of affine uint8-style ones")
+    dorefa_range: float = option(8.0, "--dorefa-range", type=POSITIVE,
+                                 help="DoReFa: activations are clamped to [-r, r] (the paper's r is 1)")
+    freeze_bn_epoch: int = option(-1, "--freeze-bn-epoch", type=EPOCH_OR_NEVER,
+                                  help="from this epoch folded BNs use their running statistics (-1: never)")
+    freeze_observer_epoch: int = option(-1, "--freeze-observer-epoch", type=EPOCH_OR_NEVER,
+                                        help="from this epoch activation ranges stop moving (-1: never)")
+
+    def hook(self) -> QuantHook | None:
+        return hook_from_options(self) if self.quantized else None
+
+
 class QuantHook(TrainHook):
     def __init__(self, config: QuantConfig, freeze_bn_epoch: int, freeze_observer_epoch: int):
         self.config = config
@@ -37,7 +65,7 @@ class QuantHook(TrainHook):
 
     calibrated = False  # the model came from PTQ: its ranges stay as calibrated
 
-    def prepare_model(self, trainer: Trainer, model: nn.Module) -> nn.Module:
+    def prepare_model(self, ctx: TrainContext, model: nn.Module) -> nn.Module:
         if model.quant_config is not None:  # a quantized checkpoint: keep going
             # a PTQ checkpoint (minmax/percentile/mse ranges) keeps its calibrated ranges: those
             # observers are not moving averages and would jump to each batch's extremes
@@ -45,14 +73,14 @@ class QuantHook(TrainHook):
             return model
         return quantize_model(model, self.config)
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
         if 0 <= self.freeze_bn_epoch <= epoch:
-            freeze_bn(trainer.model)
+            freeze_bn(ctx.model)
         if self.calibrated or 0 <= self.freeze_observer_epoch <= epoch:
-            freeze_observers(trainer.model)
+            freeze_observers(ctx.model)
 
 
-def hook_from_options(opts) -> QuantHook:
+def hook_from_options(opts: QuantOptions) -> QuantHook:
     method = method_name(str(opts.quantized))
     try:  # DoReFa's activations keep leaky-ReLU's negative side (the signed variant)
         spec = QuantSpec(method, opts.w_bit, opts.a_bit, bn_fold=opts.bn_fold, pow2=opts.fpga,

@@ -22,6 +22,7 @@ from bench import distill as bench_distill
 from bench import int8_latency, latency_opencv, prune_methods, train_speed
 from bench import quant as bench_quant
 from prune import cli as prune_cli
+from prune.methods import METHODS
 from quant import ptq
 from tests.conftest import REPO
 from utils import anchors, synthetic
@@ -36,7 +37,7 @@ PARSERS = {
     "export.py": (export.build_parser, W),
     "compress.py": (compress.build_parser, []),
     "summary.py": (summary.build_parser, []),
-    **{f"prune/{m}_prune.py": (functools.partial(prune_cli.build_parser, m), W) for m in prune_cli.METHODS},
+    **{f"prune/{m}_prune.py": (functools.partial(prune_cli.build_parser, m), W) for m in METHODS},
     "quant/ptq.py": (ptq.build_parser, [*W, "--data", "x.data"]),
     "utils/synthetic.py": (synthetic.build_parser, []),
     "utils/anchors.py": (anchors.build_parser, ["--data", "x.data", "--cfg", "x.cfg"]),

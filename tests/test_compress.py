@@ -118,7 +118,7 @@ def test_changed_stage_options_need_restart(mini_run, shapes_data, tmp_path):
 
 
 def test_interrupted_training_stage_continues(shapes_data, tmp_path, monkeypatch, capsys):
-    from utils.trainer import Trainer
+    from engine.trainer import Trainer
 
     recipe = write_recipe(tmp_path / "two.yaml", {"img_size": 64, "stages": {
         "baseline": {"run": "train", **TRAIN, "epochs": 2}}})

@@ -19,13 +19,14 @@ from distill.losses import (
     objectness_kl,
 )
 from distill.matching import feature_taps, match_features, match_heads
+from engine.trainer import Trainer
 from models.darknet import Darknet
 from models.io import load_model, save_checkpoint, with_classes
 from prune.cli import apply_method
+from stages.train import trainer
 from tests.conftest import REPO
 from tests.test_train import tiny_opts
 from utils.errors import UserError
-from utils.trainer import Trainer
 
 SMALL = REPO / "cfg" / "yolo-small.cfg"
 
@@ -170,20 +171,20 @@ def spread_small():
 def teacher_pt(shapes_data, tmp_path_factory):
     """A yolo-small teacher after one tiny training epoch."""
     project = tmp_path_factory.mktemp("teacher")
-    Trainer(tiny_opts(shapes_data, project, epochs=1, notest=True)).fit()
+    trainer(tiny_opts(shapes_data, project, epochs=1, notest=True)).fit()
     return project / "exp" / "weights" / "last.pt"
 
 
-def _one_step(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _one_step(t: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One real batch through the trainer's model, loss and hooks, then backward and a step."""
-    imgs, targets, _, _ = next(iter(trainer.train_loader))
+    imgs, targets, _, _ = next(iter(t.train_loader))
     imgs = imgs.float() / 255
-    trainer.model.train()
-    preds = trainer.model(imgs)
-    out = trainer.loss_fn(preds, targets, tuple(imgs.shape[2:]))
+    t.model.train()
+    preds = t.model(imgs)
+    out = t.loss_fn(preds, targets, tuple(imgs.shape[2:]))
     extras = {}
-    for h in trainer.hooks:
-        extras.update(h.extra_losses(trainer, imgs, targets, preds, out))
+    for h in t.hooks:
+        extras.update(h.extra_losses(t.ctx, imgs, targets, preds, out))
     loss = out.total + sum(extras.values())
     loss.backward()
     return loss, extras
@@ -191,13 +192,13 @@ def _one_step(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_each_strategy_trains_the_student_only(shapes_data, teacher_pt, tmp_path, strategy):
-    trainer = Trainer(tiny_opts(shapes_data, tmp_path, weights=str(teacher_pt), kd_str=strategy,
-                                t_weights=str(teacher_pt)))
-    trainer.setup()
-    hook = next(h for h in trainer.hooks if isinstance(h, DistillHook))
+    t = trainer(tiny_opts(shapes_data, tmp_path, weights=str(teacher_pt), kd_str=strategy,
+                          t_weights=str(teacher_pt)))
+    t.setup()
+    hook = next(h for h in t.hooks if isinstance(h, DistillHook))
     teacher = hook.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    loss, extras = _one_step(trainer)
+    loss, extras = _one_step(t)
     assert torch.isfinite(loss)
     expect = {f"kd_{t.split('_')[0]}" for t in STRATEGIES[strategy]}
     assert set(extras) == expect
@@ -206,10 +207,10 @@ def test_each_strategy_trains_the_student_only(shapes_data, teacher_pt, tmp_path
     # because the trainer's student is in train mode (batch statistics) and the teacher in eval
     assert sum(v.item() for v in extras.values()) > 0
     assert all(p.grad is None for p in teacher.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
-    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.model.parameters())
+    optimized = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
     assert not optimized & {id(p) for p in teacher.parameters()}
-    trainer._optimizer_step()
+    t._optimizer_step()
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not teacher.training
@@ -221,7 +222,7 @@ def test_feature_strategies_distill_into_pruned_students(shapes_data, teacher_pt
     student, _ = apply_method(load_model(teacher_pt), method, 0.5, shortcuts=2)
     student_pt = tmp_path / "student.pt"
     save_checkpoint(student_pt, student)
-    Trainer(tiny_opts(shapes_data, tmp_path, epochs=1, weights=str(student_pt), kd_str=strategy,
+    trainer(tiny_opts(shapes_data, tmp_path, epochs=1, weights=str(student_pt), kd_str=strategy,
                       t_weights=str(teacher_pt))).fit()
     run = tmp_path / "exp"
     rows = list(csv.DictReader((run / "results.csv").open()))
@@ -239,17 +240,18 @@ def test_a_teacher_with_other_classes_is_refused(shapes_data, tmp_path):
     teacher = Darknet(with_classes(Darknet(SMALL).cfg, 3))
     save_checkpoint(tmp_path / "t3.pt", teacher)
     with pytest.raises(UserError, match="teacher predicts 3 classes, the student 6"):
-        Trainer(tiny_opts(shapes_data, tmp_path, kd_str=1, t_weights=str(tmp_path / "t3.pt"))).setup()
+        trainer(tiny_opts(shapes_data, tmp_path, kd_str=1, t_weights=str(tmp_path / "t3.pt"))).setup()
 
 
 def test_distillation_flags(shapes_data, tmp_path, teacher_pt):
-    opts = train_script.parse_args(["--KDstr", "5", "--t_weights", "t.pt", "--kd-t", "2", "--kd-feat", "0.5"])
+    opts = train_script.parse_args(["--KDstr", "5", "--t_weights", "t.pt", "--kd-t", "2",
+                                    "--kd-feat", "0.5"]).distill
     assert (opts.kd_str, opts.t_weights, opts.kd_t, opts.kd_feat) == (5, "t.pt", 2.0, 0.5)
     with pytest.raises(UserError, match=r"--KDstr 1\.\.5"):
-        Trainer(tiny_opts(shapes_data, tmp_path, t_weights=str(teacher_pt)))
+        trainer(tiny_opts(shapes_data, tmp_path, t_weights=str(teacher_pt)))
     with pytest.raises(UserError, match="needs a teacher"):
-        Trainer(tiny_opts(shapes_data, tmp_path, kd_str=2)).setup()
+        trainer(tiny_opts(shapes_data, tmp_path, kd_str=2)).setup()
     with pytest.raises(UserError, match="darknet weights need the teacher's --t_cfg"):
-        Trainer(tiny_opts(shapes_data, tmp_path, kd_str=2, t_weights="yolov3.weights")).setup()
+        trainer(tiny_opts(shapes_data, tmp_path, kd_str=2, t_weights="yolov3.weights")).setup()
     with pytest.raises(SystemExit):
         train_script.parse_args(["--KDstr", "6"])

@@ -15,15 +15,16 @@ from models.io import load_checkpoint, load_model
 from prune import cli
 from prune.blocks import residual_blocks
 from prune.engine import prune_channels, remove_blocks
-from prune.policies import CHANNEL_METHODS, channel_plan, lowest_blocks
+from prune.methods import METHODS, apply_plan, plan
+from prune.policies import channel_plan, lowest_blocks
 from tests.conftest import REPO, rel_err, tame_model
 from tests.test_opencv_parity import assert_matches_opencv
 from utils.errors import UserError
 
 CFG_NAMES = ["yolo-small", "yolov3", "yolov3-spp", "yolov3-tiny", "yolov4", "yolov4-tiny"]
 RESIDUAL = {"yolo-small", "yolov3", "yolov3-spp", "yolov4"}
-METHODS = [*CHANNEL_METHODS, "layer", "layer_channel"]
-CASES = [(c, m) for c in CFG_NAMES for m in METHODS if m in CHANNEL_METHODS or c in RESIDUAL]
+CHANNEL_ONLY = [m for m, spec in METHODS.items() if not spec.blocks]
+CASES = [(c, m) for c in CFG_NAMES for m in METHODS if not METHODS[m].blocks or c in RESIDUAL]
 
 
 def cfg_file(name: str):
@@ -53,23 +54,20 @@ def method_prune(model: Darknet, method: str, removed: str | None, percent: floa
                  compensate: bool = True) -> Darknet:
     """Prune ``model`` with ``method``. First, on everything it removes, ``removed="zero"`` sets
     γ = β = 0 and ``removed="small"`` scales γ by 0.01 (β stays: nearly constant act(β) outputs)."""
-    channel = method in CHANNEL_METHODS or method == "layer_channel"
-    plan = channel_plan(model, "slim" if method == "layer_channel" else method, percent) if channel else None
-    blocks = lowest_blocks(model, 2) if method in ("layer", "layer_channel") else []
+    p = plan(model, method, percent, shortcuts=2)
     if removed:
         beta = 0.0 if removed == "zero" else 1.0
         gamma = 0.0 if removed == "zero" else 0.01
         with torch.no_grad():
-            for i, keep in (plan.masks.items() if plan else []):
+            for i, keep in (p.channels.masks.items() if p.channels else []):
                 bn = model.layers[i].bn
                 bn.weight[~keep] *= gamma
                 bn.bias[~keep] *= beta
-            for b in blocks:  # the branch's last conv outputs about act(β), act(0) = 0 with "zero"
+            for b in p.blocks:  # the branch's last conv outputs about act(β), act(0) = 0 with "zero"
                 bn = model.layers[b.convs[-1]].bn
                 bn.weight.mul_(gamma)
                 bn.bias.mul_(beta)
-    out = prune_channels(model, plan.masks, compensate) if plan else model
-    return remove_blocks(out, blocks, compensate) if blocks else out
+    return apply_plan(model, p, compensate)
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +147,10 @@ def test_masks_that_break_the_network_are_refused(spread_models):
         prune_channels(model, {0: torch.zeros(model.cfg.layers[0]["filters"], dtype=torch.bool)})
 
 
-@pytest.mark.parametrize("method", CHANNEL_METHODS)
+@pytest.mark.parametrize("method", CHANNEL_ONLY)
 def test_a_percent_too_high_keeps_a_floor_in_every_layer(spread_models, method):
     model = spread_models("yolov4-tiny")
-    plan = channel_plan(model, method, 0.999, layer_keep=0.1)
+    plan = channel_plan(model, METHODS[method], 0.999, layer_keep=0.1)
     assert plan.safe_percent < 0.999 and plan.floored
     for keep in plan.masks.values():
         assert keep.sum() >= 0.1 * keep.numel()
@@ -163,7 +161,7 @@ def test_a_percent_too_high_keeps_a_floor_in_every_layer(spread_models, method):
 
 def test_regular_widths_are_multiples_of_round_to(spread_models):
     model = spread_models("yolov3-tiny")
-    plan = channel_plan(model, "regular", 0.6, round_to=8)
+    plan = channel_plan(model, METHODS["regular"], 0.6, round_to=8)
     for keep in plan.masks.values():
         kept = int(keep.sum())
         assert kept % 8 == 0 or kept == keep.numel()
@@ -172,7 +170,7 @@ def test_regular_widths_are_multiples_of_round_to(spread_models):
 def test_shortcut_method_follows_the_first_conv_of_each_chain(spread_models):
     model = spread_models("yolov3")
     graph = ChannelGraph(model.cfg)
-    plan = channel_plan(model, "shortcut", 0.5)
+    plan = channel_plan(model, METHODS["shortcut"], 0.5)
     for chain in graph.chains():
         first = plan.masks[chain[0]]
         assert all(torch.equal(plan.masks[c], first) for c in chain[1:])
@@ -183,7 +181,7 @@ def test_shortcut_method_follows_the_first_conv_of_each_chain(spread_models):
 def test_slim_keeps_the_union_over_a_chain(spread_models):
     model = spread_models("yolov3")
     graph = ChannelGraph(model.cfg)
-    plan = channel_plan(model, "slim", 0.5)
+    plan = channel_plan(model, METHODS["slim"], 0.5)
     chain = graph.chains()[2]
     above = torch.stack([model.layers[c].bn.weight.abs() > plan.threshold for c in chain]).any(0)
     assert torch.equal(plan.masks[chain[0]], above)
@@ -223,11 +221,11 @@ def test_pruned_models_match_opencv(spread_models, name, method, tmp_path):
 @pytest.fixture(scope="module")
 def trained_small(shapes_data, tmp_path_factory):
     """A yolo-small checkpoint after one tiny sparse-training epoch."""
+    from stages.train import trainer
     from tests.test_train import tiny_opts
-    from utils.trainer import Trainer
 
     project = tmp_path_factory.mktemp("sparse")
-    Trainer(tiny_opts(shapes_data, project, epochs=1, sr=True, s=0.01, prune=1)).fit()
+    trainer(tiny_opts(shapes_data, project, epochs=1, sr=True, s=0.01, prune=1)).fit()
     return project / "exp" / "weights" / "last.pt"
 
 
@@ -251,10 +249,10 @@ def test_script_writes_a_smaller_model_that_every_script_reads(trained_small, sh
     assert load_checkpoint(out / "pruned.pt")["meta"]["prune"]["method"] == "slim"
     # fine-tuning keeps the pruned architecture (the cfg inside the .pt), test.py evaluates it
     import test as test_script
+    from stages.train import trainer
     from tests.test_train import tiny_opts
-    from utils.trainer import Trainer
 
-    Trainer(tiny_opts(shapes_data, tmp_path / "ft", epochs=1, weights=str(out / "pruned.pt"))).fit()
+    trainer(tiny_opts(shapes_data, tmp_path / "ft", epochs=1, weights=str(out / "pruned.pt"))).fit()
     tuned = load_model(tmp_path / "ft" / "exp" / "weights" / "last.pt")
     assert tuned.cfg_text == from_pt.cfg_text
     test_script.main(["--weights", str(out / "pruned.pt"), "--data", str(shapes_data), "--img-size",

@@ -326,12 +326,12 @@ def test_dorefa_activation_quantizers_are_fixed_range_act_quants():
 def test_qat_trains_and_its_checkpoint_is_read_by_test_and_detect(shapes_data, tmp_path):
     import detect as detect_script
     import test as test_script
+    from stages.train import trainer
     from tests.test_train import tiny_opts
-    from utils.trainer import Trainer
 
     opts = tiny_opts(shapes_data, tmp_path, epochs=2, quantized="google", bn_fold=True, fpga=True,
                      freeze_bn_epoch=1, freeze_observer_epoch=1)
-    Trainer(opts).fit()
+    trainer(opts).fit()
     last = tmp_path / "exp" / "weights" / "last.pt"
     model = load_model(last)
     assert model.quant_config.spec.pow2 and model.quant_config.spec.bn_fold
@@ -347,7 +347,7 @@ def test_qat_trains_and_its_checkpoint_is_read_by_test_and_detect(shapes_data, t
 
 def test_quantization_flags():
     opts = train_script.parse_args(["--quantized", "1", "--w-bit", "4", "--a-bit", "8", "--BN_Fold",
-                                    "--FPGA", "--freeze-bn-epoch", "3"])
+                                    "--FPGA", "--freeze-bn-epoch", "3"]).quant
     got = (opts.quantized, opts.w_bit, opts.bn_fold, opts.fpga, opts.freeze_bn_epoch)
     assert got == ("1", 4, True, True, 3)
     from quant.hook import hook_from_options, method_name
@@ -356,22 +356,22 @@ def test_quantization_flags():
     with pytest.raises(UserError, match="--quantized 'int8'"):
         method_name("int8")
     with pytest.raises(UserError, match="--w-bit 9"):
-        hook_from_options(train_script.parse_args(["--quantized", "google", "--w-bit", "9"]))
+        hook_from_options(train_script.parse_args(["--quantized", "google", "--w-bit", "9"]).quant)
     with pytest.raises(UserError, match=r"--quantized dorefa .*--BN_Fold: DoReFa"):
-        hook_from_options(train_script.parse_args(["--quantized", "dorefa", "--BN_Fold"]))
-    spec = hook_from_options(train_script.parse_args(["--quantized", "google", "--a-symmetric"])).config.spec
+        hook_from_options(train_script.parse_args(["--quantized", "dorefa", "--BN_Fold"]).quant)
+    spec = train_script.parse_args(["--quantized", "google", "--a-symmetric"]).quant.hook().config.spec
     assert spec.a_symmetric and spec.a_scheme.qmin == -127
-    spec = hook_from_options(train_script.parse_args(["--quantized", "2", "--dorefa-range", "4"])).config.spec
+    spec = train_script.parse_args(["--quantized", "2", "--dorefa-range", "4"]).quant.hook().config.spec
     assert spec.a_symmetric and spec.a_range == 4.0  # DoReFa keeps leaky negatives
 
 
 @pytest.fixture(scope="module")
 def float_pt(shapes_data, tmp_path_factory):
+    from stages.train import trainer
     from tests.test_train import tiny_opts
-    from utils.trainer import Trainer
 
     project = tmp_path_factory.mktemp("float")
-    Trainer(tiny_opts(shapes_data, project, epochs=1, notest=True)).fit()
+    trainer(tiny_opts(shapes_data, project, epochs=1, notest=True)).fit()
     return project / "exp" / "weights" / "last.pt"
 
 
@@ -434,8 +434,8 @@ def test_a_shared_scale_clips_none_of_the_joined_tensors():
 
 def test_qat_from_a_ptq_checkpoint_keeps_its_calibrated_ranges(shapes_data, float_pt, tmp_path):
     from quant import ptq
+    from stages.train import trainer
     from tests.test_train import tiny_opts
-    from utils.trainer import Trainer
 
     out = tmp_path / "ptq"
     ptq.main(["--weights", str(float_pt), "--data", str(shapes_data), "--w-bit", "4", "--a-bit", "4",
@@ -449,7 +449,7 @@ def test_qat_from_a_ptq_checkpoint_keeps_its_calibrated_ranges(shapes_data, floa
     before = ranges(out / "quantized.pt")
     opts = tiny_opts(shapes_data, tmp_path, epochs=1, weights=str(out / "quantized.pt"), quantized="google",
                      w_bit=4, a_bit=4, bn_fold=True, fpga=True, notest=True, ema=False)
-    Trainer(opts).fit()
+    trainer(opts).fit()
     last = tmp_path / "exp" / "weights" / "last.pt"
     assert ranges(last) == before  # not overwritten by batch extremes
     assert load_model(last).quant_config.observer == "mse"

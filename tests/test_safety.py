@@ -25,6 +25,7 @@ import train as train_script
 from models.io import load_checkpoint, load_model, save_checkpoint
 from prune import cli as prune_cli
 from quant import ptq
+from stages.train import resumed, trainer
 from tests.conftest import REPO, tame_model
 from tests.test_datasets import make_dataset
 from tests.test_train import StopAt, tiny_opts
@@ -32,7 +33,6 @@ from utils.cli import run_cli
 from utils.datasets import cache_path, load_labels, read_data_file
 from utils.errors import UserError
 from utils.outputs import temp_name
-from utils.trainer import Trainer, TrainOptions
 
 # ------------------------------------------------------------------------------- nothing runs
 
@@ -117,9 +117,9 @@ def test_resume_writes_only_beside_its_checkpoint(shapes_data, tmp_path):
     """A run renamed after it was interrupted continues where its last.pt now is, even when a new run
     took its old name."""
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [StopAt(1)]).fit()
+        trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [StopAt(1)]).fit()
     (tmp_path / "exp").rename(tmp_path / "exp_first")
-    Trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()  # a new run named exp
+    trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()  # a new run named exp
     other = {p: p.read_bytes() for p in (tmp_path / "exp").rglob("*") if p.is_file()}
     last = tmp_path / "exp_first" / "weights" / "last.pt"
     train_script.main(["--resume", str(last)])
@@ -132,7 +132,7 @@ def test_resume_writes_only_beside_its_checkpoint(shapes_data, tmp_path):
 
 def test_best_pt_is_saved_before_it_is_recorded_and_rederived_on_resume(shapes_data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_opts(shapes_data, tmp_path, epochs=3), [StopAt(2)]).fit()
+        trainer(tiny_opts(shapes_data, tmp_path, epochs=3), [StopAt(2)]).fit()
     weights = tmp_path / "exp" / "weights"
     assert (weights / "last.pt").stat().st_mtime_ns >= (weights / "best.pt").stat().st_mtime_ns
     # what a kill between the two writes of an older version left: last.pt records a best fitness
@@ -143,20 +143,20 @@ def test_best_pt_is_saved_before_it_is_recorded_and_rederived_on_resume(shapes_d
     last = load_checkpoint(weights / "last.pt")
     last["meta"]["best_fitness"] = 2.0
     torch.save(last, weights / "last.pt")
-    t = Trainer(TrainOptions(resume=str(weights / "last.pt")))
+    t = trainer(resumed(str(weights / "last.pt")))
     t.fit()
     assert load_checkpoint(weights / "best.pt")["meta"]["epoch"] == 2  # the first epoch that beat it
 
 
 def test_a_killed_save_leaves_a_temporary_that_the_resumed_run_removes(shapes_data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [StopAt(1)]).fit()
+        trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [StopAt(1)]).fit()
     weights = tmp_path / "exp" / "weights"
     stale = temp_name(weights / "last.pt")
     stale.write_bytes(b"half a checkpoint")
     csv_stale = temp_name(tmp_path / "exp" / "results.csv")
     csv_stale.write_text("epoch\n")
-    Trainer(TrainOptions(resume=str(weights / "last.pt"))).fit()
+    trainer(resumed(str(weights / "last.pt"))).fit()
     assert not stale.exists() and not csv_stale.exists()
     assert sorted(p.name for p in weights.iterdir()) == ["best.pt", "last.pt"]
 
@@ -168,16 +168,16 @@ def test_a_run_refused_during_setup_leaves_no_folder(shapes_data, tmp_path):
     shutil.rmtree(ds / "labels")
     bad.write_text(f"classes=2\ntrain={ds / 'images'}\nvalid={ds / 'images'}\n")
     with pytest.raises(UserError, match="not a single valid label row"):
-        Trainer(tiny_opts(bad, tmp_path / "runs")).fit()
+        trainer(tiny_opts(bad, tmp_path / "runs")).fit()
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
 def test_training_never_writes_over_its_weights(shapes_data, tmp_path):
-    Trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
+    trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
     last = tmp_path / "exp" / "weights" / "last.pt"
     before = last.read_bytes()
     with pytest.raises(UserError, match="would overwrite the input"):
-        Trainer(tiny_opts(shapes_data, tmp_path, epochs=1, weights=str(last), exist_ok=True)).fit()
+        trainer(tiny_opts(shapes_data, tmp_path, epochs=1, weights=str(last), exist_ok=True)).fit()
     assert last.read_bytes() == before
 
 
@@ -400,7 +400,7 @@ def test_training_on_no_valid_box_is_an_error(tmp_path, case):
     if case == "no labels folder":
         shutil.rmtree(tmp_path / "ds" / "labels")
     with pytest.raises(UserError, match="not a single valid label row"):
-        Trainer(tiny_opts(data, tmp_path / "runs")).fit()
+        trainer(tiny_opts(data, tmp_path / "runs")).fit()
 
 
 def test_a_bad_hyp_file_is_one_line(tmp_path):

@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.hooks import TrainHook
+from engine.trainer import Trainer
 from models.darknet import Darknet
 from models.graph import ChannelGraph
 from prune.blocks import residual_blocks
+from prune.methods import METHODS, SPARSITY_ALIASES
 from prune.sparsity import SparsityHook, sparse_convs, sparsity_scale
+from stages.train import resumed, trainer
 from tests.conftest import REPO
 from tests.test_train import StopAt, tiny_opts
 from utils.errors import UserError
-from utils.trainer import Trainer, TrainHook, TrainOptions
 
 
 def bn_gammas(model) -> torch.Tensor:
@@ -23,14 +26,14 @@ def bn_gammas(model) -> torch.Tensor:
 def test_prune_modes_select_what_each_method_ranks():
     model = Darknet(REPO / "cfg" / "yolov3.cfg")
     graph = ChannelGraph(model.cfg)
-    normal, tied, layer = (set(sparse_convs(model, m)) for m in (0, 1, 2))
+    normal, tied, layer = (set(sparse_convs(model, SPARSITY_ALIASES[m])) for m in (0, 1, 2))
     assert normal < tied
     assert all(not graph.tied_convs(i) for i in normal)
     assert any(graph.tied_convs(i) for i in tied)
     assert not any(graph.fixed_reason(i) for i in tied)
     assert layer == {c for b in residual_blocks(model.cfg) for c in b.convs}
-    with pytest.raises(UserError, match="--prune 3"):
-        sparse_convs(model, 3)
+    with pytest.raises(UserError, match="unknown pruning method 'thin'"):
+        sparse_convs(model, "thin")
 
 
 def test_schedules_follow_their_formulas():
@@ -46,18 +49,20 @@ def test_schedules_follow_their_formulas():
 
 
 class GradProbe(TrainHook):
-    """Records the γ gradients it sees in ``after_backward`` (place it before or after the penalty)."""
+    """Records the γ gradients of ``sparsity``'s batch norms that it sees in ``after_backward`` (place it
+    before or after the penalty). With ``amp_scale`` it gives ``owner`` a real, enabled loss scaler, as
+    CUDA AMP uses (the test reaches into the trainer; no hook may)."""
 
-    def __init__(self, amp_scale: float | None = None):
+    def __init__(self, sparsity: SparsityHook, amp_scale: float | None = None):
         self.seen: list[torch.Tensor] = []
-        self.amp_scale = amp_scale
+        self.sparsity, self.amp_scale, self.owner = sparsity, amp_scale, None
 
-    def on_epoch_start(self, trainer, epoch):
-        if self.amp_scale and epoch == 0:  # a real, enabled loss scaler, as CUDA AMP uses
-            trainer.scaler = torch.amp.GradScaler("cpu", init_scale=self.amp_scale)
+    def on_epoch_start(self, ctx, epoch):
+        if self.amp_scale and epoch == 0:
+            self.owner.scaler = torch.amp.GradScaler("cpu", init_scale=self.amp_scale)
 
-    def after_backward(self, trainer):
-        self.seen.append(torch.cat([bn.weight.grad.flatten() for bn in trainer.hooks[1].bns]).clone())
+    def after_backward(self, ctx):
+        self.seen.append(torch.cat([bn.weight.grad.flatten() for bn in self.sparsity.bns]).clone())
 
 
 def penalty_per_step(data, project, batch_size: int, nbs: int, amp_scale: float | None = None):
@@ -65,18 +70,18 @@ def penalty_per_step(data, project, batch_size: int, nbs: int, amp_scale: float 
 
     hyp = project / f"hyp{nbs}.yaml"
     hyp.write_text(yaml.safe_dump({"nbs": nbs}))
-    before, after = GradProbe(amp_scale), GradProbe()
-    hook = SparsityHook(0.003, mode=1)
-    trainer = Trainer(tiny_opts(data, project, epochs=1, batch_size=batch_size, hyp=str(hyp),
-                                name=f"b{batch_size}n{nbs}a{amp_scale}"), [before, hook, after])
+    hook = SparsityHook(0.003, "slim")
+    before, after = GradProbe(hook, amp_scale), GradProbe(hook)
     gammas = []
 
     class Gamma(TrainHook):
-        def after_backward(self, trainer):
+        def after_backward(self, ctx):
             gammas.append(torch.cat([bn.weight.detach().flatten() for bn in hook.bns]).clone())
 
-    trainer.hooks.append(Gamma())
-    trainer.fit()
+    job = tiny_opts(data, project, epochs=1, batch_size=batch_size, hyp=str(hyp),
+                    name=f"b{batch_size}n{nbs}a{amp_scale}")
+    t = before.owner = Trainer(job.core, [before, hook, after, Gamma()])
+    t.fit()
     return before.seen, [a - b for a, b in zip(after.seen, before.seen)], gammas
 
 
@@ -111,10 +116,10 @@ def test_sparse_training_drives_gammas_to_zero_and_logs_them(shapes_data, tmp_pa
         small = SmallGammas()
         opts = tiny_opts(shapes_data, tmp_path, epochs=3, adam=False, ema=False, sr=sr, s=0.5,
                          prune=1, name=f"sr{sr}")
-        trainer = Trainer(opts, [small])
-        trainer.fit()
-        shares[sr] = float((bn_gammas(trainer.model).abs() < 0.01).float().mean())
-    per_epoch = [float((g < 0.01).float().mean()) for _, g in trainer.hooks[0].history]
+        t = trainer(opts, [small])
+        t.fit()
+        shares[sr] = float((bn_gammas(t.model).abs() < 0.01).float().mean())
+    per_epoch = [float((g < 0.01).float().mean()) for _, g in t.hooks[0].history]
     assert per_epoch == sorted(per_epoch) and per_epoch[-1] > per_epoch[0]  # rises every epoch
     assert shares[True] > small.start + 0.1
     assert shares[True] > shares[False] + 0.1
@@ -131,11 +136,12 @@ def test_resume_keeps_the_sparsity_settings(shapes_data, tmp_path):
     opts = tiny_opts(shapes_data, tmp_path, epochs=3, sr=True, s=0.02, prune=2, sr_schedule="local",
                      sr_decay_at=0.3, sr_keep=0.4)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(opts, [StopAt(2)]).fit()
-    resumed = Trainer(TrainOptions(resume=str(tmp_path / "exp" / "weights" / "last.pt")))
-    hook = resumed.hooks[0]
+        trainer(opts, [StopAt(2)]).fit()
+    t = trainer(resumed(str(tmp_path / "exp" / "weights" / "last.pt")))
+    hook = t.hooks[0]
     assert isinstance(hook, SparsityHook)
-    assert (hook.s, hook.mode, hook.schedule, hook.decay_at, hook.keep) == (0.02, 2, "local", 0.3, 0.4)
+    assert (hook.s, hook.method.name, hook.schedule, hook.decay_at, hook.keep) == (0.02, "layer", "local",
+                                                                                    0.3, 0.4)
 
 
 def test_bad_sparsity_options_are_one_line_errors():
@@ -145,3 +151,33 @@ def test_bad_sparsity_options_are_one_line_errors():
         SparsityHook(0.001, schedule="cosine")
     with pytest.raises(UserError, match="--sr-decay-at"):
         SparsityHook(0.001, decay_at=2)
+
+
+@pytest.mark.parametrize("cfg", ["yolo-small", "yolov3"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_sparse_training_penalizes_exactly_what_the_method_may_cut(cfg, name):
+    """``train.py -sr --prune-method M``: the hook penalizes the batch norms of the convs M's plan ranks
+    (the candidates its channel masks cover) and of every residual block M may remove."""
+    import train as train_script
+    from engine.hooks import LossGains, TrainContext
+    from prune.methods import plan
+    from tests.test_prune import spread_gammas
+
+    job = train_script.parse_args(["-sr", "--prune-method", name])
+    hook = job.sparsity.hook()
+    model = spread_gammas(Darknet(REPO / "cfg" / f"{cfg}.cfg"))
+    ctx = TrainContext(model, torch.device("cpu"), 1, (64, 64, 64), False, LossGains(1, 1, 1), True)
+    hook.on_epoch_start(ctx, 0)
+    penalized = {i for i, layer in enumerate(model.layers)
+                 if any(getattr(layer, "bn", None) is bn for bn in hook.bns)}
+    p = plan(model, name, percent=0.5, layer_keep=0.0, shortcuts=1)
+    may_cut = set(p.channels.masks) if p.channels else set()
+    if METHODS[name].blocks:
+        may_cut |= {c for b in residual_blocks(model.cfg) for c in b.convs}
+    assert penalized == may_cut and penalized
+    # the older tools' spelling selects the same sets as the methods it stands for
+    alias = {"normal": "0", "regular": "0", "shortcut": "1", "slim": "1", "layer": "2"}.get(name)
+    if alias:
+        old = train_script.parse_args(["-sr", "--prune", alias]).sparsity.hook()
+        old.on_epoch_start(ctx, 0)
+        assert [id(bn) for bn in old.bns] == [id(bn) for bn in hook.bns]

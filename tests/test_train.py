@@ -14,16 +14,17 @@ import torch.distributed as dist
 
 import test as test_script
 import train as train_script
+from engine.hooks import TrainHook
 from models.io import load_checkpoint, save_darknet_weights
+from stages.train import TrainJob, resumed, trainer
 from tests.conftest import REPO
 from utils.errors import UserError
-from utils.trainer import Trainer, TrainHook, TrainOptions
 
 
-def tiny_opts(data: Path, project: Path, **kw) -> TrainOptions:
+def tiny_opts(data: Path, project: Path, **kw) -> TrainJob:
     base = dict(data=str(data), project=str(project), epochs=3, batch_size=4, img_size=[64], workers=0,
                 seed=3)
-    return TrainOptions(**{**base, **kw})
+    return TrainJob.from_record({**base, **kw})
 
 
 class StopAt(TrainHook):
@@ -57,7 +58,7 @@ class Recorder(TrainHook):
 
 def test_train_writes_its_outputs_and_calls_hooks(shapes_data, tmp_path):
     rec = Recorder()
-    result = Trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [rec]).fit()
+    result = trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [rec]).fit()
     run = tmp_path / "exp"
     for f in ("weights/last.pt", "weights/best.pt", "results.csv", "results.png", "opt.yaml", "hyp.yaml"):
         assert (run / f).is_file(), f
@@ -80,7 +81,7 @@ def test_gradients_accumulate_to_the_nominal_batch(shapes_data, tmp_path, nbs, s
     hyp = tmp_path / "hyp.yaml"
     hyp.write_text(f"nbs: {nbs}\n")
     rec = Recorder()
-    t = Trainer(tiny_opts(shapes_data, tmp_path, epochs=2, notest=True, hyp=str(hyp)), [rec])
+    t = trainer(tiny_opts(shapes_data, tmp_path, epochs=2, notest=True, hyp=str(hyp)), [rec])
     t.fit()
     assert rec.steps == steps
     assert t.accumulate == max(round(nbs / 4), 1)
@@ -88,40 +89,40 @@ def test_gradients_accumulate_to_the_nominal_batch(shapes_data, tmp_path, nbs, s
 
 
 def test_interrupt_saves_last_and_resume_matches_uninterrupted(shapes_data, tmp_path):
-    Trainer(tiny_opts(shapes_data, tmp_path, name="full")).fit()
+    trainer(tiny_opts(shapes_data, tmp_path, name="full")).fit()
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_opts(shapes_data, tmp_path, name="cut"), [StopAt(2)]).fit()
+        trainer(tiny_opts(shapes_data, tmp_path, name="cut"), [StopAt(2)]).fit()
     last = tmp_path / "cut" / "weights" / "last.pt"
     meta = load_checkpoint(last)["meta"]
     assert meta["interrupted"] and meta["epoch"] == 1
-    Trainer(TrainOptions(resume=str(last))).fit()
+    trainer(resumed(str(last))).fit()
     full = load_checkpoint(tmp_path / "full" / "weights" / "last.pt")
-    resumed = load_checkpoint(last)
-    assert resumed["meta"]["epoch"] == 2
+    after = load_checkpoint(last)
+    assert after["meta"]["epoch"] == 2
     for k, v in full["meta"]["train_state"]["model"].items():
-        assert torch.equal(v, resumed["meta"]["train_state"]["model"][k]), k
+        assert torch.equal(v, after["meta"]["train_state"]["model"][k]), k
     for k, v in full["model"].items():  # the EMA weights too
-        assert torch.equal(v, resumed["model"][k]), k
+        assert torch.equal(v, after["model"][k]), k
     rows = lambda run: list(csv.DictReader((tmp_path / run / "results.csv").open()))  # noqa: E731
     assert [r["train/box"] for r in rows("full")] == [r["train/box"] for r in rows("cut")]
 
 
 def test_resume_of_a_checkpoint_older_than_a_hyp_key_takes_its_default(shapes_data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [StopAt(1)]).fit()
+        trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [StopAt(1)]).fit()
     last = tmp_path / "exp" / "weights" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
     del ckpt["meta"]["hyp"]["nbs"]  # as written before nbs existed
     torch.save(ckpt, last)
-    t = Trainer(TrainOptions(resume=str(last)))
+    t = trainer(resumed(str(last)))
     assert t.hyp["nbs"] == 16 and t.hyp["lr0"] == ckpt["meta"]["hyp"]["lr0"]
     t.fit()
 
 
 def test_resume_of_a_finished_run_is_a_clear_error(shapes_data, tmp_path):
-    Trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
+    trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
     with pytest.raises(UserError, match="already finished"):
-        Trainer(TrainOptions(resume=str(tmp_path / "exp" / "weights" / "last.pt")))
+        trainer(resumed(str(tmp_path / "exp" / "weights" / "last.pt")))
 
 
 def test_ddp_two_processes_end_with_identical_weights(shapes_data, tmp_path):
@@ -129,7 +130,8 @@ def test_ddp_two_processes_end_with_identical_weights(shapes_data, tmp_path):
     script.write_text(
         "import os, sys, torch\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from utils.trainer import Trainer, TrainOptions\n"
+        "from engine.options import TrainOptions\n"
+        "from engine.trainer import Trainer\n"
         f"t = Trainer(TrainOptions(data={str(shapes_data)!r}, project={str(tmp_path)!r}, epochs=1,"
         " batch_size=4, img_size=[64], workers=0, device='cpu', notest=True))\n"
         "t.fit()\n"
@@ -150,13 +152,13 @@ def test_bad_hyp_key_and_bad_img_size_are_clear_errors(shapes_data, tmp_path):
     hyp = tmp_path / "hyp.yaml"
     hyp.write_text("lr0: 0.01\nlearning_rate: 0.1\n")
     with pytest.raises(UserError, match="learning_rate"):
-        Trainer(tiny_opts(shapes_data, tmp_path, hyp=str(hyp)))
+        trainer(tiny_opts(shapes_data, tmp_path, hyp=str(hyp)))
     with pytest.raises(UserError, match="--img-size 72"):
-        Trainer(tiny_opts(shapes_data, tmp_path, img_size=[72])).fit()
+        trainer(tiny_opts(shapes_data, tmp_path, img_size=[72])).fit()
 
 
 def test_test_py_on_pt_and_on_cfg_plus_weights_agree(shapes_data, tmp_path):
-    Trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
+    trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
     pt = tmp_path / "exp" / "weights" / "last.pt"
     r1 = test_script.main(["--weights", str(pt), "--data", str(shapes_data), "--img-size", "64",
                            "--project", str(tmp_path / "t"), "--workers", "0", "--save-json"])
@@ -179,6 +181,8 @@ def test_test_py_on_pt_and_on_cfg_plus_weights_agree(shapes_data, tmp_path):
 def test_resume_alone_finds_the_newest_last_pt(shapes_data, tmp_path):
     with pytest.raises(UserError, match=r"no .*last\.pt"):
         train_script.parse_args(["--resume", "--project", str(tmp_path)])
-    Trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
-    opts = train_script.parse_args(["--resume", "--project", str(tmp_path)])
-    assert opts.resume == str(tmp_path / "exp" / "weights" / "last.pt")
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [StopAt(1)]).fit()
+    job = train_script.parse_args(["--resume", "--project", str(tmp_path)])
+    assert job.core.resume == str(tmp_path / "exp" / "weights" / "last.pt")
+    assert job.core.epochs == 2 and job.core.name == "exp"  # the run's own options, restored

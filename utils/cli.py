@@ -14,8 +14,9 @@ import difflib
 import errno
 import math
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
 
 from utils.errors import UserError
 
@@ -108,6 +109,121 @@ POSITIVE = float_range(0.0, 1e6, lo_open=True)  # temperatures, ranges
 NONNEGATIVE = float_range(0.0, 1e6)  # loss weights, margins, rates
 SPARSITY = float_range(0.0, 1.0)  # BN-L1 rate s
 RATIO_ABOVE_1 = float_range(1.0, 1e3, lo_open=True)  # anchor/box size ratio threshold
+
+
+# ------------------------------------------------------------------ options declared once, as dataclasses
+
+def option(default: Any, *flags: str, type: Callable[[str], Any] | None = None, help: str = "",
+           choices: Sequence[Any] | None = None, nargs: str | None = None, metavar: str | None = None,
+           negatable: bool = False, factory: Callable[[], Any] | None = None, const: Any = None) -> Any:
+    """A dataclass field that is also a command-line flag: its names (the first ``--long`` one is
+    written in command lines), its type (one of the bounded kinds above for numbers), help and choices.
+    A bool field is a switch (``negatable``: ``--x``/``--no-x``). Parsers (:func:`add_options`),
+    recipes (:func:`from_mapping`) and recorded command lines (:func:`to_argv`) all read it."""
+    meta = {"flags": flags, "type": type, "help": help, "choices": choices, "nargs": nargs,
+            "metavar": metavar, "negatable": negatable, "const": const}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_fields(cls: type) -> list[Field]:
+    return [f for f in fields(cls) if f.metadata.get("flags")]
+
+
+def _default(f: Field) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _value_type(f: Field) -> Callable[[str], Any]:
+    """How one value of the flag is read: its declared type, else its default's (str for None)."""
+    default = _default(f)
+    if f.metadata["type"] is not None:
+        return f.metadata["type"]
+    if isinstance(default, list):
+        return type(default[0]) if default else str
+    return str if default is None else type(default)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, title: str | None = None,
+                only: Callable[[str], bool] = lambda name: True) -> None:
+    """Add the flags of the dataclass ``cls`` (those ``only`` accepts by field name) to ``parser``."""
+    target = parser.add_argument_group(title) if title else parser
+    for f in flag_fields(cls):
+        if not only(f.name):
+            continue
+        m, default = f.metadata, _default(f)
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": m["help"] or None}
+        if isinstance(default, bool) and m["type"] is None:
+            kw["action"] = argparse.BooleanOptionalAction if m["negatable"] else "store_true"
+        else:
+            kw.update(type=_value_type(f), choices=m["choices"], nargs=m["nargs"], metavar=m["metavar"],
+                      const=m["const"])
+        target.add_argument(*m["flags"], **{k: v for k, v in kw.items() if v is not None or k == "default"})
+
+
+def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
+    """The dataclass ``cls`` from the parsed flags it declares (other fields keep their defaults)."""
+    return cls(**{f.name: getattr(ns, f.name) for f in flag_fields(cls) if hasattr(ns, f.name)})
+
+
+def _key(name: str) -> str:
+    return name.lstrip("-").replace("-", "_")
+
+
+def find_field(classes: Sequence[type], key: str) -> tuple[type, Field] | None:
+    """The dataclass and field that a recipe key names: a field name or any of its flags, with
+    dashes or underscores (``sr-schedule``, ``sr_schedule``, ``KDstr``, ``kd-str``)."""
+    for cls in classes:
+        for f in flag_fields(cls):
+            if _key(key) == f.name or _key(key) in {_key(x) for x in f.metadata["flags"]}:
+                return cls, f
+    return None
+
+
+def convert(f: Field, value: Any, where: str) -> Any:
+    """A recipe value for field ``f``, checked as the command line checks it; a bad one is one line."""
+    m, default = f.metadata, _default(f)
+    name = m["flags"][0]
+    if isinstance(default, bool) and m["type"] is None:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: '{name.lstrip('-')}' takes true or false, not {value!r}")
+        return value
+    if isinstance(value, (dict, bool)) or value is None:
+        raise UserError(f"{where}: '{name.lstrip('-')}' takes a value, not {value!r}")
+    many = m["nargs"] in ("+", "*")
+    values = value if isinstance(value, list) else [value]
+    if len(values) > 1 and not many:
+        raise UserError(f"{where}: '{name.lstrip('-')}' takes one value, not {value!r}")
+    kind = _value_type(f)
+    out = []
+    for v in values:
+        try:
+            x = kind(str(v))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise UserError(f"{where}: '{name.lstrip('-')}': {e or v!r}") from None
+        if m["choices"] is not None and x not in m["choices"]:
+            raise UserError(f"{where}: '{name.lstrip('-')}' must be one of "
+                            f"{', '.join(map(str, m['choices']))}, not {v!r}")
+        out.append(x)
+    return out if many else out[0]
+
+
+def to_argv(obj: Any) -> list[str]:
+    """The flags that reproduce the dataclass ``obj`` on a command line (fields at their default left out)."""
+    argv: list[str] = []
+    for f in flag_fields(type(obj)):
+        value, default, m = getattr(obj, f.name), _default(f), f.metadata
+        if value == default:
+            continue
+        flag_name = next((x for x in m["flags"] if x.startswith("--")), m["flags"][0])
+        if isinstance(default, bool) and m["type"] is None:
+            argv.append(flag_name if value else "--no-" + flag_name[2:])
+        elif isinstance(value, list):
+            argv += [flag_name, *map(str, value)]
+        else:
+            argv += [flag_name, str(value)]
+    return argv
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:

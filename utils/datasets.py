@@ -60,6 +60,15 @@ def _resolve(value: str, base: Path) -> Path:
     return beside if beside.exists() or not p.exists() else p  # darknet resolves against the cwd
 
 
+def resolve_data(data: str | Path) -> Path:
+    """``--data``: a .data file, or empty for the built-in benchmark (generated on first use)."""
+    if data:
+        return Path(data)
+    from utils.synthetic import ensure_shapes
+
+    return ensure_shapes()
+
+
 def read_data_file(path: str | Path) -> DataConfig:
     """Parse ``classes=``, ``train=``, ``valid=`` (or ``val=``), ``names=``; others are kept in ``extra``."""
     path = Path(path)

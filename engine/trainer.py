@@ -1,15 +1,10 @@
-"""The one training loop. Sparsity, distillation and quantization-aware training plug in as hooks.
+"""The one training loop. Techniques join it as hooks (:mod:`engine.hooks`); it never builds them.
 
-``Trainer(opts, hooks).fit()`` trains a darknet-cfg model; ``train.py`` only parses flags into
-:class:`TrainOptions`. A :class:`TrainHook` can
-
-- ``prepare_model``: swap modules (QAT) before the optimizer and EMA exist;
-- ``on_epoch_start``: freeze BN statistics or observers on a schedule;
-- ``extra_losses``: add loss terms (distillation) given the batch, predictions and the detection loss
-  with its matched positions;
-- ``after_backward``: touch gradients once per optimizer step, after AMP unscaling and before the
-  step (the BN-L1 regulariser);
-- ``on_epoch_end``: see the epoch's metrics.
+``Trainer(options, hooks).fit()`` trains a darknet-cfg model and writes the run folder: weights
+(``last.pt``, ``best.pt``), ``results.csv``, TensorBoard events, ``opt.yaml``, ``hyp.yaml``,
+``results.png``. ``stages/train.py`` (behind ``train.py``) assembles the hooks from the techniques'
+option groups and hands the trainer a ``record`` of every option, which checkpoints keep so that
+``--resume`` can rebuild the same run.
 """
 
 from __future__ import annotations
@@ -18,9 +13,7 @@ import csv
 import dataclasses
 import io
 import math
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,114 +22,24 @@ import torch
 import yaml
 from torch import nn
 
+from engine import distributed
+from engine.hooks import LossGains, TrainContext, TrainHook
+from engine.options import DEFAULT_CFG, TrainOptions, in_repo, load_hyp
 from models.cfg import parse_cfg, read_cfg
 from models.darknet import Darknet
 from models.io import load_checkpoint, load_model, save_checkpoint, with_classes
-from utils.datasets import DataConfig, create_dataloader, read_data_file, set_epoch
+from utils.datasets import DataConfig, create_dataloader, read_data_file, resolve_data, set_epoch
 from utils.errors import UserError
 from utils.evaluate import EvalResult, evaluate
-from utils.files import new_run_dir, read_text
-from utils.loss import LossOutput, YoloLoss
+from utils.files import new_run_dir
+from utils.loss import YoloLoss
 from utils.outputs import OutputPlan, atomic_write
 from utils.torch_utils import ModelEMA, select_device, unwrap
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_HYP = REPO / "data" / "hyp.scratch.yaml"
-DEFAULT_CFG = "cfg/yolo-small.cfg"
 OUTPUT_FILES = ("results.csv", "opt.yaml", "hyp.yaml")  # beside weights/ and results.png
 RESULT_COLUMNS = ["epoch", "train/box", "train/obj", "train/cls", "metrics/precision", "metrics/recall",
                   "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box", "val/obj", "val/cls", "lr",
                   "time_s"]
-
-
-def default_workers() -> int:
-    """Loader processes: none on a machine with 2 cores or fewer, where worker processes compete with
-    PyTorch's threads (a training step at 224 took 693 ms with 0 workers, 741 with 1, 759 with 2)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 0 if cores <= 2 else min(8, cores // 2)
-
-
-@dataclass
-class TrainOptions:
-    cfg: str = ""  # empty: the cfg inside a .pt --weights (e.g. a pruned model), else DEFAULT_CFG
-    data: str = ""  # empty: the built-in shapes benchmark, generated on first use
-    weights: str = ""  # .pt checkpoint or darknet weights to start from
-    epochs: int = 16  # the default command fits in 20 minutes on 2 CPU cores
-    batch_size: int = 16
-    img_size: list[int] = field(default_factory=lambda: [224])  # train [min max] test, as ultralytics
-    multi_scale: bool = False
-    rect: bool = False  # rectangular training batches (no mosaic)
-    resume: str = ""  # a last.pt to continue
-    nosave: bool = False  # only the final checkpoint
-    notest: bool = False  # only the final evaluation
-    name: str = "exp"
-    project: str = "runs/train"
-    exist_ok: bool = False
-    device: str = ""
-    adam: bool = True  # Adam at lr0 / 10; --no-adam for SGD (see README for why Adam is the default)
-    ema: bool = True
-    amp: bool = False
-    workers: int = field(default_factory=default_workers)
-    seed: int = 0
-    hyp: str = ""  # YAML overriding data/hyp.scratch.yaml
-    cache_images: bool = False
-    # BN-L1 sparse training (prune/sparsity.py): off unless sr
-    sr: bool = False
-    s: float = 0.001
-    prune: int = 0  # 0 normal/regular, 1 shortcut/slim, 2 layer: which batch norms are penalized
-    sr_schedule: str = "constant"  # constant, global or local decay
-    sr_decay_at: float = 0.5  # fraction of the epochs after which global/local decay starts
-    sr_keep: float = 0.15  # local decay: share of largest-|gamma| channels that get s * 0.01
-    # knowledge distillation (distill/hook.py): off unless kd_str
-    kd_str: int = 0  # strategy 1..5
-    t_weights: str = ""  # teacher: a .pt, or darknet weights with t_cfg
-    t_cfg: str = ""
-    kd_t: float = 3.0  # temperature of the class softmax
-    kd_feat_t: float = 1.0  # temperature of the spatial attention softmax (strategies 4, 5)
-    kd_cls: float = 1.0  # term weights, relative to the detection loss's gains (kd_feat absolute)
-    kd_obj: float = 1.0
-    kd_box: float = 1.0
-    kd_feat: float = 1.0
-    kd_margin: float = 0.0  # strategy 2: margin m of the teacher bound
-    # quantization-aware training (quant/hook.py): off unless quantized
-    quantized: str = ""  # 1 / google, 2 / dorefa
-    w_bit: int = 8
-    a_bit: int = 8
-    bn_fold: bool = False  # Jacob et al. batch-norm folding (google)
-    fpga: bool = False  # power-of-two scales, everything quantized
-    a_symmetric: bool = False  # google: signed int8 activations, zero point 0 (TensorRT) instead of affine
-    dorefa_range: float = 8.0  # DoReFa activations clamped to [-r, r]
-    freeze_bn_epoch: int = -1  # epoch from which folded BNs use running statistics (-1: never)
-    freeze_observer_epoch: int = -1  # epoch from which activation ranges stop moving (-1: never)
-
-    @property
-    def sizes(self) -> tuple[int, int, int]:
-        """(min train, max train, test) image sizes from the one-to-three ``--img-size`` values."""
-        s = list(self.img_size)
-        if not 1 <= len(s) <= 3:
-            raise UserError(f"--img-size takes 1 to 3 values (min max test), got {len(s)}")
-        s += [s[-1]] * (3 - len(s))
-        return s[0], s[1], s[2]
-
-
-class TrainHook:
-    """Base class: override what you need. ``trainer`` gives access to model, optimizer, epoch, etc."""
-
-    def prepare_model(self, trainer: Trainer, model: nn.Module) -> nn.Module:
-        return model
-
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        pass
-
-    def extra_losses(self, trainer: Trainer, imgs: torch.Tensor, targets: torch.Tensor,
-                     preds: list[torch.Tensor], loss: LossOutput) -> dict[str, torch.Tensor]:
-        return {}
-
-    def after_backward(self, trainer: Trainer) -> None:
-        pass
-
-    def on_epoch_end(self, trainer: Trainer, epoch: int, result: EvalResult | None) -> None:
-        pass
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -144,39 +47,6 @@ def run_dir_of(checkpoint: str | Path) -> Path:
     ``weights`` folder is its own run folder."""
     folder = Path(checkpoint).resolve().parent
     return folder.parent if folder.name == "weights" else folder
-
-
-def in_repo(path: str | Path) -> Path:
-    """A relative path that is missing here but exists in the repository (the shipped cfgs) goes there."""
-    p = Path(path)
-    return REPO / p if not p.is_absolute() and not p.exists() and (REPO / p).exists() else p
-
-
-def load_hyp(path: str | Path = "") -> dict[str, Any]:
-    """The default hyperparameters, overridden by the keys of a user YAML (unknown keys are an error)."""
-    hyp = yaml.safe_load(DEFAULT_HYP.read_text())
-    if path:
-        p = Path(path)
-        try:
-            user = yaml.safe_load(read_text(p, "--hyp")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"--hyp {p}: not valid YAML ({e})".replace("\n", " ")) from None
-        if not isinstance(user, dict):
-            raise UserError(f"--hyp {p}: expected a mapping of hyperparameter: value")
-        unknown = sorted(set(user) - set(hyp))
-        if unknown:
-            raise UserError(f"--hyp {p}: unknown keys {unknown}; known keys are in {DEFAULT_HYP}")
-        hyp.update(user)
-    return hyp
-
-
-def resolve_data(data: str) -> Path:
-    """``--data``: a .data file, or empty for the built-in benchmark (generated on first use)."""
-    if data:
-        return Path(data)
-    from utils.synthetic import ensure_shapes
-
-    return ensure_shapes()
 
 
 def init_head_biases(model: Darknet, img_size: int) -> None:
@@ -198,27 +68,19 @@ def cosine(epoch: float, epochs: int, lrf: float) -> float:
 
 
 class Trainer:
-    def __init__(self, opts: TrainOptions, hooks: list[TrainHook] | None = None):
+    """``opts``: the engine's options (``resume`` set: continue the run of that ``last.pt``, whose
+    options the caller has restored). ``hooks``: the techniques, in the order they act. ``record``:
+    every option of the run, flat, as the command line names them; written to ``opt.yaml`` and into
+    each checkpoint (default: the engine's options alone)."""
+
+    def __init__(self, opts: TrainOptions, hooks: list[TrainHook] | None = None,
+                 record: dict[str, Any] | None = None):
         self.hooks = list(hooks or [])
-        self.rank = int(os.environ.get("RANK", -1))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.main = self.rank in (-1, 0)
-        self.resume_ckpt = None
-        if opts.resume:
-            self.resume_ckpt, opts = self._resume_options(opts.resume)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.main = distributed.is_main()
         self.opts = opts
-        if opts.sr:  # built from the resolved options, so a resumed run keeps its sparsity settings
-            from prune.sparsity import SparsityHook
-
-            self.hooks.insert(0, SparsityHook(opts.s, opts.prune, opts.sr_schedule, opts.sr_decay_at,
-                                              opts.sr_keep))
-        if opts.quantized:
-            from quant.hook import hook_from_options
-
-            self.hooks.append(hook_from_options(opts))
-        if opts.kd_str or opts.t_weights:
-            self.hooks.append(self._distill_hook(opts))
-        self.writer = None  # TensorBoard, while fit() runs (hooks may log to it)
+        self.record = dict(record) if record is not None else dataclasses.asdict(opts)
+        self.resume_ckpt = load_checkpoint(opts.resume) if opts.resume else None
         if self.resume_ckpt:  # a checkpoint older than a hyperparameter key takes that key's default
             self.hyp = {**load_hyp(), **self.resume_ckpt["meta"]["hyp"]}
         else:
@@ -226,51 +88,13 @@ class Trainer:
         self.lr0 = self.hyp["lr0"] / 10 if opts.adam else self.hyp["lr0"]  # Adam steps are larger
 
     # ---------------------------------------------------------------- setup
-    @staticmethod
-    def _resume_options(path: str) -> tuple[dict, TrainOptions]:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"--resume {p}: checkpoint not found")
-        ckpt = load_checkpoint(p)
-        meta = ckpt["meta"]
-        if "opts" not in meta or "train_state" not in meta:
-            raise UserError(f"--resume {p}: not a train.py last.pt (no optimizer state); start a new run "
-                            f"with --weights {p} instead")
-        # the run continues in the folder that holds the checkpoint (runs/train/<name>/weights/last.pt),
-        # wherever the run was when it started: a moved or renamed run never writes into another one
-        run_dir = run_dir_of(p)
-        opts = TrainOptions(**{**meta["opts"], "resume": str(p), "exist_ok": True,
-                               "project": str(run_dir.parent), "name": run_dir.name})
-        if meta["epoch"] + 1 >= opts.epochs:
-            raise UserError(f"--resume {p}: the run already finished its {opts.epochs} epochs; start a new "
-                            f"run with --weights {p} to train further")
-        return ckpt, opts
-
-    @staticmethod
-    def _distill_hook(opts: TrainOptions) -> TrainHook:
-        from distill.hook import DistillHook, DistillOptions
-
-        if not opts.kd_str:
-            raise UserError(f"--t_weights {opts.t_weights}: choose a distillation strategy with --KDstr 1..5")
-        return DistillHook(DistillOptions(
-            opts.kd_str, opts.t_weights, opts.t_cfg, opts.kd_t, opts.kd_feat_t, opts.kd_cls, opts.kd_obj,
-            opts.kd_box, opts.kd_feat, opts.kd_margin))
-
     def setup(self) -> None:
         opts, hyp = self.opts, self.hyp
         self.min_size, self.max_size, self.test_size = opts.sizes
         if self.world_size > 1:
-            import torch.distributed as dist
-
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            if opts.device not in ("", "cpu"):
-                torch.cuda.set_device(local_rank)
-                self.device = torch.device("cuda", local_rank)
-            else:
-                self.device = torch.device("cpu")
-            self.owns_process_group = not dist.is_initialized()  # compress.py may have started it
-            if self.owns_process_group:
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.owns_process_group = distributed.start(opts.device)  # compress.py may have started it
+            self.device = torch.device("cpu") if opts.device in ("", "cpu") else \
+                torch.device("cuda", torch.cuda.current_device())
             if opts.batch_size % self.world_size:
                 raise UserError(f"--batch-size {opts.batch_size} must be a multiple of the "
                                 f"{self.world_size} processes")
@@ -302,20 +126,24 @@ class Trainer:
                 self.data.split("valid"), self.data.classes, self.test_size, self.batch * 2, stride,
                 rect=True, workers=opts.workers, cache_images=opts.cache_images, need_boxes=True)
         self.loss_fn = YoloLoss(self.model.yolo_heads, hyp, self.max_size)
+        self.amp = opts.amp and self.device.type == "cuda"
+        if opts.amp and not self.amp:
+            print("warning: --amp needs CUDA; training in float32 on the CPU")
+        gains = LossGains(self.loss_fn.gain_box, self.loss_fn.gain_obj, self.loss_fn.gain_cls)
+        self.ctx = TrainContext(self.model, self.device, opts.epochs, opts.sizes, self.amp, gains,
+                                self.main)
         for h in self.hooks:
-            self.model = h.prepare_model(self, self.model)
+            self.model = self.ctx.model = h.prepare_model(self.ctx, self.model)
         # channels-last activations: a CPU training step at 224 took 544 ms instead of 645 ms
         self.model.to(self.device, memory_format=torch.channels_last)
         self.optimizer = self._build_optimizer()
         self.ema = ModelEMA(self.model) if opts.ema else None
-        self.amp = opts.amp and self.device.type == "cuda"
-        if opts.amp and not self.amp:
-            print("warning: --amp needs CUDA; training in float32 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.start_epoch, self.best_fitness = 0, -1.0
         self.run_dir = self.weights_dir = None
         if self.main:  # made only now, so a run refused while setting up leaves no empty folder behind
             self._open_run_dir()
+            self.ctx.run_dir = self.run_dir
         if self.resume_ckpt:
             self._load_train_state(self.resume_ckpt)
         if self.world_size > 1:
@@ -341,7 +169,8 @@ class Trainer:
         else:
             self.run_dir = new_run_dir(opts.project, opts.name, opts.exist_ok)
             self.weights_dir = self.run_dir / "weights"
-        inputs = [opts.weights, opts.t_weights, opts.t_cfg, opts.cfg, opts.hyp, self.data_file]
+        inputs = [opts.weights, opts.cfg, opts.hyp, self.data_file,
+                  *(f for h in self.hooks for f in h.inputs())]
         plan = OutputPlan(inputs, exist_ok=True)
         for f in (*OUTPUT_FILES, "results.png"):
             plan.add(self.run_dir / f)
@@ -419,7 +248,7 @@ class Trainer:
 
     def _write_options(self) -> None:
         atomic_write(self.run_dir / "opt.yaml", yaml.safe_dump(
-            {**dataclasses.asdict(self.opts), "data_resolved": str(self.data_file),
+            {**self.record, "data_resolved": str(self.data_file),
              "accumulate": self.accumulate, "world_size": self.world_size}, sort_keys=False))
         atomic_write(self.run_dir / "hyp.yaml", yaml.safe_dump(self.hyp, sort_keys=False))
 
@@ -427,7 +256,7 @@ class Trainer:
     def fit(self) -> EvalResult | None:
         self.setup()
         epoch, result = self.start_epoch, None
-        writer = self.writer = self._tensorboard()
+        writer = self.ctx.writer = self._tensorboard()
         try:
             for epoch in range(self.start_epoch, self.opts.epochs):
                 self.epoch = epoch
@@ -438,7 +267,7 @@ class Trainer:
                 if self.main and (not self.opts.notest or final):
                     result = self.validate()
                 for h in self.hooks:
-                    h.on_epoch_end(self, epoch, result)
+                    h.on_epoch_end(self.ctx, epoch, result)
                 if self.main:
                     row = self._log_epoch(epoch, train_losses, extra_losses, result, time.time() - t0,
                                           writer)
@@ -453,12 +282,9 @@ class Trainer:
         finally:
             if writer is not None:
                 writer.close()
-                self.writer = None
-            if self.world_size > 1 and getattr(self, "owns_process_group", False):
-                import torch.distributed as dist
-
-                if dist.is_initialized():
-                    dist.destroy_process_group()
+                self.ctx.writer = None
+            if getattr(self, "owns_process_group", False):
+                distributed.stop()
         if self.main:
             self._plot()
         return result
@@ -471,7 +297,7 @@ class Trainer:
         model.train()
         set_epoch(self.train_loader, epoch)
         for h in self.hooks:
-            h.on_epoch_start(self, epoch)
+            h.on_epoch_start(self.ctx, epoch)
         nb = len(self.train_loader)
         total_iters = nb * opts.epochs
         # warm-up: at least 100 batches, at most half the run; none with warmup_epochs 0 (fine-tuning)
@@ -500,7 +326,7 @@ class Trainer:
             loss = out.total
             extras = {}
             for h in self.hooks:
-                extras.update(h.extra_losses(self, imgs, targets, preds, out))
+                extras.update(h.extra_losses(self.ctx, imgs, targets, preds, out))
             for name, extra in extras.items():
                 loss = loss + extra
                 # per image, as the detection components are logged
@@ -540,7 +366,7 @@ class Trainer:
     def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
         for h in self.hooks:
-            h.after_backward(self)
+            h.after_backward(self.ctx)
         nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -633,7 +459,7 @@ class Trainer:
         model.seen = self.model.seen
         meta = {"epoch": epoch, "best_fitness": self.best_fitness, "fitness": fitness,
                 "names": self.data.names,
-                "hyp": self.hyp, "opts": dataclasses.asdict(self.opts), "run_dir": str(self.run_dir),
+                "hyp": self.hyp, "opts": self.record, "run_dir": str(self.run_dir),
                 "results": row, "interrupted": interrupted, "seen": self.model.seen,
                 "train_state": train_state, "img_size": self.test_size}
         # best.pt first: last.pt records this epoch as the best, and a resumed run trusts that record

@@ -1,0 +1,75 @@
+"""How a technique joins the training loop: a :class:`TrainHook` and the :class:`TrainContext` it sees.
+
+A hook can
+
+- ``inputs``: name the files it reads, which the run must never write over;
+- ``prepare_model``: swap modules (QAT) or attach what it needs (a distillation teacher), before the
+  optimizer and the EMA exist;
+- ``on_epoch_start``: freeze BN statistics or observers on a schedule;
+- ``extra_losses``: add loss terms (distillation) given the batch, the raw predictions and the
+  detection loss with its matched positions;
+- ``after_backward``: touch gradients once per optimizer step, after AMP unscaling and before the step
+  (the BN-L1 regulariser);
+- ``on_epoch_end``: see the epoch's metrics.
+
+It reads the run only through the context: the model, the device, the epoch count and image sizes,
+the AMP state, the detection loss's gains, the TensorBoard writer, the run folder and whether this is
+the main process. Nothing else of the trainer is a hook's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.evaluate import EvalResult
+from utils.loss import LossOutput
+
+
+@dataclass(frozen=True)
+class LossGains:
+    """The detection loss's weights: a hook that adds a term scales it like its detection counterpart."""
+    box: float
+    obj: float
+    cls: float
+
+
+@dataclass
+class TrainContext:
+    model: nn.Module  # the model being trained (not a DDP wrapper); a hook's prepare_model may replace it
+    device: torch.device
+    epochs: int
+    sizes: tuple[int, int, int]  # (min train, max train, test) image sizes
+    amp: bool
+    gains: LossGains
+    main: bool  # the process that writes files and prints (rank 0, or the only one)
+    run_dir: Path | None = None  # None on the other processes
+    writer: Any = None  # TensorBoard SummaryWriter while the run is fitting (main process only)
+
+
+class TrainHook:
+    """Base class: override what you need."""
+
+    def inputs(self) -> list[str]:
+        """Files the technique reads (a teacher's weights): the run never writes over them."""
+        return []
+
+    def prepare_model(self, ctx: TrainContext, model: nn.Module) -> nn.Module:
+        return model
+
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
+        pass
+
+    def extra_losses(self, ctx: TrainContext, imgs: torch.Tensor, targets: torch.Tensor,
+                     preds: list[torch.Tensor], loss: LossOutput) -> dict[str, torch.Tensor]:
+        return {}
+
+    def after_backward(self, ctx: TrainContext) -> None:
+        pass
+
+    def on_epoch_end(self, ctx: TrainContext, epoch: int, result: EvalResult | None) -> None:
+        pass
