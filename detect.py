@@ -38,12 +38,11 @@ from utils.plots import draw_detections
 from utils.sources import Frame, is_stream, open_source, output_stem
 from utils.torch_utils import select_device
 
-DEFAULT_IMG_SIZE = 256  # when neither the checkpoint nor the ONNX says
-
 
 @dataclass
 class DetectSummary:
     output: Path
+    img_size: int | tuple[int, int]  # what the frames were letterboxed to
     frames: int = 0
     detections: int = 0
     skipped: list[str] = field(default_factory=list)  # unreadable images passed over
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", default=None, help="darknet cfg (needed with darknet weights)")
     p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index, URL, .txt")
     p.add_argument("--img-size", type=IMG_SIZE, default=None,
-                   help=f"default: the checkpoint's or ONNX's size, else {DEFAULT_IMG_SIZE}")
+                   help="default: the checkpoint's or ONNX's size, else the cfg's")
     p.add_argument("--conf-thres", type=FRACTION, default=0.25)
     p.add_argument("--iou-thres", type=FRACTION, default=0.45)
     p.add_argument("--max-det", type=COUNT, default=1000)
@@ -108,14 +107,14 @@ def main(argv: list[str] | None = None) -> DetectSummary:
     det = load_detector(a.weights, a.cfg, select_device(a.device), a.half)
     names = read_names(a.names, "--names") if a.names else det.names
     _check_args(a, det, names)
-    img_size = det.fixed_hw or a.img_size or det.img_size or DEFAULT_IMG_SIZE
+    img_size = det.fixed_hw or a.img_size or det.img_size
     source = open_source(a.source, img_size, det.stride, auto=det.fixed_hw is None)
     if a.output and Path(a.output).exists() and not Path(a.output).is_dir():
         raise UserError(f"--output {a.output}: exists and is not a folder")
     out = Path(a.output) if a.output else next_run_dir(Path("runs") / "detect", a.name, a.exist_ok)
     dests = plan_outputs(source.items, out, a)
     out.mkdir(parents=True, exist_ok=True)
-    summary = DetectSummary(out, skipped=source.skipped)
+    summary = DetectSummary(out, img_size, skipped=source.skipped)
     import torchvision.ops  # noqa: F401 -- NMS imports it lazily; here it stays out of frame 1's time
     t_start, t_model = time.perf_counter(), 0.0
     with contextlib.ExitStack() as videos:  # each video is renamed into place once it is complete
@@ -141,9 +140,9 @@ def main(argv: list[str] | None = None) -> DetectSummary:
                 if cv2.waitKey(1) & 0xFF == ord("q"):
                     break
     ms = 1000 * t_model / max(summary.frames, 1)
-    print(f"{summary.frames} frames, {summary.detections} detections, {len(summary.skipped)} unreadable "
-          f"skipped; {ms:.1f} ms/frame (model + NMS), {time.perf_counter() - t_start:.1f} s in all; "
-          f"results in {out}")
+    print(f"{summary.frames} frames at {img_size}, {summary.detections} detections, {len(summary.skipped)} "
+          f"unreadable skipped; {ms:.1f} ms/frame (model + NMS), {time.perf_counter() - t_start:.1f} s in "
+          f"all; results in {out}")
     return summary
 
 

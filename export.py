@@ -1,213 +1,33 @@
-"""export.py: write a trained model in the formats deployment needs, each checked before it is kept.
+"""export.py: write a trained model in the formats deployment needs (onnx, onnx-int8, engine, weights,
+fpga), each checked before it is kept. The formats, checks and output names: ``--help`` and
+deploy/export.py, which runs the export.
 
     python export.py --weights runs/train/exp/weights/best.pt --include onnx weights
     python export.py --weights runs/train/qat/weights/last.pt --include onnx-int8 engine
-    python export.py --cfg cfg/yolov3-tiny.cfg --weights yolov3-tiny.weights --include onnx --img-size 416
-
-- ``onnx``: float ONNX (batch norms folded, decode in the graph), checked against PyTorch in
-  onnxruntime; ``--dynamic`` for any batch and image size.
-- ``onnx-int8``: QuantizeLinear/DequantizeLinear ONNX of a QAT or PTQ checkpoint with symmetric 8-bit
-  activations (``--a-symmetric``), laid out for TensorRT (``quant/qdq.py``); checked against the
-  PyTorch fake-quant model in onnxruntime, step by step.
-- ``engine``: a TensorRT engine from that ONNX (INT8 for a quantized checkpoint, else FP16 with
-  ``--half`` or FP32), when ``tensorrt`` is importable; otherwise the ``trtexec`` command to run on
-  the Jetson.
-- ``weights``: darknet ``.cfg`` + ``.weights`` of a float checkpoint (pruned ones included), checked
-  by reading them back.
-- ``fpga``: a folder of int8 weights, int32 biases, shifts and a JSON manifest of a power-of-two
-  (``--FPGA``) checkpoint (``quant/fpga.py``), checked by running the integer-only reference
-  inference against the fake-quant model.
-
-Outputs go beside the weights (``best.pt`` -> ``best.onnx``, ``best.int8.onnx``, ``best.cfg`` ...) unless
-``--output`` gives another stem. Every destination is checked before the first is written: an input
-(``--weights``, ``--cfg``) is never written over, an existing file only with ``--exist-ok``; each file
-appears only once its check passed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from models.darknet import Darknet
-from models.io import load_checkpoint, load_model
-from utils.cli import BATCH, IMG_SIZE, OPSET, Parser, run_cli
-from utils.errors import CheckError, UserError
-from utils.outputs import OutputPlan, atomic_path, atomic_write
-
-FORMATS = ("onnx", "onnx-int8", "engine", "weights", "fpga")
+from deploy.export import ExportOptions, parse, run
+from deploy.export import build_parser as _build_parser
+from utils.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help=".pt checkpoint, or darknet weights with --cfg")
-    p.add_argument("--cfg", default=None, help="darknet cfg (needed with darknet weights)")
-    p.add_argument("--include", nargs="+", default=["onnx"], choices=FORMATS, help="formats to write")
-    p.add_argument("--img-size", type=IMG_SIZE, nargs="+", default=None,
-                   help="h [w]; default: the checkpoint's training size, else the cfg's [net] size")
-    p.add_argument("--batch-size", type=BATCH, default=1, help="engine: the batch it is built for")
-    p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
-    p.add_argument("--simplify", action="store_true", help="ONNX: onnxruntime's basic graph optimisations")
-    p.add_argument("--raw", action="store_true",
-                   help="onnx: output the undecoded heads (head0, head1...: B x anchors x H x W x "
-                        "(5 + classes) logits) instead of the decoded detections")
-    p.add_argument("--half", action="store_true", help="engine: FP16 (a float checkpoint)")
-    p.add_argument("--opset", type=OPSET, default=17)
-    p.add_argument("--output", default=None, help="output stem (default: the weights' path without suffix)")
-    p.add_argument("--exist-ok", action="store_true",
-                   help="replace outputs that exist (an FPGA package folder only if this program wrote it)")
-    return p
+    return _build_parser()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-@dataclass
-class Job:
-    model: Darknet
-    hw: tuple[int, int]
-    stem: Path
-    names: list[str] | None
-    args: argparse.Namespace
-
-    @property
-    def quantized(self) -> bool:
-        return self.model.quant_config is not None
-
-    def path(self, suffix: str) -> Path:
-        """The output stem with ``suffix`` appended (a dot in the stem's name is kept)."""
-        return self.stem.with_name(self.stem.name + suffix)
-
-
-def _report(path: Path, what: str) -> Path:
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    size = sum(f.stat().st_size for f in files)
-    print(f"wrote {path} ({size / 1e6:.2f} MB): {what}")
-    return path
-
-
-def export_onnx_float(job: Job) -> list[Path]:
-    if job.quantized:
-        raise UserError(f"--weights {job.args.weights}: a quantized checkpoint; export it with "
-                        f"--include onnx-int8 (or export its float parent with onnx)")
-    from models.onnx import export_onnx
-
-    a = job.args
-    out = export_onnx(job.model.fuse(), job.path(".onnx"), job.hw, a.opset, a.dynamic, a.simplify,
-                      job.names, raw=a.raw)
-    what = "raw heads" if a.raw else "detections"
-    return [_report(out, f"float ONNX ({what}) at {job.hw[0]}x{job.hw[1]}{', dynamic' if a.dynamic else ''}, "
-                         f"matches PyTorch in onnxruntime")]
-
-
-def export_onnx_int8(job: Job) -> list[Path]:
-    from quant.qdq import export_int8_onnx
-
-    a = job.args
-    out = export_int8_onnx(job.model, job.path(".int8.onnx"), job.hw, a.opset, a.dynamic, job.names,
-                           source=f"--weights {a.weights}")
-    return [_report(out, "Q/DQ ONNX, TensorRT's rules checked, onnxruntime matches the fake-quant model")]
-
-
-def export_engine(job: Job) -> list[Path]:
-    from deploy.tensorrt import build_engine
-
-    onnx_path = (export_onnx_int8 if job.quantized else export_onnx_float)(job)[0]
-    precision = "int8" if job.quantized else "fp16" if job.args.half else "fp32"
-    out = build_engine(onnx_path, job.path(".engine"), precision, job.args.batch_size, job.hw)
-    return [onnx_path, _report(out, f"TensorRT {precision} engine")]
-
-
-def export_darknet(job: Job) -> list[Path]:
-    if job.quantized:
-        raise UserError(f"--weights {job.args.weights}: a quantized checkpoint has no darknet form; export "
-                        f"its float parent with --include weights")
-    from models.io import save_darknet_weights
-
-    cfg, weights = job.path(".cfg"), job.path(".weights")
-    atomic_write(cfg, job.model.cfg_text)
-    save_darknet_weights(job.model, weights)
-    diff = _reload_diff(job.model, cfg, weights, job.hw)
-    if diff > 1e-5:
-        raise CheckError(f"{weights}: read back with {cfg}, it differs from the checkpoint by {diff:.2e}")
-    return [_report(cfg, "darknet cfg"),
-            _report(weights, f"darknet weights, read back with the cfg: max abs diff {diff:.1e}")]
-
-
-def _reload_diff(model: Darknet, cfg: Path, weights: Path, hw: tuple[int, int]) -> float:
-    import torch
-
-    back = load_model(weights, cfg).eval()
-    x = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return float((back(x)[0] - model.eval()(x)[0]).abs().max())
-
-
-def export_fpga(job: Job) -> list[Path]:
-    import numpy as np
-
-    from quant.fpga import compare_with_model, write_package
-
-    out = job.path("_fpga")
-    with atomic_path(out, folder=True) as tmp:  # the folder appears only once its check passed
-        write_package(job.model, tmp, job.hw)
-        image = np.random.default_rng(0).random((3, *job.hw), dtype=np.float32)
-        result = compare_with_model(tmp, job.model, image)
-        if result["mismatched"]:
-            raise CheckError(f"{out}: the integer reference differs from the fake-quant model: "
-                             + "; ".join(result["mismatched"][:3]))
-    return [_report(out, f"FPGA package; the integer reference (quant/fpga.py) equals the fake-quant model "
-                         f"code for code at {result['layers']} layers")]
-
-
-WRITERS = {"onnx": export_onnx_float, "onnx-int8": export_onnx_int8, "engine": export_engine,
-           "weights": export_darknet, "fpga": export_fpga}
-
-
-def destinations(fmt: str, quantized: bool) -> list[str]:
-    """The suffixes (appended to the output stem) that format ``fmt`` writes."""
-    onnx = ".int8.onnx" if quantized else ".onnx"
-    return {"onnx": [".onnx"], "onnx-int8": [".int8.onnx"], "engine": [onnx, ".engine"],
-            "weights": [".cfg", ".weights"], "fpga": ["_fpga"]}[fmt]
+def parse_args(argv: list[str] | None = None) -> ExportOptions:
+    return parse(argv)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    a = parse_args(argv)
-    weights = Path(a.weights)
-    if not weights.is_file():
-        raise UserError(f"--weights {weights}: file not found")
-    if a.img_size is not None and len(a.img_size) > 2:
-        raise UserError(f"--img-size {' '.join(map(str, a.img_size))}: give one size, or height and width")
-    meta = load_checkpoint(weights)["meta"] if weights.suffix == ".pt" else {}
-    if a.img_size:
-        hw = (a.img_size[0], a.img_size[-1])
-    elif meta.get("img_size"):
-        hw = (int(meta["img_size"]), int(meta["img_size"]))
-    else:
-        hw = None
-    if a.raw and a.include != ["onnx"]:
-        raise UserError(f"--raw: applies to --include onnx alone (the other formats keep the decode), not "
-                        f"{' '.join(a.include)}")
-    stem = Path(a.output) if a.output else weights.with_suffix("")
-    written = []
-    order = [f for f in FORMATS if f in a.include]
-    if "engine" in order:  # the engine writes its ONNX itself
-        order = [f for f in order if f != ("onnx-int8" if meta.get("quant") else "onnx")]
-    from quant.fpga import is_package
-
-    plan = OutputPlan([weights, a.cfg], a.exist_ok, replaceable=is_package)
-    for fmt in order:
-        for suffix in destinations(fmt, bool(meta.get("quant"))):
-            plan.add(stem.with_name(stem.name + suffix), f"--include {fmt}")
-    plan.check()  # before the first file: a refused export writes nothing
-    for fmt in order:
-        model = load_model(weights, a.cfg).eval()  # a fresh model per format: onnx fuses it
-        size = hw or (model.cfg.net["height"], model.cfg.net["width"])
-        written += WRITERS[fmt](Job(model, size, stem, meta.get("names"), a))
-    return written
+    """Export; returns the files written."""
+    return run(parse_args(argv)).outputs
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from models.io import load_model
+from models.io import load_model, open_checkpoint, resolve_img_size
 from models.summary import summarize
 from utils.cli import COUNT, IMG_SIZE, Parser, run_cli
 
@@ -32,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
-    model = load_model(args.weights, args.cfg, cutoff=args.cutoff).eval()
-    size = args.img_size or model.cfg.net["height"]
+    if args.weights and not args.cutoff:
+        opened = open_checkpoint(args.weights, args.cfg)
+        model, trained = opened.model.eval(), opened.img_size
+    else:  # a cfg alone, or darknet weights read up to --cutoff
+        model, trained = load_model(args.weights, args.cfg, cutoff=args.cutoff).eval(), None
+    size = resolve_img_size(args.img_size, trained, model)
     s = summarize(model, size)
     if args.layers:
         print(s.table())

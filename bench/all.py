@@ -94,10 +94,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, str, float]]:
     if needs_pipeline and not (run / "report" / "report.json").is_file():
         if run != Path("runs/compress/default"):
             raise UserError(f"--pipeline {run}: no finished compress.py run there (no report/report.json)")
-        import compress
+        from pipeline.compress import CompressOptions
+        from pipeline.compress import run as compress
 
         print(f"{run} has no finished pipeline: running compress.py (the default recipe) first")
-        compress.main([])
+        compress(CompressOptions())
     img, data = "224", "datasets/shapes/shapes.data"
     if needs_pipeline:
         report = json.loads((run / "report" / "report.json").read_text())

@@ -9,10 +9,10 @@ from utils.evaluate import EvalResult
 
 def evaluate_pt(weights: str | Path, data: str, img_size: int, out: Path, name: str) -> tuple[float, float]:
     """``test.py --weights W`` → (mAP@0.5, mAP@0.5:0.95); the run folder goes under ``out``."""
-    import test as test_script
+    from utils.evaluate import TestOptions, evaluate_weights
 
-    r = test_script.main(["--weights", str(weights), "--data", data, "--img-size", str(img_size),
-                          "--project", str(out), "--name", name, "--workers", "0"])
+    r = evaluate_weights(TestOptions(weights=str(weights), data=data, img_size=img_size, project=str(out),
+                                     name=name, workers=0))
     return r.map50, r.map
 
 

@@ -22,21 +22,14 @@ import numpy as np
 import torch
 
 from models.darknet import Darknet
-from models.onnx import export_onnx
-from quant.convert import QuantConfig, quantize_model
-from quant.modules import QuantSpec
+from models.onnx import export_onnx, ort_session
+from models.quantized.convert import QuantConfig, quantize_model
+from models.quantized.modules import QuantSpec
+from models.summary import latencies
 from quant.ptq import calibrate
 from quant.qdq import export_int8_onnx
 from utils.cli import COUNT, COUNT0, IMG_SIZE, Parser
-from utils.torch_utils import alternating_medians, tame_random_weights
-
-
-def _session(path: Path, optimized: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(optimized)  # what onnxruntime turned the graph into
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+from utils.torch_utils import tame_random_weights
 
 
 def _ops(path: Path) -> Counter:
@@ -77,10 +70,11 @@ def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
         export_onnx(model.fuse(), files["float"], size)
         export_int8_onnx(qmodel, files["int8"], size)
         _ort_quantize(files["float"], files["ort_qop"], size)
-        sessions = {k: _session(f, f.with_suffix(".opt.onnx")) for k, f in files.items()}
+        # optimized_path: what onnxruntime turned each graph into (the kernels it runs)
+        sessions = {k: ort_session(f, optimized_path=f.with_suffix(".opt.onnx")) for k, f in files.items()}
         ops = {k: _ops(f.with_suffix(".opt.onnx")) for k, f in files.items()}
         calls = [lambda s=sess: s.run(None, {"images": x}) for sess in sessions.values()]
-        med = dict(zip(sessions, alternating_medians(calls, runs, warmup)))
+        med = dict(zip(sessions, latencies(calls, runs, warmup)))
     return {"cfg": cfg, "float_ms": med["float"], "int8_ms": med["int8"], "ratio": med["int8"] / med["float"],
             "ort_ms": med["ort_qop"], "ort_ratio": med["ort_qop"] / med["float"], "ops": ops}
 

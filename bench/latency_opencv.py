@@ -18,9 +18,10 @@ import torch
 from models.cfg import write_cfg
 from models.darknet import Darknet
 from models.io import save_darknet_weights
+from models.summary import latencies, torch_call
 from utils.cli import COUNT, COUNT0, IMG_SIZE, Parser
 from utils.outputs import atomic_write
-from utils.torch_utils import median_ms, tame_random_weights
+from utils.torch_utils import tame_random_weights
 
 
 def bench_cfg(cfg_path: str, size: int, runs: int, warmup: int) -> dict[str, float]:
@@ -38,15 +39,14 @@ def bench_cfg(cfg_path: str, size: int, runs: int, warmup: int) -> dict[str, flo
         return net.forward(names)
 
     x = torch.from_numpy(image)
-    fused = Darknet(model.cfg)
-    fused.load_state_dict(model.state_dict())
-    fused = fused.eval().fuse()
-    with torch.inference_mode():
-        return {
-            "opencv": median_ms(opencv, runs, warmup),
-            "torch": median_ms(lambda: model(x), runs, warmup),
-            "torch_fused": median_ms(lambda: fused(x), runs, warmup),
-        }
+    model.eval()
+
+    @torch.inference_mode()
+    def unfused() -> object:
+        return model(x)
+
+    times = latencies([opencv, unfused, torch_call(model, size)], runs, warmup)
+    return dict(zip(("opencv", "torch", "torch_fused"), times))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,15 +26,15 @@ import torch
 from bench.common import finetune
 from models.darknet import Darknet
 from models.io import load_checkpoint, load_model
-from models.onnx import export_onnx
-from models.summary import summarize
+from models.onnx import export_onnx, ort_session
+from models.summary import latencies, summarize
 from prune import cli
 from prune.blocks import residual_blocks
 from prune.methods import METHODS as REGISTRY
 from utils.cli import COUNT, COUNT0, IMG_SIZE, SHARE_BELOW_1, Parser
 from utils.files import new_run_dir
 from utils.outputs import atomic_write
-from utils.torch_utils import median_ms, tame_random_weights
+from utils.torch_utils import tame_random_weights
 
 METHODS = list(REGISTRY)
 
@@ -61,13 +61,11 @@ def setting(model: Darknet, method: str, target: float) -> list[str]:
 
 
 def onnx_latency(model: Darknet, path: Path, img_size: int, runs: int) -> float:
-    import onnxruntime as ort
-
     export_onnx(model, path, img_size)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     x = np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)
     name = sess.get_inputs()[0].name
-    return median_ms(lambda: sess.run(None, {name: x}), runs, warmup=3)
+    return latencies([lambda: sess.run(None, {name: x})], runs)[0]
 
 
 def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.io import load_checkpoint, load_model
+from models.io import open_checkpoint, resolve_img_size
 from utils.errors import UserError
+
+FOREIGN_ONNX_SIZE = 416
 
 
 @dataclass
@@ -24,7 +26,7 @@ class Detector:
     names: list[str] | None  # None when the weights carry no class names
     classes: int | None  # None only for a foreign ONNX whose output width is dynamic
     stride: int  # the largest head stride: input sides must be multiples of it
-    img_size: int | None  # the training/export size when known
+    img_size: int  # the size to run at unless told: the checkpoint's or export's, else the cfg's
     fixed_hw: tuple[int, int] | None  # an ONNX exported without dynamic axes takes only this (h, w)
     kind: str  # "pytorch" or "onnx"
 
@@ -50,8 +52,8 @@ def load_detector(weights: str | Path, cfg: str | Path | None = None, device: to
 
 
 def _torch_detector(weights: Path, cfg: str | Path | None, device: torch.device, half: bool) -> Detector:
-    model = load_model(weights, cfg, device).eval().fuse()
-    meta = load_checkpoint(weights)["meta"] if weights.suffix == ".pt" else {}
+    opened = open_checkpoint(weights, cfg, device)
+    model = opened.model.eval().fuse()
     if half and device.type != "cuda":
         print("warning: --half needs CUDA; running float32")
         half = False
@@ -62,18 +64,14 @@ def _torch_detector(weights: Path, cfg: str | Path | None, device: torch.device,
     def run(x: torch.Tensor) -> torch.Tensor:
         return model(x.to(device, dtype))[0].float().cpu()
 
-    names = meta.get("names") or None
-    size = meta.get("img_size") or max(model.cfg.net["height"], model.cfg.net["width"])
-    return Detector(run, names, model.cfg.classes, model.max_stride, int(size), None, "pytorch")
+    size = resolve_img_size(None, opened.img_size, model)  # the checkpoint's size, else the cfg's
+    return Detector(run, opened.names, model.cfg.classes, model.max_stride, size, None, "pytorch")
 
 
 def _onnx_detector(path: Path) -> Detector:
-    import onnxruntime as ort
+    from models.onnx import ort_session
 
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-        raise UserError(f"--weights {path}: onnxruntime cannot load it: {e}") from None
+    sess = ort_session(path)
     inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
     if len(inp.shape) != 4 or len(out.shape) != 3:
         raise UserError(f"--weights {path}: expected an image input (B, 3, H, W) and a detections output "
@@ -91,5 +89,6 @@ def _onnx_detector(path: Path) -> Detector:
 
     names = json.loads(meta["names"]) if "names" in meta else None
     classes = out.shape[2] - 5 if isinstance(out.shape[2], int) else None
+    # an ONNX without this project's metadata and with a dynamic size: darknet's usual 416
     return Detector(run, names or None, classes, int(meta.get("stride", 32)),
-                    max(export_hw) if export_hw else None, fixed, "onnx")
+                    max(export_hw) if export_hw else FOREIGN_ONNX_SIZE, fixed, "onnx")

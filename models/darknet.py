@@ -41,7 +41,7 @@ class Darknet(nn.Module):
         self._keep = {j for i, srcs in enumerate(self.inputs) for j in srcs if j != i - 1}
         self.fused = False
         self.input_quant: nn.Module | None = None  # quantizes the image when quantization says so
-        self.quant_config = None  # set by quant.convert.quantize_model; saved in checkpoints
+        self.quant_config = None  # set by models.quantized.convert.quantize_model; saved in checkpoints
         self.seen = 0  # images trained on, as darknet counts them in the .weights header
 
     @property

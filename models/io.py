@@ -326,7 +326,7 @@ def load_model(weights: str | Path | None = None, cfg: str | Path | ModelCfg | N
         model_cfg = cfg if isinstance(cfg, ModelCfg) else read_cfg(cfg)
     model = Darknet(model_cfg)
     if ckpt is not None and ckpt["meta"].get("quant"):  # a quantized checkpoint: the same modules first
-        from quant.convert import QuantConfig, quantize_model
+        from models.quantized.convert import QuantConfig, quantize_model
 
         quantize_model(model, QuantConfig.from_dict(ckpt["meta"]["quant"]))
     if ckpt is not None:
@@ -341,3 +341,38 @@ def load_model(weights: str | Path | None = None, cfg: str | Path | ModelCfg | N
     if report is not None and (report.skipped or report.notes):
         log.warning("%s: %s", weights, report)
     return model.to(device)
+
+
+@dataclass
+class Opened:
+    """A model opened for a script: the model, its checkpoint's meta (empty for darknet weights), the
+    class names and training size it carries (None when it carries none)."""
+    model: Darknet
+    meta: dict[str, Any]
+    names: list[str] | None
+    img_size: int | None
+    path: Path
+
+
+def open_checkpoint(weights: str | Path, cfg: str | Path | ModelCfg | None = None,
+                    device: str | torch.device = "cpu", flag: str = "--weights") -> Opened:
+    """The one way scripts open ``--weights`` (a ``.pt`` alone, or darknet weights with ``--cfg``)."""
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: file not found")
+    meta = load_checkpoint(path)["meta"] if path.suffix == ".pt" else {}
+    model = load_model(path, cfg, device)
+    size = meta.get("img_size")
+    return Opened(model, meta, meta.get("names") or None, int(size) if size else None, path)
+
+
+def resolve_img_size(flag: int | None, trained: int | None, model: Darknet) -> int:
+    """The image size a script uses, by one precedence for every script: ``--img-size``, else the size
+    the checkpoint was trained (or last evaluated) at, else the cfg's ``[net]`` height; it must be a
+    multiple of the model's largest stride."""
+    size = flag or trained or int(model.cfg.net["height"])
+    if size % model.max_stride:
+        where = "--img-size" if flag else "the checkpoint's size" if trained else f"{model.cfg.source} height"
+        raise UserError(f"{where} {size}: must be a multiple of {model.max_stride}, the model's largest "
+                        f"stride")
+    return size

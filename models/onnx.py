@@ -55,6 +55,30 @@ class RawHeads(nn.Module):
 Check = Callable[[Path, nn.Module, torch.Tensor], None]
 
 
+def ort_session(model: str | Path | bytes, optimize: str | None = None, optimized_path: Path | None = None):
+    """The one way the suite opens an onnxruntime session (CPU): idle threads do not spin (a spinning
+    session slows whatever runs next: measured 3-6x on PyTorch timed after it) and denormals are
+    flushed to zero, as the report's timing needs; ``optimize`` ("basic") with ``optimized_path`` writes
+    the optimized graph there. A model onnxruntime cannot load is a UserError."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if optimize == "basic":
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+        name = "the model" if isinstance(model, bytes) else model
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{name}: onnxruntime cannot load it: {first}") from None
+
+
 def export_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int], opset: int = 17,
                 dynamic: bool = False, simplify: bool = False, names: list[str] | None = None,
                 atol: float = 1e-4, rewrite: Callable[[onnx.ModelProto], None] | None = None,
@@ -125,9 +149,7 @@ def _write(module: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: 
 
 def _raw_check(atol: float) -> Check:
     def check(path: Path, module: nn.Module, x: torch.Tensor) -> None:
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort_session(path)
         got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             ref = [r.numpy() for r in module(x)]
@@ -169,9 +191,7 @@ def compare_onnx(path: str | Path, module: nn.Module, x: torch.Tensor) -> OnnxDi
     """Compare onnxruntime with ``module`` on ``x``. Boxes are compared relative to their size: a
     barely trained model decodes boxes of exp(t)·anchor with t of 10 or more, and float32 agrees to
     about 1e-6 of any magnitude, not to a fixed number of pixels. Equal infinities are equal."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0].astype(np.float64)
     ref = module(x).numpy().astype(np.float64)
     if got.shape != ref.shape:
@@ -187,14 +207,11 @@ def compare_onnx(path: str | Path, module: nn.Module, x: torch.Tensor) -> OnnxDi
 def _simplify(path: Path) -> None:
     """Rewrite ``path`` with onnxruntime's basic (hardware-independent) optimisations applied."""
     import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(Path(tmp) / "simplified.onnx")
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        proto = onnx.load(opts.optimized_model_filepath)
+        optimized = Path(tmp) / "simplified.onnx"
+        ort_session(path, optimize="basic", optimized_path=optimized)
+        proto = onnx.load(str(optimized))
     used = {n.domain for n in proto.graph.node} | {""}
     kept = [o for o in proto.opset_import if o.domain in used]  # onnxruntime lists every domain it knows
     del proto.opset_import[:]

@@ -1,12 +1,17 @@
-"""Model summary: parameters (true millions), GFLOPs (2 × multiply-accumulates) and a layer table."""
+"""Model summary: parameters (true millions), GFLOPs (2 × multiply-accumulates) and a layer table; and
+the one way the suite measures CPU latency (:func:`latencies`, :func:`measure`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from models.darknet import Darknet
 from models.layers import conv_macs
 from models.shapes import Shape, infer_shapes
+from utils.torch_utils import alternating_medians
 
 
 @dataclass(frozen=True)
@@ -57,3 +62,50 @@ def summarize(model: Darknet, img_size: int | None = None) -> Summary:
         params = sum(p.numel() for p in layer.parameters())
         rows.append(LayerRow(i, block.type, srcs, c_in, shapes[i], params, macs))
     return Summary(rows, sum(p.numel() for p in model.parameters()), size)
+
+
+def torch_call(model: Darknet, img_size: int) -> Callable[[], object]:
+    """One batch-1 CPU forward of ``model`` as deployed (a fused copy of a float model; a quantized
+    model runs its fake-quant graph as it is) on a fixed random image: what latency is measured on."""
+    if model.quant_config is None:
+        fused = Darknet(model.cfg)
+        fused.load_state_dict(model.state_dict())
+        model = fused.eval().fuse()
+    model.eval()
+    x = torch.rand(1, model.cfg.net["channels"], img_size, img_size,
+                   generator=torch.Generator().manual_seed(0))
+
+    @torch.inference_mode()
+    def run():
+        return model(x)
+
+    return run
+
+
+def latencies(calls: list[Callable[[], object]], runs: int, warmup: int = 3) -> list[float]:
+    """Median milliseconds of each call, timed in alternation (drift hits all alike), with denormals
+    flushed to zero as deployment runtimes do: sparse-trained weights make denormal activations, which
+    slow x86 float math (measured 1.26x on a sparse yolo-small in PyTorch). Every latency the suite
+    reports (the prune scripts, the compress report, the benchmarks) is measured here."""
+    torch.set_flush_denormal(True)
+    try:
+        return alternating_medians(calls, runs, warmup)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    params: int
+    gflops: float
+    latency_ms: float
+
+
+def measure(models: list[Darknet], img_size: int, runs: int, warmup: int = 3) -> list[Measurement]:
+    """Parameters, GFLOPs and batch-1 CPU latency (median, the models timed in alternation)."""
+    times = latencies([torch_call(m, img_size) for m in models], runs, warmup)
+    out = []
+    for m, ms in zip(models, times):
+        s = summarize(m, img_size)
+        out.append(Measurement(s.params, s.gflops, ms))
+    return out

@@ -13,9 +13,10 @@ A recipe is a mapping with a few run-wide keys and an ordered ``stages`` mapping
       finetune: {run: train, hyp: data/hyp.finetune.yaml, epochs: 4, t_weights: baseline, KDstr: 3}
       ...
 
-``run`` picks the script (``train``: train.py, ``prune``: prune/<method>_prune.py, ``ptq``: quant/ptq.py,
-``export``: export.py); every other key is one of that script's flags without its dashes (``sr-schedule``
-and ``sr_schedule`` both work); ``true`` switches a flag on, a list gives several values. Each stage
+``run`` picks the stage kind (:mod:`stages.registry`: ``train`` as train.py, ``prune`` as
+prune/<method>_prune.py, ``ptq`` as quant/ptq.py, ``export`` as export.py); every other key is one of
+that script's flags without its dashes (``sr-schedule`` and ``sr_schedule`` both work), checked as the
+flag is; ``true`` switches a flag on, a list gives several values. Each stage
 starts from the checkpoint of the stage before it (``from: <stage>`` picks another); ``t_weights: <stage>``
 names a teacher by stage. The pipeline sets ``--weights``, the output folder and the run-wide keys
 itself, so a recipe may not.
@@ -23,87 +24,19 @@ itself, so a recipe may not.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from stages.registry import KINDS, MANAGED, StageKind
 from utils.errors import UserError
 from utils.files import read_text
 
 RUN_KEYS = ("description", "data", "cfg", "img_size", "device", "stages")
 STAGE_KEYS = ("run", "from", "method")  # the pipeline's own keys; the rest are script flags
-MANAGED = {"weights", "project", "name", "exist_ok", "output", "resume", "data", "img_size", "device", "cfg"}
 STAGE_REFERENCES = ("t_weights",)  # flags whose value may name a stage (its checkpoint)
-
-
-@dataclass(frozen=True)
-class Script:
-    """How a stage kind runs: its flags, its entry point and where it leaves its checkpoint."""
-
-    parser: Callable[[str], argparse.ArgumentParser]  # method -> the script's parser
-    main: Callable[[str, list[str]], object]  # (method, argv) -> result
-    checkpoint: str | None  # path of the output .pt inside the stage folder; None: no checkpoint
-    command: Callable[[str], str]  # method -> how a user runs the script by hand
-
-
-def _train_parser(method: str) -> argparse.ArgumentParser:
-    import train
-
-    return train.build_parser()
-
-
-def _train_main(method: str, argv: list[str]) -> object:
-    import train
-
-    return train.main(argv)
-
-
-def _prune_parser(method: str) -> argparse.ArgumentParser:
-    from prune import cli
-
-    return cli.build_parser(method)
-
-
-def _prune_main(method: str, argv: list[str]) -> object:
-    from prune import cli
-
-    return cli.main(method, argv)
-
-
-def _ptq_parser(method: str) -> argparse.ArgumentParser:
-    from quant import ptq
-
-    return ptq.build_parser()
-
-
-def _ptq_main(method: str, argv: list[str]) -> object:
-    from quant import ptq
-
-    return ptq.main(argv)
-
-
-def _export_parser(method: str) -> argparse.ArgumentParser:
-    import export
-
-    return export.build_parser()
-
-
-def _export_main(method: str, argv: list[str]) -> object:
-    import export
-
-    return export.main(argv)
-
-
-SCRIPTS = {
-    "train": Script(_train_parser, _train_main, "weights/last.pt", lambda m: "python train.py"),
-    "prune": Script(_prune_parser, _prune_main, "pruned.pt", lambda m: f"python prune/{m}_prune.py"),
-    "ptq": Script(_ptq_parser, _ptq_main, "quantized.pt", lambda m: "python -m quant.ptq"),
-    "export": Script(_export_parser, _export_main, None, lambda m: "python export.py"),
-}
 
 
 @dataclass
@@ -115,8 +48,8 @@ class Stage:
     method: str = ""  # prune stages
 
     @property
-    def script(self) -> Script:
-        return SCRIPTS[self.run]
+    def kind(self) -> StageKind:
+        return KINDS[self.run]
 
     def signature(self) -> dict[str, Any]:
         """What the stage was asked to do: compared with the record of an earlier run before skipping it."""
@@ -140,51 +73,13 @@ class Recipe:
         raise UserError(f"{self.path}: no stage '{name}' (stages: {', '.join(s.name for s in self.stages)})")
 
 
-def _flag(parser: argparse.ArgumentParser, key: str) -> argparse.Action | None:
-    wanted = {f"--{key}", f"--{key.replace('_', '-')}", f"--{key.replace('-', '_')}", f"-{key}"}
-    for action in parser._actions:
-        if wanted & set(action.option_strings):
-            return action
-    return None
-
-
-def flag_argv(parser: argparse.ArgumentParser, options: dict[str, Any], where: str) -> list[str]:
-    """``options`` (recipe keys → values) as the argv of ``parser``'s script; unknown keys are errors."""
-    argv: list[str] = []
-    for key, value in options.items():
-        action = _flag(parser, key)
-        if action is None:
-            known = sorted(a.option_strings[-1].lstrip("-") for a in parser._actions
-                           if a.option_strings and a.dest != "help")
-            raise UserError(f"{where}: '{key}' is not a flag of {parser.prog} (flags: {', '.join(known)})")
-        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else \
-            action.option_strings[0]
-        if isinstance(action, argparse.BooleanOptionalAction):
-            positive = next(s for s in action.option_strings if not s.startswith("--no-"))
-            if not isinstance(value, bool):
-                raise UserError(f"{where}: '{key}' takes true or false, not {value!r}")
-            argv.append(positive if value else "--no-" + positive[2:])
-        elif action.nargs == 0:  # store_true
-            if not isinstance(value, bool):
-                raise UserError(f"{where}: '{key}' takes true or false, not {value!r}")
-            if value:
-                argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, (dict, bool)) or value is None:
-            raise UserError(f"{where}: '{key}' takes a value, not {value!r}")
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
 def _stage(recipe_path: Path, name: str, body: Any, previous: str | None, names: list[str]) -> Stage:
     where = f"{recipe_path}: stage '{name}'"
     if not isinstance(body, dict) or "run" not in body:
-        raise UserError(f"{where}: expected a mapping with 'run: {'|'.join(SCRIPTS)}'")
+        raise UserError(f"{where}: expected a mapping with 'run: {'|'.join(KINDS)}'")
     run = body["run"]
-    if run not in SCRIPTS:
-        raise UserError(f"{where}: run '{run}' is not one of {', '.join(SCRIPTS)}")
+    if run not in KINDS:
+        raise UserError(f"{where}: run '{run}' is not one of {', '.join(KINDS)}")
     options = {k: v for k, v in body.items() if k not in STAGE_KEYS}
     for key in options:
         if key.replace("-", "_") in MANAGED:
@@ -208,20 +103,13 @@ def _stage(recipe_path: Path, name: str, body: Any, previous: str | None, names:
         if isinstance(ref, str) and ref in names and names.index(ref) >= names.index(name):
             raise UserError(f"{where}: '{key}: {ref}' must name an earlier stage")
     stage = Stage(name, run, options, source, method)
-    # every flag and value is checked by the script's own parser now, not an hour into the run
-    parser = stage.script.parser(method)
-    argv = flag_argv(parser, {k: ("x.pt" if k in STAGE_REFERENCES and v in names else v)
-                              for k, v in options.items()}, where)
-    argv += {"train": [], "export": ["--weights", "x.pt"]}.get(run, ["--weights", "x.pt", "--data", "x.data"])
-    try:
-        parser.parse_args(argv)
-    except SystemExit:
-        raise UserError(f"{where}: {parser.prog} rejects {' '.join(argv)} (its message is above)") from None
+    # every key and value is checked now, as its script's flag would be, not an hour into the run
+    stage.kind.from_mapping(method, options, where)
     return stage
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and check a recipe: every stage's flags are validated by its script's parser."""
+    """Read and check a recipe: every stage's keys are checked as its script's flags are."""
     path = Path(path)
     try:
         raw = yaml.safe_load(read_text(path, "--recipe"))
@@ -237,7 +125,7 @@ def load_recipe(path: str | Path) -> Recipe:
     for name, body in raw["stages"].items():
         stage = _stage(path, str(name), body, previous, names)
         stages.append(stage)
-        if stage.script.checkpoint:
+        if stage.kind.checkpoint:
             previous = stage.name
     img_size = raw.get("img_size", 224)
     if not isinstance(img_size, int) or img_size <= 0:

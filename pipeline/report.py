@@ -25,13 +25,13 @@ import torch
 
 from models.darknet import Darknet
 from models.io import load_model
+from models.summary import latencies, torch_call
 from pipeline.recipe import Recipe
 from pipeline.runner import StageRecord
 from prune.methods import PruneMethod
 from prune.sparsity import SparsityOptions
 from stages.train import TrainJob
 from utils.outputs import atomic_write, save_figure
-from utils.torch_utils import alternating_medians
 
 GAMMA_PLOT, CHANNEL_PLOT = "gamma.png", "channels.png"
 GFLOPS_PLOT, LATENCY_PLOT = "accuracy_vs_gflops.png", "accuracy_vs_latency.png"
@@ -60,34 +60,24 @@ class Row:
 
 def _timers(model: Darknet, onnx_path: Path, size: int) -> tuple[Callable, Callable | None, str]:
     """(PyTorch call, onnxruntime call or None, the ONNX timed or why none) for one checkpoint."""
-    import onnxruntime as ort
-
-    from models.onnx import export_onnx
+    from models.onnx import export_onnx, ort_session
     from quant.qdq import export_int8_onnx, int8_problems
 
-    x = torch.rand(1, model.cfg.net["channels"], size, size, generator=torch.Generator().manual_seed(0))
-    fused = model.fuse() if model.quant_config is None else model
-
-    @torch.inference_mode()
-    def run_torch():
-        return fused(x)
-
+    run_torch = torch_call(model, size)
     if model.quant_config is None:
-        export_onnx(fused, onnx_path, size, atol=1e-3)  # only timed here; export.py checks to 1e-4
+        fused = Darknet(model.cfg)
+        fused.load_state_dict(model.state_dict())
+        export_onnx(fused.fuse(), onnx_path, size, atol=1e-3)  # only timed here; export.py checks to 1e-4
     else:
         problems = int8_problems(model)
         if problems:
             return run_torch, None, "no INT8 ONNX: " + "; ".join(problems)
         onnx_path = onnx_path.with_suffix(".int8.onnx")
         export_int8_onnx(model, onnx_path, size)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # idle threads of one session would otherwise spin while the next model runs, and slow it
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    name, feed = sess.get_inputs()[0].name, x.numpy()
-    return run_torch, lambda: sess.run(None, {name: feed}), str(onnx_path)
+    sess = ort_session(onnx_path)
+    name = sess.get_inputs()[0].name
+    feed = torch.rand(1, model.cfg.net["channels"], size, size, generator=torch.Generator().manual_seed(0))
+    return run_torch, lambda: sess.run(None, {name: feed.numpy()}), str(onnx_path)
 
 
 def _checkpoint_mb(model: Darknet) -> float:
@@ -131,17 +121,11 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
         rows.append(row)
         print(f"{rec.name}: mAP@0.5 {row.map50:.4f} mAP@0.5:0.95 {row.map:.4f}, {row.params / 1e6:.3f} M "
               f"parameters, {row.gflops:.3f} GFLOPs")
-    # one runtime at a time (their thread pools would compete), its models in alternation; denormals
-    # flushed to zero as deployment runtimes do: sparse-trained weights make denormal activations,
-    # which slow x86 float math (measured 1.26x on a sparse yolo-small in PyTorch)
-    torch.set_flush_denormal(True)
-    try:
-        for row, ms in zip(rows, alternating_medians(torch_calls, runs, warmup)):
-            row.torch_ms = ms
-    finally:
-        torch.set_flush_denormal(False)
+    # one runtime at a time (their thread pools would compete), its models in alternation
+    for row, ms in zip(rows, latencies(torch_calls, runs, warmup)):
+        row.torch_ms = ms
     timed = [(row, call) for row, call in zip(rows, ort_calls) if call is not None]
-    for (row, _), ms in zip(timed, alternating_medians([call for _, call in timed], runs, warmup)):
+    for (row, _), ms in zip(timed, latencies([call for _, call in timed], runs, warmup)):
         row.ort_ms = ms
     return rows
 
@@ -251,8 +235,8 @@ def markdown(rows: list[Row], records: list[StageRecord], info: dict, figures: l
         cells = [f"{r.stage} ({r.run})"]
         for key, spec, scale in COLUMNS:
             v, b = getattr(r, key), getattr(base, key)
-            cells.append(f"{_fmt(v and v / scale, spec)}{_ratio(v, b)}")
-        cells[6] += f" at {r.bits} bits"
+            bits = f" at {r.bits} bits" if key == "deployed_mb" else ""
+            cells.append(f"{_fmt(v and v / scale, spec)}{_ratio(v, b)}{bits}")
         cells.append(f"{r.seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "- checkpoint MB: the model as cfg + tensors, without training state (a quantized one "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -22,11 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.recipe import STAGE_REFERENCES, Recipe, Stage, flag_argv
+from engine import distributed
+from pipeline.recipe import STAGE_REFERENCES, Recipe, Stage
+from stages.registry import Managed
 from utils.errors import UserError
 from utils.outputs import atomic_write
 
 RECORD = "stage.json"
+FINISHED = object()  # a training stage found complete: nothing to run
 
 
 @dataclass
@@ -93,9 +95,7 @@ class Pipeline:
                             f"darknet weights on your data first (train.py --cfg C --weights W --data D) "
                             f"and give its last.pt")
         self.records: dict[str, StageRecord] = {}
-        self.rank = int(os.environ.get("RANK", -1))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.main = self.rank in (-1, 0)
+        self.main = distributed.is_main()
 
     def folder(self, stage: Stage) -> Path:
         return self.root / stage.name
@@ -128,30 +128,14 @@ class Pipeline:
 
     def _start_processes(self) -> None:
         """Under torchrun: the process group the barriers and the training stages use."""
-        if self.world_size == 1:
-            return
-        import torch
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            return
-        if self.recipe.device not in ("", "cpu"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("gloo" if self.recipe.device in ("", "cpu") else "nccl")
+        distributed.start(self.recipe.device)
 
     def _barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        distributed.barrier()
 
     def close(self) -> None:
         """End the process group the pipeline started (torchrun)."""
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        distributed.stop()
 
     # ---------------------------------------------------------------- running
     def run(self) -> list[StageRecord]:
@@ -197,22 +181,24 @@ class Pipeline:
             folder.mkdir(parents=True, exist_ok=True)
             return self._finish(stage, folder, signature, self.weights.resolve(), [], "given", 0.0,
                                 given=True)
-        checkpoint = folder / stage.script.checkpoint if stage.script.checkpoint else None
-        argv = self._resume(stage, checkpoint, self.argv(stage, first))
+        kind = stage.kind
+        checkpoint = folder / kind.checkpoint if kind.checkpoint else None
+        options = self._resume(stage, checkpoint) or self.options(stage, first)
         if not self.main:  # only the training stages run on every process
-            if stage.run == "train" and argv:
-                stage.script.main(stage.method, argv)
+            if kind.trains and options is not FINISHED:
+                kind.run(options)
             return None
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(record_path, {"name": stage.name, "signature": signature, "finished": False})
-        command = f"{stage.script.command(stage.method)} {' '.join(argv)}"
+        argv = ["--resume", str(checkpoint)] if options is FINISHED else kind.argv(options)
+        command = f"{kind.command(stage.method)} {' '.join(argv)}"
         print(command)
         t0 = time.time()
+        outputs: list[Path] = []
         with (folder / "log.txt").open("a") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)):
-            # no argv: a training stage whose last.pt had already finished every epoch
-            result = stage.script.main(stage.method, argv) if argv else None
+            if options is not FINISHED:  # a training stage whose last.pt had finished every epoch: done
+                outputs = kind.run(options).outputs
         seconds = time.time() - t0  # of this invocation (a resumed stage: the part after the restart)
-        outputs = [Path(p) for p in result] if stage.run == "export" else []
         return self._finish(stage, folder, signature, checkpoint, outputs, command, seconds)
 
     def _finish(self, stage: Stage, folder: Path, signature: dict, checkpoint: Path | None,
@@ -223,22 +209,24 @@ class Pipeline:
             "command": command, "seconds": round(seconds, 1), "given": given})
         return StageRecord.read(folder, skipped=False)
 
-    def _resume(self, stage: Stage, checkpoint: Path | None, argv: list[str]) -> list[str]:
-        """An interrupted training stage continues from its last.pt (an empty argv: nothing left to do)."""
-        if stage.run != "train" or checkpoint is None or not checkpoint.is_file():
-            return argv
+    def _resume(self, stage: Stage, checkpoint: Path | None) -> Any:
+        """An interrupted training stage continues from its last.pt: its resumed options, FINISHED when
+        it had nothing left to do, None for any other stage (it starts over)."""
+        if not stage.kind.trains or checkpoint is None or not checkpoint.is_file():
+            return None
         from models.io import load_checkpoint
+        from stages.train import resumed
 
         meta = load_checkpoint(checkpoint)["meta"]
         if "opts" not in meta or "epoch" not in meta:
-            return argv
+            return None
         if meta["epoch"] + 1 >= meta["opts"]["epochs"]:
             if self.main:
                 print(f"{checkpoint} finished its {meta['opts']['epochs']} epochs before the interruption")
-            return []
+            return FINISHED
         if self.main:
             print(f"continuing the interrupted stage from {checkpoint} (epoch {meta['epoch'] + 1} done)")
-        return ["--resume", str(checkpoint)]
+        return resumed(checkpoint)
 
     def input_checkpoint(self, name: str) -> Path:
         record = self.records.get(name)
@@ -246,27 +234,17 @@ class Pipeline:
             raise UserError(f"{self.recipe.path}: stage '{name}' has no checkpoint to start from")
         return record.checkpoint
 
-    def argv(self, stage: Stage, first: bool) -> list[str]:
-        """The script's command line: the recipe's flags, then what the pipeline sets."""
+    def options(self, stage: Stage, first: bool) -> Any:
+        """The stage's typed options: the recipe's keys (a stage named as a teacher becomes its
+        checkpoint), then the fields the pipeline manages."""
+        recipe = self.recipe
         from utils.datasets import resolve_data
 
-        recipe = self.recipe
-        options = {k: (str(self.input_checkpoint(v)) if k in STAGE_REFERENCES and v in self.records else v)
+        mapping = {k: (str(self.input_checkpoint(v)) if k in STAGE_REFERENCES and v in self.records else v)
                    for k, v in stage.options.items()}
-        argv = flag_argv(stage.script.parser(stage.method), options, f"{recipe.path}: stage '{stage.name}'")
-        if stage.source:
-            argv += ["--weights", str(self.input_checkpoint(stage.source))]
-        elif recipe.cfg:
-            argv += ["--cfg", recipe.cfg]
-        argv += ["--img-size", str(recipe.img_size)]
-        if stage.run != "export":
-            argv += ["--data", str(resolve_data(recipe.data))]
-        if stage.run == "train":
-            argv += ["--project", str(self.root), "--name", stage.name, "--exist-ok"]
-            if recipe.device:
-                argv += ["--device", recipe.device]
-        elif stage.run == "export":  # the stage folder is the pipeline's: a rerun replaces its outputs
-            argv += ["--output", str(self.folder(stage) / stage.source), "--exist-ok"]
-        else:
-            argv += ["--output", str(self.folder(stage)), "--exist-ok"]
-        return argv
+        options = stage.kind.from_mapping(stage.method, mapping, f"{recipe.path}: stage '{stage.name}'")
+        weights = self.input_checkpoint(stage.source) if stage.source else None
+        data = str(resolve_data(recipe.data)) if stage.run != "export" else ""
+        managed = Managed(self.folder(stage), weights, recipe.cfg, data, recipe.img_size, recipe.device,
+                          stage.source)
+        return stage.kind.manage(options, managed)

@@ -1,6 +1,7 @@
 """What the six ``prune/*_prune.py`` scripts share: flags, loading, the engine call, the report, writing.
 
-Each script names its method; :func:`main` does the rest. Outputs go to a new folder
+Each script names its method; :func:`main` does the rest: its flags are :class:`PruneOptions`, and
+:func:`run` is the pruning stage a compression recipe runs. Outputs go to a new folder
 ``runs/prune/<method>`` (numbered, never an existing one) unless ``--output`` names a folder:
 ``pruned.cfg`` + ``pruned.weights`` (darknet, for darknet/OpenCV/tensorrtx), ``pruned.pt`` (this
 project's checkpoint: ``train.py --weights pruned.pt`` fine-tunes it) and ``report.json``. Those four
@@ -10,58 +11,97 @@ are checked before any work: an input is never written over, an existing file on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from models.darknet import Darknet
-from models.io import load_checkpoint, load_model, save_checkpoint, save_darknet_weights
-from models.summary import summarize
+from models.io import open_checkpoint, resolve_img_size, save_checkpoint, save_darknet_weights
+from models.summary import measure
 from prune.methods import apply_plan, method, plan
-from utils.cli import BATCH, COUNT, COUNT0, FRACTION, IMG_SIZE, MULTIPLE, SHARE_BELOW_1, Parser, run_cli
+from utils.cli import (
+    BATCH,
+    COUNT,
+    COUNT0,
+    FRACTION,
+    IMG_SIZE,
+    MULTIPLE,
+    SHARE_BELOW_1,
+    Parser,
+    add_options,
+    from_namespace,
+    option,
+    run_cli,
+    values_from_mapping,
+)
 from utils.errors import UserError
+from utils.evaluate import evaluate
 from utils.files import new_run_dir, next_run_dir
 from utils.outputs import OutputPlan, atomic_write
-from utils.torch_utils import median_ms, recalibrate_bn
+from utils.results import StageResult
+from utils.torch_utils import recalibrate_bn
+
+
+@dataclass
+class PruneOptions:
+    """The flags of ``prune/<method>_prune.py`` (``method`` is the script's, not a flag)."""
+    method: str = "normal"
+    weights: str = option("", "--weights", required=True,
+                          help=".pt checkpoint (sparse-trained), or darknet weights with --cfg")
+    cfg: str = option("", "--cfg", help="cfg for darknet .weights")
+    data: str = option("", "--data", help=".data file: evaluate mAP before and after (and --recalibrate on "
+                                          "its training split)")
+    percent: float = option(0.5, "--percent", type=SHARE_BELOW_1,
+                            help="share of the candidate channels' |gamma| below the global threshold "
+                                 "(0..1)")
+    layer_keep: float = option(0.01, "--layer-keep", "--layer_keep", type=FRACTION,
+                               help="each layer (residual chain) keeps at least this share of its channels")
+    round_to: int = option(8, "--round-to", type=MULTIPLE, help="kept widths are multiples of this")
+    shortcuts: int = option(2, "--shortcuts", type=COUNT, help="residual blocks to remove")
+    img_size: int | None = option(None, "--img-size", type=IMG_SIZE,
+                                  help="evaluation, GFLOPs and latency size (default: the checkpoint's, else "
+                                       "the cfg's)")
+    batch_size: int = option(16, "--batch-size", type=BATCH)
+    recalibrate: int = option(0, "--recalibrate", type=COUNT0, metavar="N",
+                              help="re-estimate BN statistics of the pruned model on N training batches "
+                                   "(needs --data)")
+    no_compensate: bool = option(False, "--no-compensate",
+                                 help="do not fold the constant output of removed channels into their "
+                                      "consumers")
+    latency_runs: int = option(10, "--latency-runs", type=COUNT, help="forward passes timed for CPU latency")
+    output: str = option("", "--output", help="output folder (default: a new runs/prune/<method>)")
+    exist_ok: bool = option(False, "--exist-ok", help="replace the outputs in an existing --output")
+
+
+def applies(name: str) -> Callable[[str], bool]:
+    """Which flags method ``name`` has: the channel settings only for methods that cut channels, the
+    rounding only for ``regular``, ``--shortcuts`` only for block removal."""
+    m = method(name)
+    needs = {"percent": m.channels, "layer_keep": m.channels, "round_to": m.round_widths,
+             "shortcuts": m.blocks}
+    return lambda field_name: needs.get(field_name, True)
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:
-    m = method(name)
     p = Parser(prog=f"prune/{name}_prune.py",
-               description=f"{name} pruning: {m.summary}. Writes a smaller cfg, darknet .weights and a .pt "
-                           f"checkpoint.")
-    p.add_argument("--weights", required=True, help=".pt checkpoint (sparse-trained), or darknet weights "
-                                                    "with --cfg")
-    p.add_argument("--cfg", default=None, help="cfg for darknet .weights")
-    p.add_argument("--data", default=None, help=".data file: evaluate mAP before and after (and "
-                                                "--recalibrate on its training split)")
-    if m.channels:
-        p.add_argument("--percent", type=SHARE_BELOW_1, default=0.5,
-                       help="share of the candidate channels' |gamma| below the global threshold (0..1)")
-        p.add_argument("--layer-keep", "--layer_keep", type=FRACTION, default=0.01,
-                       help="each layer (residual chain) keeps at least this share of its channels")
-    if m.round_widths:
-        p.add_argument("--round-to", type=MULTIPLE, default=8, help="kept widths are multiples of this")
-    if m.blocks:
-        p.add_argument("--shortcuts", type=COUNT, default=2, help="residual blocks to remove")
-    p.add_argument("--img-size", type=IMG_SIZE, default=None,
-                   help="evaluation, GFLOPs and latency size (default: the checkpoint's, else the cfg's)")
-    p.add_argument("--batch-size", type=BATCH, default=16)
-    p.add_argument("--recalibrate", type=COUNT0, default=0, metavar="N",
-                   help="re-estimate BN statistics of the pruned model on N training batches (needs --data)")
-    p.add_argument("--no-compensate", action="store_true",
-                   help="do not fold the constant output of removed channels into their consumers")
-    p.add_argument("--latency-runs", type=COUNT, default=10, help="forward passes timed for CPU latency")
-    p.add_argument("--output", default=None, help="output folder (default: a new runs/prune/<method>)")
-    p.add_argument("--exist-ok", action="store_true", help="replace the outputs in an existing --output")
+               description=f"{name} pruning: {method(name).summary}. Writes a smaller cfg, darknet .weights "
+                           f"and a .pt checkpoint.")
+    add_options(p, PruneOptions, only=applies(name))
     return p
 
 
-def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
-    return build_parser(name).parse_args(argv)
+def parse(name: str, argv: list[str] | None) -> PruneOptions:
+    return dataclasses.replace(from_namespace(PruneOptions, build_parser(name).parse_args(argv)), method=name)
+
+
+def from_mapping(name: str, mapping: Mapping[str, Any], where: str) -> PruneOptions:
+    """A recipe stage's options for method ``name``, each checked as its flag is."""
+    values = values_from_mapping([PruneOptions], mapping, where, f"prune/{name}_prune.py", applies(name))
+    return PruneOptions(method=name, **values[PruneOptions])
 
 
 @dataclass
@@ -73,22 +113,25 @@ class Measure:
     map: float | None = None
 
 
-def measure(model: Darknet, img_size: int, runs: int, loader=None, names=None) -> Measure:
-    """Parameters, GFLOPs, fused CPU latency (batch 1, median) and, with a loader, mAP."""
-    s = summarize(model, img_size)
-    fused = Darknet(model.cfg)
-    fused.load_state_dict(model.state_dict())
-    fused = fused.eval().fuse()
-    x = torch.rand(1, model.cfg.net["channels"], img_size, img_size)
-    with torch.inference_mode():
-        latency = median_ms(lambda: fused(x), runs, warmup=2)
-    m = Measure(s.params, s.gflops, latency)
-    if loader is not None:
-        from utils.evaluate import evaluate
+def apply_method(model: Darknet, name: str, percent: float = 0.5, layer_keep: float = 0.01,
+                 round_to: int = 8, shortcuts: int = 2, compensate: bool = True
+                 ) -> tuple[Darknet, list[str]]:
+    """Prune ``model`` with the registered method ``name``: the pruned model and lines saying what went."""
+    p = plan(model, name, percent, layer_keep, round_to, shortcuts)
+    return apply_plan(model, p, compensate), p.notes()
 
-        r = evaluate(model, loader, names, verbose=False)
-        m.map50, m.map = r.map50, r.map
-    return m
+
+def measure_pair(before: Darknet, after: Darknet, img_size: int, runs: int, loader=None, names=None
+                 ) -> tuple[Measure, Measure]:
+    """Parameters, GFLOPs and CPU latency of both models (timed in alternation) and, with a loader, mAP."""
+    out = []
+    for model, m in zip((before, after), measure([before, after], img_size, runs, warmup=2)):
+        row = Measure(m.params, m.gflops, m.latency_ms)
+        if loader is not None:
+            r = evaluate(model, loader, names, verbose=False)
+            row.map50, row.map = r.map50, r.map
+        out.append(row)
+    return out[0], out[1]
 
 
 def table(before: Measure, after: Measure, img_size: int) -> str:
@@ -122,64 +165,49 @@ def _loaders(data_path: str, img_size: int, batch: int, stride: int, need_train:
     return data, val, train
 
 
-def apply_method(model: Darknet, name: str, percent: float = 0.5, layer_keep: float = 0.01,
-                 round_to: int = 8, shortcuts: int = 2, compensate: bool = True
-                 ) -> tuple[Darknet, list[str]]:
-    """Prune ``model`` with the registered method ``name``: the pruned model and lines saying what went."""
-    p = plan(model, name, percent, layer_keep, round_to, shortcuts)
-    return apply_plan(model, p, compensate), p.notes()
-
-
-def main(name: str, argv: list[str] | None = None) -> dict:
-    a = parse_args(name, argv)
-    weights = Path(a.weights)
-    if not weights.is_file():
-        raise UserError(f"--weights {weights}: file not found")
-    meta = load_checkpoint(weights)["meta"] if weights.suffix == ".pt" else {}
-    model = load_model(weights, a.cfg).eval()
-    img_size = a.img_size or meta.get("img_size") or model.cfg.net["height"]
-    if img_size % model.max_stride:
-        raise UserError(f"--img-size {img_size}: must be a multiple of {model.max_stride}")
-    if a.recalibrate and not a.data:
+def run(o: PruneOptions) -> StageResult:
+    """Prune, measure before and after, write the outputs; the result's value is the report."""
+    opened = open_checkpoint(o.weights, o.cfg or None)
+    model, meta, weights = opened.model.eval(), opened.meta, opened.path
+    img_size = resolve_img_size(o.img_size, opened.img_size, model)
+    if o.recalibrate and not o.data:
         raise UserError("--recalibrate needs --data (its training images)")
     loader = train_loader = names = None
-    if a.data:
-        data, loader, train_loader = _loaders(a.data, img_size, a.batch_size, model.max_stride,
-                                              bool(a.recalibrate))
+    if o.data:
+        data, loader, train_loader = _loaders(o.data, img_size, o.batch_size, model.max_stride,
+                                              bool(o.recalibrate))
         names = data.names
         if data.classes != model.cfg.classes:
             raise UserError(f"{weights}: the model predicts {model.cfg.classes} classes, {data.path} has "
                             f"{data.classes}")
-    out_dir = Path(a.output) if a.output else next_run_dir("runs/prune", name)
+    out_dir = Path(o.output) if o.output else next_run_dir("runs/prune", o.method)
     paths = {k: out_dir / f"pruned.{k}" for k in ("cfg", "weights", "pt")}
     paths["report"] = out_dir / "report.json"
-    plan = OutputPlan([weights, a.cfg, a.data], a.exist_ok)
+    outputs = OutputPlan([weights, o.cfg, o.data], o.exist_ok)
     for p in paths.values():
-        plan.add(p)
-    plan.check()  # before the work: a refused run neither prunes nor writes
+        outputs.add(p)
+    outputs.check()  # before the work: a refused run neither prunes nor writes
 
-    before = measure(model, img_size, a.latency_runs, loader, names)
-    pruned, notes = apply_method(model, name, getattr(a, "percent", 0.5), getattr(a, "layer_keep", 0.01),
-                                 getattr(a, "round_to", 8), getattr(a, "shortcuts", 2), not a.no_compensate)
-    if a.recalibrate:
-        batches = (imgs.float() / 255 for k, (imgs, *_) in zip(range(a.recalibrate), train_loader))
+    pruned, notes = apply_method(model, o.method, o.percent, o.layer_keep, o.round_to, o.shortcuts,
+                                 not o.no_compensate)
+    if o.recalibrate:
+        batches = (imgs.float() / 255 for k, (imgs, *_) in zip(range(o.recalibrate), train_loader))
         n = recalibrate_bn(pruned, batches)
         notes.append(f"BN statistics re-estimated on {n} training batches")
     pruned.eval()
-    after = measure(pruned, img_size, a.latency_runs, loader, names)
+    before, after = measure_pair(model, pruned, img_size, o.latency_runs, loader, names)
 
-    if not a.output:  # made only now, so a refused or failed run leaves no empty folder
-        out_dir = new_run_dir("runs/prune", name)
+    if not o.output:  # made only now, so a refused or failed run leaves no empty folder
+        out_dir = new_run_dir("runs/prune", o.method)
         paths = {k: out_dir / p.name for k, p in paths.items()}
     atomic_write(paths["cfg"], pruned.cfg_text)
     save_darknet_weights(pruned, paths["weights"])
-    report = {"method": name, "source": str(weights), "img_size": img_size, "notes": notes,
-              "options": {k: v for k, v in vars(a).items()},
-              "before": vars(before), "after": vars(after),
+    report = {"method": o.method, "source": str(weights), "img_size": img_size, "notes": notes,
+              "options": dataclasses.asdict(o), "before": vars(before), "after": vars(after),
               "widths": {str(i): [model.cfg.layers[i]["filters"], b["filters"]]
                          for i, b in enumerate(pruned.cfg.layers)
                          if b.type == "convolutional" and i < len(model.cfg.layers)
-                         and not method(name).blocks}}
+                         and not method(o.method).blocks}}
     save_checkpoint(paths["pt"], pruned, names=meta.get("names", names), img_size=img_size,
                     prune={k: v for k, v in report.items() if k != "widths"})
     atomic_write(paths["report"], json.dumps(report, indent=2))
@@ -187,7 +215,11 @@ def main(name: str, argv: list[str] | None = None) -> dict:
         print(line)
     print(table(before, after, img_size))
     print(f"wrote {paths['cfg']}, {paths['weights']}, {paths['pt']} and {paths['report']}")
-    return report
+    return StageResult(paths["pt"], [], report)
+
+
+def main(name: str, argv: list[str] | None = None) -> dict:
+    return run(parse(name, argv)).value
 
 
 def script(name: str) -> int:

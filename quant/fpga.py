@@ -39,9 +39,9 @@ from models.cfg import Block
 from models.darknet import Darknet
 from models.kinds import kind_of
 from models.layers import YoloHead
+from models.quantized.convert import FPGA_LEAKY, QOutput, scale_owners
+from models.quantized.modules import ActQuant, QConvBN
 from models.shapes import IMAGE
-from quant.convert import FPGA_LEAKY, QOutput, scale_owners
-from quant.modules import ActQuant, QConvBN
 from utils.errors import UserError
 from utils.outputs import atomic_write, save_npy
 

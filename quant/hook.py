@@ -1,9 +1,10 @@
 """Quantization-aware training as a trainer hook: ``train.py --quantized google --w-bit 8 --a-bit 8``.
 
-``prepare_model`` swaps the model's modules for quantized ones (:func:`quant.convert.quantize_model`)
-before the optimizer and the EMA exist; at the start of epoch ``--freeze-bn-epoch`` the folded batch
-norms switch to their running statistics, and at ``--freeze-observer-epoch`` the activation ranges stop
-moving (Jacob et al., 2018: both late in training, so the last epochs train what inference computes).
+``prepare_model`` swaps the model's modules for quantized ones
+(:func:`models.quantized.convert.quantize_model`) before the optimizer and the EMA exist; at the start of
+epoch ``--freeze-bn-epoch`` the folded batch norms switch to their running statistics, and at
+``--freeze-observer-epoch`` the activation ranges stop moving (Jacob et al., 2018: both late in
+training, so the last epochs train what inference computes).
 Started from a PTQ checkpoint (``train.py --weights runs/ptq/x/quantized.pt --quantized ...``), QAT
 keeps the calibrated activation ranges fixed and trains the weights under them: at 4 bits this
 starts far better than moving averages of the batch extremes (README, Quantization).
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from engine.hooks import TrainContext, TrainHook
-from quant.convert import QuantConfig, freeze_bn, freeze_observers, quantize_model
-from quant.modules import QuantSpec
+from models.quantized.convert import QuantConfig, freeze_bn, freeze_observers, quantize_model
+from models.quantized.modules import QuantSpec
 from utils.cli import BITS, EPOCH_OR_NEVER, POSITIVE, option
 from utils.errors import UserError
 

@@ -16,50 +16,77 @@ into ``--output`` (checked first: an input is never written over, an existing fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from models.io import load_checkpoint, load_model, save_checkpoint
-from quant.convert import QuantConfig, freeze_observers, quantize_model
-from quant.modules import ActQuant, QuantSpec
-from utils.cli import BATCH, BITS, COUNT, IMG_SIZE, PERCENTILE, Parser, run_cli
+from models.io import open_checkpoint, resolve_img_size, save_checkpoint
+from models.quantized.convert import QuantConfig, freeze_observers, quantize_model
+from models.quantized.modules import ActQuant, QuantSpec
+from utils.cli import (
+    BATCH,
+    BITS,
+    COUNT,
+    IMG_SIZE,
+    PERCENTILE,
+    Parser,
+    add_options,
+    from_namespace,
+    option,
+    run_cli,
+    values_from_mapping,
+)
 from utils.errors import UserError
 from utils.files import new_run_dir, next_run_dir
 from utils.outputs import OutputPlan, atomic_write
+from utils.results import StageResult
 
 CALIBRATIONS = ("minmax", "percentile", "mse")
+
+
+@dataclass
+class PtqOptions:
+    """The flags of ``python -m quant.ptq``."""
+    weights: str = option("", "--weights", required=True, help="trained float .pt")
+    data: str = option("", "--data", required=True, help=".data file whose training images calibrate")
+    w_bit: int = option(8, "--w-bit", type=BITS)
+    a_bit: int = option(8, "--a-bit", type=BITS)
+    calib: str = option("mse", "--calib", choices=CALIBRATIONS)
+    percentile: float = option(99.99, "--percentile", type=PERCENTILE)
+    images: int = option(256, "--images", type=COUNT, help="calibration images")
+    batch_size: int = option(16, "--batch-size", type=BATCH)
+    img_size: int | None = option(None, "--img-size", type=IMG_SIZE, help="default: the checkpoint's")
+    fpga: bool = option(False, "--FPGA", "--fpga", help="power-of-two scales, every layer quantized")
+    per_tensor: bool = option(False, "--per-tensor", help="one weight scale per conv")
+    a_symmetric: bool = option(False, "--a-symmetric",
+                               help="symmetric signed activations with zero point 0 (TensorRT) instead of "
+                                    "affine")
+    name: str = option("exp", "--name")
+    output: str = option("", "--output", help="output folder (default: a new runs/ptq/<name>)")
+    exist_ok: bool = option(False, "--exist-ok", help="replace the outputs in an existing --output")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m quant.ptq",
                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="trained float .pt")
-    p.add_argument("--data", required=True, help=".data file whose training images calibrate")
-    p.add_argument("--w-bit", type=BITS, default=8)
-    p.add_argument("--a-bit", type=BITS, default=8)
-    p.add_argument("--calib", choices=CALIBRATIONS, default="mse")
-    p.add_argument("--percentile", type=PERCENTILE, default=99.99)
-    p.add_argument("--images", type=COUNT, default=256, help="calibration images")
-    p.add_argument("--batch-size", type=BATCH, default=16)
-    p.add_argument("--img-size", type=IMG_SIZE, default=None, help="default: the checkpoint's")
-    p.add_argument("--FPGA", "--fpga", dest="fpga", action="store_true",
-                   help="power-of-two scales, every layer quantized")
-    p.add_argument("--per-tensor", action="store_true", help="one weight scale per conv")
-    p.add_argument("--a-symmetric", action="store_true",
-                   help="symmetric signed activations with zero point 0 (TensorRT) instead of affine")
-    p.add_argument("--name", default="exp")
-    p.add_argument("--output", default=None, help="output folder (default: a new runs/ptq/<name>)")
-    p.add_argument("--exist-ok", action="store_true", help="replace the outputs in an existing --output")
+    add_options(p, PtqOptions)
     return p
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def parse(argv: list[str] | None) -> PtqOptions:
+    return from_namespace(PtqOptions, build_parser().parse_args(argv))
+
+
+def from_mapping(mapping: Mapping[str, Any], where: str) -> PtqOptions:
+    """A recipe stage's options, each checked as its flag is."""
+    return PtqOptions(**values_from_mapping([PtqOptions], mapping, where, "python -m quant.ptq")[PtqOptions])
 
 
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
@@ -84,47 +111,51 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     return n
 
 
-def main(argv: list[str] | None = None) -> dict:
-    a = parse_args(argv)
-    weights = Path(a.weights)
-    if weights.suffix != ".pt" or not weights.is_file():
-        raise UserError(f"--weights {weights}: expected a trained float .pt checkpoint")
-    meta = load_checkpoint(weights)["meta"]
+def run(o: PtqOptions) -> StageResult:
+    """Calibrate and write ``quantized.pt`` and ``report.json``; the result's value is the report."""
+    if Path(o.weights).suffix != ".pt":
+        raise UserError(f"--weights {o.weights}: expected a trained float .pt checkpoint")
+    opened = open_checkpoint(o.weights)
+    model, meta, weights = opened.model, opened.meta, opened.path
     if meta.get("quant"):
         raise UserError(f"--weights {weights}: already quantized; give the float checkpoint")
-    model = load_model(weights)
-    img_size = a.img_size or meta.get("img_size") or model.cfg.net["height"]
+    img_size = resolve_img_size(o.img_size, opened.img_size, model)
     from utils.datasets import create_dataloader, read_data_file
 
-    data = read_data_file(Path(a.data))
+    data = read_data_file(Path(o.data))
     if data.classes != model.cfg.classes:
         raise UserError(f"{weights}: the model predicts {model.cfg.classes} classes, {data.path} has "
                         f"{data.classes}")
     try:
-        spec = QuantSpec("google", a.w_bit, a.a_bit, per_channel=not a.per_tensor, bn_fold=True, pow2=a.fpga,
-                         a_symmetric=a.a_symmetric)
+        spec = QuantSpec("google", o.w_bit, o.a_bit, per_channel=not o.per_tensor, bn_fold=True, pow2=o.fpga,
+                         a_symmetric=o.a_symmetric)
     except ValueError as e:
-        raise UserError(f"--w-bit {a.w_bit} --a-bit {a.a_bit}: {e}") from None
-    config = QuantConfig(spec, fpga=a.fpga, observer=a.calib, percentile=a.percentile)
-    out = Path(a.output) if a.output else next_run_dir("runs/ptq", a.name)
-    plan = OutputPlan([weights, a.data], a.exist_ok)
+        raise UserError(f"--w-bit {o.w_bit} --a-bit {o.a_bit}: {e}") from None
+    config = QuantConfig(spec, fpga=o.fpga, observer=o.calib, percentile=o.percentile)
+    out = Path(o.output) if o.output else next_run_dir("runs/ptq", o.name)
+    plan = OutputPlan([weights, o.data], o.exist_ok)
     outputs = [plan.add(out / "quantized.pt"), plan.add(out / "report.json")]
     plan.check()  # before calibrating: a refused run writes nothing
     quantize_model(model, config)
-    loader, _ = create_dataloader(data.split("train"), data.classes, img_size, a.batch_size,
+    loader, _ = create_dataloader(data.split("train"), data.classes, img_size, o.batch_size,
                                   model.max_stride, shuffle=True, seed=0, verbose=False)
-    n_batches = max(1, -(-a.images // a.batch_size))
+    n_batches = max(1, -(-o.images // o.batch_size))
     batches = (imgs.float() / 255 for _, (imgs, *_) in zip(range(n_batches), loader))
     seen = calibrate(model, batches)
-    if not a.output:  # made only now, so a failed run leaves no empty folder
-        out = new_run_dir("runs/ptq", a.name)
+    if not o.output:  # made only now, so a failed run leaves no empty folder
+        out = new_run_dir("runs/ptq", o.name)
         outputs = [out / p.name for p in outputs]
     save_checkpoint(outputs[0], model, names=meta.get("names"), img_size=img_size,
-                    ptq={"source": str(weights), "images": seen, "calib": a.calib})
-    report = {"source": str(weights), "images": seen, "options": vars(a), "quant": config.to_dict()}
+                    ptq={"source": str(weights), "images": seen, "calib": o.calib})
+    report = {"source": str(weights), "images": seen, "img_size": img_size, "options": dataclasses.asdict(o),
+              "quant": config.to_dict()}
     atomic_write(outputs[1], json.dumps(report, indent=2))
-    print(f"calibrated on {seen} images ({a.calib}); wrote {outputs[0]}")
-    return report
+    print(f"calibrated on {seen} images ({o.calib}); wrote {outputs[0]}")
+    return StageResult(outputs[0], [], report)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse(argv)).value
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """INT8 ONNX with explicit quantization (QuantizeLinear/DequantizeLinear), the form TensorRT builds from.
 
 The graph is the fake-quant model itself: while ``torch.onnx.export`` traces, every activation
-quantizer is a Q/DQ pair with constant scales (:func:`quant.quantizers.fake_quantize`) and every
-quantized conv has constant folded weights and its bias on the ``s_in·s_w`` grid
-(:meth:`quant.modules.QConvBN.inference_params`). The exporter folds constant arithmetic, the weights'
-Q/DQ included, so :func:`weight_qdq` puts a per-channel pair back in front of every quantized conv's
+quantizer is a Q/DQ pair with constant scales (:func:`models.quantized.quantizers.fake_quantize`) and
+every quantized conv has constant folded weights and its bias on the ``s_in·s_w`` grid
+(:meth:`models.quantized.modules.QConvBN.inference_params`). The exporter folds constant arithmetic, the
+weights' Q/DQ included, so :func:`weight_qdq` puts a per-channel pair back in front of every quantized conv's
 weights. The result follows TensorRT's rules for explicit quantization, which
 :func:`tensorrt_rule_violations` checks by walking the graph:
 
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from models.darknet import Darknet
-from quant.convert import QOutput
-from quant.modules import ActQuant, QConvBN
+from models.quantized.convert import QOutput
+from models.quantized.modules import ActQuant, QConvBN
 from utils.errors import CheckError, UserError
 from utils.outputs import display_name
 
@@ -228,7 +228,8 @@ def compare_steps(path: str | Path, module: nn.Module, model: Darknet, x: torch.
     exported wrapper of ``model``) in PyTorch, free-running and teacher-forced (:class:`StepReport`);
     differences are in units of each tensor's scale."""
     import onnx
-    import onnxruntime as ort
+
+    from models.onnx import ort_session
 
     proto = onnx.load(str(path))
     wanted = _quantized_outputs(model)
@@ -239,7 +240,7 @@ def compare_steps(path: str | Path, module: nn.Module, model: Darknet, x: torch.
     order = sorted(nodes)
     for name in order:
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(nodes[name].output[0]))
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort_session(proto.SerializeToString())
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     ort_values = {name: torch.from_numpy(g) for name, g in zip(order, got[1:])}
     steps: dict[str, np.ndarray] = {}

@@ -24,9 +24,9 @@ from engine.trainer import Trainer, run_dir_of
 from models.io import load_checkpoint
 from prune.sparsity import SparsityOptions
 from quant.hook import QuantOptions
-from stages.result import StageResult
-from utils.cli import Parser, add_options, convert, find_field, from_namespace, to_argv
+from utils.cli import Parser, add_options, from_namespace, to_argv, values_from_mapping
 from utils.errors import UserError
+from utils.results import StageResult
 
 # (field of TrainJob, options class, parser group title)
 GROUPS = (("core", TrainOptions, None),
@@ -77,13 +77,7 @@ class TrainJob:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], where: str) -> TrainJob:
         """From recipe keys (flag names, dashes or underscores), each value checked like the flag's."""
-        values: dict[type, dict[str, Any]] = {kind: {} for _, kind, _ in GROUPS}
-        for key, value in mapping.items():
-            found = find_field([kind for _, kind, _ in GROUPS], key)
-            if found is None:
-                raise UserError(f"{where}: '{key}' is not a flag of train.py (see python train.py --help)")
-            kind, f = found
-            values[kind][f.name] = convert(f, value, where)
+        values = values_from_mapping([kind for _, kind, _ in GROUPS], mapping, where, "train.py")
         return cls(**{name: kind(**values[kind]) for name, kind, _ in GROUPS})
 
 

@@ -166,7 +166,7 @@ def test_given_weights_replace_the_first_stage(mini_run, shapes_data, tmp_path):
     ({"run": "train", "weights": "x.pt"}, "'weights' is set by compress.py"),
     ({"run": "prune", "method": "thin"}, "'method' must be one of"),
     ({"run": "train", "sr": "yes"}, "'sr' takes true or false"),
-    ({"run": "ptq", "calib": "median"}, "rejects"),
+    ({"run": "ptq", "calib": "median"}, "'calib' must be one of minmax, percentile, mse, not 'median'"),
     ({"run": "export", "from": "later"}, "must name an earlier stage"),
     ({"run": "fly"}, "run 'fly' is not one of"),
 ])

@@ -12,8 +12,8 @@ import export
 from models.darknet import Darknet
 from models.io import save_checkpoint
 from models.onnx import DetectionsOnly
-from quant.convert import QuantConfig, quantize_model
-from quant.modules import QuantSpec
+from models.quantized.convert import QuantConfig, quantize_model
+from models.quantized.modules import QuantSpec
 from quant.qdq import compare_steps, tensorrt_rule_violations
 from tests.conftest import REPO, rel_err, tame_model
 from tests.test_opencv_parity import assert_matches_opencv

@@ -11,11 +11,11 @@ from models.darknet import Darknet
 from models.graph import ChannelGraph
 from models.kinds import KINDS, PASS, LayerKind, Shape, kind_of, registered
 from models.options import POSITIVE, opt
+from models.quantized.convert import QuantConfig, quantize_model
+from models.quantized.modules import QuantSpec
 from models.shapes import infer_shapes, layer_inputs
 from prune.cli import apply_method
-from quant.convert import QuantConfig, quantize_model
 from quant.fpga import INTEGER_FORMS
-from quant.modules import QuantSpec
 from tests.conftest import CFGS, cfg_id
 from utils.errors import UserError
 from utils.torch_utils import tame_random_weights

@@ -255,8 +255,9 @@ def test_script_writes_a_smaller_model_that_every_script_reads(trained_small, sh
     trainer(tiny_opts(shapes_data, tmp_path / "ft", epochs=1, weights=str(out / "pruned.pt"))).fit()
     tuned = load_model(tmp_path / "ft" / "exp" / "weights" / "last.pt")
     assert tuned.cfg_text == from_pt.cfg_text
-    test_script.main(["--weights", str(out / "pruned.pt"), "--data", str(shapes_data), "--img-size",
-                      "64", "--project", str(tmp_path / "test"), "--workers", "0"])
+    r = test_script.main(["--weights", str(out / "pruned.pt"), "--data", str(shapes_data), "--img-size",
+                          "64", "--project", str(tmp_path / "test"), "--workers", "0"])
+    assert r.n_images == 4 and r.map50 == pytest.approx(report["after"]["map50"], abs=1e-9)
 
 
 @pytest.mark.parametrize("method", ["normal", "shortcut", "regular", "layer", "layer_channel"])

@@ -9,11 +9,10 @@ import train as train_script
 from models.darknet import Darknet
 from models.io import load_model, save_checkpoint
 from models.layers import ConvBN
-from models.shapes import IMAGE
-from quant.convert import QuantConfig, quantize_model, scale_owners
-from quant.modules import ActQuant, QConvBN, QuantSpec
-from quant.observers import Observer
-from quant.quantizers import (
+from models.quantized.convert import QuantConfig, quantize_model, scale_owners
+from models.quantized.modules import ActQuant, QConvBN, QuantSpec
+from models.quantized.observers import Observer
+from models.quantized.quantizers import (
     Scheme,
     dorefa_activations,
     dorefa_weights,
@@ -23,6 +22,7 @@ from quant.quantizers import (
     pow2_ceil,
     scale_zero_point,
 )
+from models.shapes import IMAGE
 from tests.conftest import REPO, rel_err, tame_model
 from utils.errors import UserError
 

@@ -115,13 +115,15 @@ RATIO_ABOVE_1 = float_range(1.0, 1e3, lo_open=True)  # anchor/box size ratio thr
 
 def option(default: Any, *flags: str, type: Callable[[str], Any] | None = None, help: str = "",
            choices: Sequence[Any] | None = None, nargs: str | None = None, metavar: str | None = None,
-           negatable: bool = False, factory: Callable[[], Any] | None = None, const: Any = None) -> Any:
+           negatable: bool = False, factory: Callable[[], Any] | None = None, const: Any = None,
+           required: bool = False) -> Any:
     """A dataclass field that is also a command-line flag: its names (the first ``--long`` one is
     written in command lines), its type (one of the bounded kinds above for numbers), help and choices.
-    A bool field is a switch (``negatable``: ``--x``/``--no-x``). Parsers (:func:`add_options`),
+    A bool field is a switch (``negatable``: ``--x``/``--no-x``). ``required`` applies to command lines
+    (a pipeline sets such fields itself). Parsers (:func:`add_options`),
     recipes (:func:`from_mapping`) and recorded command lines (:func:`to_argv`) all read it."""
     meta = {"flags": flags, "type": type, "help": help, "choices": choices, "nargs": nargs,
-            "metavar": metavar, "negatable": negatable, "const": const}
+            "metavar": metavar, "negatable": negatable, "const": const, "required": required}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -153,7 +155,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str | None = 
         if not only(f.name):
             continue
         m, default = f.metadata, _default(f)
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": m["help"] or None}
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": m["help"] or None,
+                              "required": m["required"] or None}
         if isinstance(default, bool) and m["type"] is None:
             kw["action"] = argparse.BooleanOptionalAction if m["negatable"] else "store_true"
         else:
@@ -179,6 +182,22 @@ def find_field(classes: Sequence[type], key: str) -> tuple[type, Field] | None:
             if _key(key) == f.name or _key(key) in {_key(x) for x in f.metadata["flags"]}:
                 return cls, f
     return None
+
+
+def values_from_mapping(classes: Sequence[type], mapping: Any, where: str, prog: str,
+                        only: Callable[[str], bool] = lambda name: True) -> dict[type, dict[str, Any]]:
+    """Recipe keys (flag names, dashes or underscores) → checked values per dataclass of ``classes``;
+    a key that names no flag (or one ``only`` refuses) is one line naming ``prog``'s flags."""
+    values: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
+    for key, value in mapping.items():
+        found = find_field(classes, key)
+        if found is None or not only(found[1].name):
+            known = sorted(f.metadata["flags"][-1].lstrip("-") for cls in classes for f in flag_fields(cls)
+                           if only(f.name))
+            raise UserError(f"{where}: '{key}' is not a flag of {prog} (flags: {', '.join(known)})")
+        cls, f = found
+        values[cls][f.name] = convert(f, value, where)
+    return values
 
 
 def convert(f: Field, value: Any, where: str) -> Any:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant.quantizers import Scheme, fake_quantize, scale_zero_point
+from models.quantized.quantizers import Scheme, fake_quantize, scale_zero_point
 
 METHODS = ("ema", "minmax", "percentile", "mse", "fixed")
 SAMPLE = 1 << 14

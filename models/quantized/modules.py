@@ -1,6 +1,6 @@
 """Quantized modules: a ``[convolutional]`` layer as an integer pipeline computes it.
 
-:class:`ActQuant` quantizes a tensor with the range its :class:`~quant.observers.Observer` keeps;
+:class:`ActQuant` quantizes a tensor with the range its :class:`~models.quantized.observers.Observer` keeps;
 one instance may be shared by several layers, so tensors that are added or concatenated carry the
 same scale (what integer hardware needs to join them without rescaling).
 
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import ConvBN
-from quant.observers import Observer
-from quant.quantizers import (
+from models.quantized.observers import Observer
+from models.quantized.quantizers import (
     Scheme,
     constant,
     dorefa_weights,
@@ -89,7 +89,7 @@ class ActQuant(nn.Module):
 
     DoReFa's activation quantizers are this with a fixed range: ``[0, r]`` on the affine grid is
     ``r·quantize_k(clamp(x/r, 0, 1))``, and ``[−r, r]`` on the symmetric grid is the signed variant
-    that keeps leaky-ReLU's negatives (tested against :func:`quant.quantizers.dorefa_activations`).
+    that keeps leaky-ReLU's negatives (tested against :func:`models.quantized.quantizers.dorefa_activations`).
     The paper's ``r`` is 1, for activations bounded by design; a trained darknet model's leaky
     outputs reach 5–20, so fine-tuning one needs a wider ``r`` (``--dorefa-range``).
     """

@@ -30,8 +30,8 @@ from models.darknet import Darknet
 from models.graph import UnionFind
 from models.kinds import OWN, kind_of
 from models.layers import ConvBN
+from models.quantized.modules import ActQuant, QConvBN, QuantSpec
 from models.shapes import IMAGE
-from quant.modules import ActQuant, QConvBN, QuantSpec
 
 FPGA_LEAKY = (13, 7)  # leaky slope 13 / 2**7 = 0.1015625 under --FPGA
 

@@ -1,4 +1,4 @@
-"""What a stage leaves behind."""
+"""What a step of the suite leaves behind (a stage of a compression recipe, or a script run alone)."""
 
 from __future__ import annotations
 
