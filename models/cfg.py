@@ -82,8 +82,8 @@ class ModelCfg:
 
     @property
     def heads(self) -> list[int]:
-        """Indices of the ``[yolo]`` layers."""
-        return [i for i, b in enumerate(self.layers) if b.type == "yolo"]
+        """Indices of the head layers (``[yolo]``)."""
+        return [i for i, b in enumerate(self.layers) if kind_of(b).head]
 
     @property
     def classes(self) -> int:

@@ -61,6 +61,14 @@ def cfg_path(request) -> Path:
     return request.param
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that runs on the tiny benchmark (the ``shapes_data`` fixture) is an end-to-end run:
+    marked ``slow`` (the others that are slow carry the mark themselves)."""
+    for item in items:
+        if "shapes_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _label_cache(tmp_path_factory):
     """Label caches of the test datasets go to a session folder, not the user's ~/.cache."""

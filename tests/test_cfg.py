@@ -165,6 +165,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["unknown key", "head filters", "route out of range"])
 def test_cli_prints_one_line_and_exits_2(case, tmp_path):
     path = tmp_path / "bad.cfg"
@@ -176,6 +177,7 @@ def test_cli_prints_one_line_and_exits_2(case, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}:")
 
 
+@pytest.mark.slow
 def test_cli_bad_weights_file(tmp_path):
     (tmp_path / "short.weights").write_bytes(b"\0" * 40)
     r = run_script("summary.py", "--cfg", "cfg/yolov3-tiny.cfg",
@@ -185,6 +187,7 @@ def test_cli_bad_weights_file(tmp_path):
     assert "needs 8858734 weights after the header, the file has 6: it ends inside layer 0" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_summary_prints_the_model():
     r = run_script("summary.py", "--cfg", "cfg/yolov3.cfg", "--img-size", "416")
     assert r.returncode == 0, r.stderr

@@ -127,6 +127,7 @@ def test_unknown_flag_names_the_closest_one(capsys):
     assert "--weights" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["train.py", "--img-size", "0"],
     ["train.py", "--epochs", "-1"],

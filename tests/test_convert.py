@@ -288,6 +288,7 @@ def test_cli_converts_and_reports(coco, voc, tmp_path, capsys):
     assert "error: " in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_module_runs(coco):
     js, images, out = coco
     r = subprocess.run([sys.executable, "-m", "utils.convert", "coco", "--json", str(js), "--images",

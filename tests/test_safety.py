@@ -403,6 +403,7 @@ def test_training_on_no_valid_box_is_an_error(tmp_path, case):
         trainer(tiny_opts(data, tmp_path / "runs")).fit()
 
 
+@pytest.mark.slow
 def test_a_bad_hyp_file_is_one_line(tmp_path):
     hyp = tmp_path / "hyp.yaml"
     hyp.write_text("lr0: [0.01\n")
