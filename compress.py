@@ -20,13 +20,11 @@ import sys
 from pathlib import Path
 
 from pipeline.compress import CompressOptions, run
-from utils.cli import Parser, add_options, from_namespace, run_cli
+from utils.cli import from_namespace, options_parser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="compress.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, CompressOptions)
-    return p
+    return options_parser("compress.py", __doc__, CompressOptions)
 
 
 def parse_args(argv: list[str] | None = None) -> CompressOptions:

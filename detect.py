@@ -50,7 +50,7 @@ class DetectSummary:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="detect.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="detect.py", description=__doc__)
     p.add_argument("--weights", required=True, help=".pt, darknet weights with --cfg, or .onnx")
     p.add_argument("--cfg", default=None, help="darknet cfg (needed with darknet weights)")
     p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index, URL, .txt")

@@ -19,7 +19,7 @@ from utils.cli import COUNT, IMG_SIZE, Parser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="summary.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="summary.py", description=__doc__)
     ap.add_argument("--cfg", help="darknet cfg (needed for .weights; optional with a .pt)")
     ap.add_argument("--weights", help=".pt checkpoint or darknet .weights")
     ap.add_argument("--cutoff", type=COUNT, help="load .weights only for layers below this index")

@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.cli import Parser, add_options, from_namespace, run_cli
+from utils.cli import from_namespace, options_parser, run_cli
 from utils.evaluate import EvalResult, TestOptions, evaluate_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="test.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, TestOptions)
-    return p
+    return options_parser("test.py", __doc__, TestOptions)
 
 
 def parse_args(argv: list[str] | None = None) -> TestOptions:

@@ -74,7 +74,7 @@ def long_rows(bench: str, rows: list[dict]) -> list[tuple[str, str, str, float]]
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m bench.all",
-                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                description=__doc__)
     ap.add_argument("--pipeline", default="runs/compress/default",
                     help="a compress.py run folder whose stages give the checkpoints (made if missing)")
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))

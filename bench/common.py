@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from utils.cli import COUNT, COUNT0, IMG_SIZE, Parser
 from utils.evaluate import EvalResult
 
 
@@ -27,3 +28,13 @@ def finetune(weights: Path, data: str, epochs: int, out: Path, name: str, **flag
     job = TrainJob.from_record({"weights": str(weights), "data": data, "epochs": epochs, "project": str(out),
                                 "name": name, "exist_ok": True, "notest": True, **flags})
     return run(job).value
+
+
+def latency_parser(prog: str, description: str, cfgs: list[str], runs: int, warmup: int) -> Parser:
+    """The flags of the latency benchmarks: which cfgs, the size, the timed and the warm-up runs."""
+    ap = Parser(prog=prog, description=description)
+    ap.add_argument("--cfgs", nargs="+", default=cfgs)
+    ap.add_argument("--img-size", type=IMG_SIZE, default=416)
+    ap.add_argument("--runs", type=COUNT, default=runs)
+    ap.add_argument("--warmup", type=COUNT0, default=warmup)
+    return ap

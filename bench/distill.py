@@ -31,7 +31,7 @@ KD_FIELDS = ("kd_t", "kd_feat_t", "kd_cls", "kd_obj", "kd_box", "kd_feat", "kd_m
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m bench.distill",
-                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                description=__doc__)
     ap.add_argument("--student", required=True, help="pruned .pt to fine-tune")
     ap.add_argument("--teacher", required=True, help="unpruned .pt")
     ap.add_argument("--data", default="datasets/shapes/shapes.data")

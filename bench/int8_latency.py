@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import latency_parser
 from models.darknet import Darknet
 from models.onnx import export_onnx, ort_session
 from models.quantized.convert import QuantConfig, quantize_model
@@ -28,7 +29,6 @@ from models.quantized.modules import QuantSpec
 from models.summary import latencies
 from quant.ptq import calibrate
 from quant.qdq import export_int8_onnx
-from utils.cli import COUNT, COUNT0, IMG_SIZE, Parser
 from utils.torch_utils import tame_random_weights
 
 
@@ -80,13 +80,8 @@ def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="python -m bench.int8_latency",
-                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cfgs", nargs="+", default=["cfg/yolo-small.cfg", "cfg/yolov3-tiny.cfg"])
-    ap.add_argument("--img-size", type=IMG_SIZE, default=416)
-    ap.add_argument("--runs", type=COUNT, default=30)
-    ap.add_argument("--warmup", type=COUNT0, default=5)
-    return ap
+    return latency_parser("python -m bench.int8_latency", __doc__,
+                          ["cfg/yolo-small.cfg", "cfg/yolov3-tiny.cfg"], runs=30, warmup=5)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

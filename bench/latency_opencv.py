@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 import torch
 
+from bench.common import latency_parser
 from models.cfg import write_cfg
 from models.darknet import Darknet
 from models.io import save_darknet_weights
 from models.summary import latencies, torch_call
-from utils.cli import COUNT, COUNT0, IMG_SIZE, Parser
 from utils.outputs import atomic_write
 from utils.torch_utils import tame_random_weights
 
@@ -50,13 +50,8 @@ def bench_cfg(cfg_path: str, size: int, runs: int, warmup: int) -> dict[str, flo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="python -m bench.latency_opencv",
-                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cfgs", nargs="+", default=["cfg/yolov3-tiny.cfg", "cfg/yolov3.cfg"])
-    ap.add_argument("--img-size", type=IMG_SIZE, default=416)
-    ap.add_argument("--runs", type=COUNT, default=20)
-    ap.add_argument("--warmup", type=COUNT0, default=3)
-    return ap
+    return latency_parser("python -m bench.latency_opencv", __doc__,
+                          ["cfg/yolov3-tiny.cfg", "cfg/yolov3.cfg"], runs=20, warmup=3)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

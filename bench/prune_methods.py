@@ -152,7 +152,7 @@ def wall_times(cfg: str, img_size: int = 64) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m bench.prune_methods",
-                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                description=__doc__)
     ap.add_argument("--weights", help="sparse-trained .pt (omit to time yolov4 pruning only)")
     ap.add_argument("--data", default="datasets/shapes/shapes.data")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)

@@ -42,7 +42,7 @@ PTQ_RUNS = {  # name → (description, quant.ptq arguments)
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m bench.quant",
-                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                description=__doc__)
     ap.add_argument("--weights", required=True, help="trained float .pt")
     ap.add_argument("--data", default="datasets/shapes/shapes.data")
     ap.add_argument("--epochs", type=EPOCHS, default=4, help="QAT fine-tuning epochs")

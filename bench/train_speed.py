@@ -29,7 +29,7 @@ from utils.outputs import atomic_write
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m bench.train_speed",
-                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                description=__doc__)
     ap.add_argument("--cfg", default="cfg/yolo-small.cfg")
     ap.add_argument("--batch-size", type=BATCH, default=16)
     ap.add_argument("--img-size", type=IMG_SIZE, default=224)

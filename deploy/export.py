@@ -35,7 +35,7 @@ from typing import Any
 
 from models.darknet import Darknet
 from models.io import load_model, open_checkpoint
-from utils.cli import BATCH, IMG_SIZE, OPSET, Parser, add_options, from_namespace, option, values_from_mapping
+from utils.cli import BATCH, IMG_SIZE, OPSET, from_namespace, option, options_parser, values_from_mapping
 from utils.errors import CheckError, UserError
 from utils.outputs import OutputPlan, atomic_path, atomic_write
 from utils.results import StageResult
@@ -69,10 +69,7 @@ class ExportOptions:
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    p = Parser(prog="export.py", description=description or __doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, ExportOptions)
-    return p
+    return options_parser("export.py", description or __doc__, ExportOptions)
 
 
 def parse(argv: list[str] | None = None, description: str = "") -> ExportOptions:

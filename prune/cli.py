@@ -31,10 +31,9 @@ from utils.cli import (
     IMG_SIZE,
     MULTIPLE,
     SHARE_BELOW_1,
-    Parser,
-    add_options,
     from_namespace,
     option,
+    options_parser,
     run_cli,
     values_from_mapping,
 )
@@ -87,11 +86,9 @@ def applies(name: str) -> Callable[[str], bool]:
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:
-    p = Parser(prog=f"prune/{name}_prune.py",
-               description=f"{name} pruning: {method(name).summary}. Writes a smaller cfg, darknet .weights "
-                           f"and a .pt checkpoint.")
-    add_options(p, PruneOptions, only=applies(name))
-    return p
+    description = (f"{name} pruning: {method(name).summary}. Writes a smaller cfg, darknet .weights and a "
+                   f".pt checkpoint.")
+    return options_parser(f"prune/{name}_prune.py", description, PruneOptions, only=applies(name))
 
 
 def parse(name: str, argv: list[str] | None) -> PruneOptions:

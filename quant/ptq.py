@@ -36,10 +36,9 @@ from utils.cli import (
     COUNT,
     IMG_SIZE,
     PERCENTILE,
-    Parser,
-    add_options,
     from_namespace,
     option,
+    options_parser,
     run_cli,
     values_from_mapping,
 )
@@ -74,10 +73,7 @@ class PtqOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m quant.ptq",
-               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, PtqOptions)
-    return p
+    return options_parser("python -m quant.ptq", __doc__, PtqOptions)
 
 
 def parse(argv: list[str] | None) -> PtqOptions:

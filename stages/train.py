@@ -24,7 +24,7 @@ from engine.trainer import Trainer, run_dir_of
 from models.io import load_checkpoint
 from prune.sparsity import SparsityOptions
 from quant.hook import QuantOptions
-from utils.cli import Parser, add_options, from_namespace, to_argv, values_from_mapping
+from utils.cli import from_namespace, options_parser, to_argv, values_from_mapping
 from utils.errors import UserError
 from utils.results import StageResult
 
@@ -82,10 +82,7 @@ class TrainJob:
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    p = Parser(prog="train.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for _, kind, title in GROUPS:
-        add_options(p, kind, title)
-    return p
+    return options_parser("train.py", description, *((kind, title) for _, kind, title in GROUPS))
 
 
 def parse(argv: list[str] | None = None, description: str = "") -> TrainJob:

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     from utils.cli import COUNT, COUNT0, IMG_SIZE, RATIO_ABOVE_1, SEED, Parser
 
     p = Parser(prog="python -m utils.anchors",
-               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+               description=__doc__)
     p.add_argument("--data", required=True, help="darknet .data file; its train split is used")
     p.add_argument("--cfg", required=True, help="cfg whose anchors are compared and replaced")
     p.add_argument("--img-size", type=IMG_SIZE, default=None, help="training size (default: the cfg's width)")

@@ -22,7 +22,12 @@ from utils.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line: ``error: <prog>: <message>`` and exit status 2."""
+    """An ArgumentParser whose errors are one line: ``error: <prog>: <message>`` and exit status 2; the
+    description (a script's docstring) is shown as written."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kw)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):
@@ -163,6 +168,17 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str | None = 
             kw.update(type=_value_type(f), choices=m["choices"], nargs=m["nargs"], metavar=m["metavar"],
                       const=m["const"])
         target.add_argument(*m["flags"], **{k: v for k, v in kw.items() if v is not None or k == "default"})
+
+
+def options_parser(prog: str, description: str, *groups: type | tuple[type, str | None],
+                   only: Callable[[str], bool] = lambda name: True) -> Parser:
+    """The parser of a script whose flags are the option dataclasses ``groups`` (a class, or a class
+    with a help-group title)."""
+    p = Parser(prog=prog, description=description)
+    for group in groups:
+        cls, title = group if isinstance(group, tuple) else (group, None)
+        add_options(p, cls, title, only)
+    return p
 
 
 def from_namespace(cls: type, ns: argparse.Namespace) -> Any:

@@ -23,7 +23,6 @@ file, image or list is an error unless ``--overwrite``.
 
 from __future__ import annotations
 
-import argparse
 import filecmp
 import json
 import math
@@ -403,7 +402,7 @@ def convert_voc(xml_dir: str | Path, images_dir: str | Path, out_dir: str | Path
 
 def main(argv: list[str] | None = None) -> Path:
     p = Parser(prog="python -m utils.convert",
-               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+               description=__doc__)
     sub = p.add_subparsers(dest="format", required=True)
     c = sub.add_parser("coco", help="COCO instances JSON")
     c.add_argument("--json", required=True, help="instances_*.json")
