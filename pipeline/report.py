@@ -6,7 +6,12 @@ model; a quantized one runs its fake-quant graph) and in onnxruntime (the float 
 Q/DQ ONNX of a quantized checkpoint that has one). One runtime after the other, all its models are
 timed in alternation, round after round, so drift hits each the same, with denormals flushed to zero
 (as deployment runtimes do); each figure is a median and every ratio is to the first stage.
-Writes ``report.json``, ``report.md`` and the plots into the run folder's ``report/``.
+Writes ``report.json``, ``report.md`` and the plots into the run folder's ``report/``. A path in the
+report is relative to the run folder when the file is inside it, else relative to the project folder
+when inside that, else as given (:func:`shown_path`), so a report reads the same on any machine.
+
+``python -m pipeline.report RUN_FOLDER_OR_REPORT_JSON [OUT_DIR]`` rebuilds ``report.md`` and the two
+accuracy plots from a ``report.json`` alone (:func:`render`), without measuring again.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ import io
 import json
 import os
 import platform
+import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.options import REPO
 from models.darknet import Darknet
 from models.io import load_model
 from models.summary import latencies, torch_call
@@ -31,10 +38,30 @@ from pipeline.runner import StageRecord
 from prune.methods import PruneMethod
 from prune.sparsity import SparsityOptions
 from stages.train import TrainJob
+from utils.errors import UserError
 from utils.outputs import atomic_write, save_figure
 
 GAMMA_PLOT, CHANNEL_PLOT = "gamma.png", "channels.png"
 GFLOPS_PLOT, LATENCY_PLOT = "accuracy_vs_gflops.png", "accuracy_vs_latency.png"
+
+
+def shown_path(path: str | Path, *bases: str | Path) -> str:
+    """``path`` as a report writes it: relative to the first of ``bases`` (folders) that holds it, else as
+    given. A relative ``path`` or base is taken from the current directory; links are followed only when
+    the plain comparison fails (a run folder resolved on one side, not on the other)."""
+    full = Path(os.path.abspath(path))
+    for base in bases:
+        b = Path(os.path.abspath(base))
+        for f, d in ((full, b), (full.resolve(), b.resolve())):
+            if f.is_relative_to(d):
+                return f.relative_to(d).as_posix()
+    return str(path)
+
+
+def _shown_command(command: str) -> str:
+    """A stage's command line with its absolute paths inside the project made relative to the project
+    folder, where the command runs (the arguments are space-separated, as the runner writes them)."""
+    return " ".join(shown_path(a, REPO) if os.path.isabs(a) else a for a in command.split(" "))
 
 
 @dataclass
@@ -89,9 +116,10 @@ def _checkpoint_mb(model: Darknet) -> float:
     return buf.tell() / 1e6
 
 
-def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 30, warmup: int = 3
-            ) -> list[Row]:
-    """One row per stage with a checkpoint (an export stage adds files, not a row)."""
+def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 30, warmup: int = 3,
+            show: Callable[[str | Path], str] = str) -> list[Row]:
+    """One row per stage with a checkpoint (an export stage adds files, not a row); ``show`` writes the
+    rows' paths (the checkpoint and the ONNX timed)."""
     from models.summary import summarize
     from utils.datasets import create_dataloader, read_data_file, resolve_data
     from utils.evaluate import evaluate
@@ -112,10 +140,11 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
         result = evaluate(model, loaders[stride], data.names, verbose=False)
         s = summarize(model, size)
         bits = model.quant_config.spec.w_bits if model.quant_config else 32
-        row = Row(rec.name, rec.run, str(rec.checkpoint), result.map50, result.map, s.params, s.gflops,
+        row = Row(rec.name, rec.run, show(rec.checkpoint), result.map50, result.map, s.params, s.gflops,
                   _checkpoint_mb(model), bits, seconds=rec.seconds)
-        run_torch, run_ort, row.ort_file = _timers(load_model(rec.checkpoint).eval(), out / "onnx" /
-                                                   f"{rec.name}.onnx", size)
+        onnx = out / "onnx" / f"{rec.name}.onnx"
+        run_torch, run_ort, ort = _timers(load_model(rec.checkpoint).eval(), onnx, size)
+        row.ort_file = show(ort) if run_ort is not None else ort  # the ONNX, or why there is none
         torch_calls.append(run_torch)
         ort_calls.append(run_ort)
         rows.append(row)
@@ -150,31 +179,117 @@ def _conv_widths(checkpoint: str | Path) -> list[int]:
     return [b["filters"] for b in model.cfg.layers if b.type == "convolutional"]
 
 
+def _label_points(ax, points: list[tuple[float, float, str, str]], fontsize: float = 7, gap: float = 5
+                  ) -> None:
+    """Name each point ``(x, y, text, colour)`` beside it, no two names overlapping: names that would
+    overlap sideways (points at or near one x) stand in one column right of their points, in the order
+    of their heights, spread apart where they would touch; a name moved off its point's side gets a
+    thin line to it.
+    The axis limits grow to hold the names. Lay out after ``tight_layout`` (it moves the axes)."""
+    if not points:
+        return
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    px = fig.dpi / 72  # pixels per point
+    probes = [ax.text(0, 0, text, fontsize=fontsize) for _, _, text, _ in points]
+    sizes = [(b.width, b.height) for b in (t.get_window_extent(renderer) for t in probes)]
+    for t in probes:
+        t.remove()
+    gap_px, n = gap * px, len(points)
+    for attempt in range(4):  # growing the limits moves the points: lay out again on the new ones
+        xy = ax.transData.transform([(x, y) for x, y, _, _ in points])
+        where = np.zeros((n, 2))  # each name's left end, middle height (pixels)
+        clusters: list[list[int]] = []
+        right = -np.inf
+        for i in sorted(range(n), key=lambda i: (xy[i, 0], -xy[i, 1])):
+            if clusters and xy[i, 0] + gap_px < right:  # its name would start under the column's names
+                clusters[-1].append(i)
+            else:
+                clusters.append([i])
+            column = max(xy[j, 0] for j in clusters[-1]) + gap_px
+            right = column + max(sizes[j][0] for j in clusters[-1]) + gap_px
+        for cluster in clusters:
+            column = max(xy[j, 0] for j in cluster) + gap_px
+            order = sorted(cluster, key=lambda j: -xy[j, 1])
+            ys = [xy[j, 1] for j in order]
+            for _ in range(200):  # push apart the neighbours that touch, half each way
+                moved = False
+                for k in range(len(order) - 1):
+                    need = (sizes[order[k]][1] + sizes[order[k + 1]][1]) / 2 + 1
+                    overlap = need - (ys[k] - ys[k + 1])
+                    if overlap > 0.01:
+                        ys[k] += overlap / 2
+                        ys[k + 1] -= overlap / 2
+                        moved = True
+                if not moved:
+                    break
+            for j, y in zip(order, ys):
+                where[j] = column, y
+        inverse = ax.transData.inverted()
+        lo = inverse.transform([(where[j, 0], where[j, 1] - sizes[j][1] / 2) for j in range(n)])
+        hi = inverse.transform([(where[j, 0] + sizes[j][0], where[j, 1] + sizes[j][1] / 2) for j in range(n)])
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        nx0, nx1 = min(x0, lo[:, 0].min()), max(x1, hi[:, 0].max() + (x1 - x0) * 0.02)
+        ny0, ny1 = min(y0, lo[:, 1].min()), max(y1, hi[:, 1].max())
+        if (nx0, nx1, ny0, ny1) == (x0, x1, y0, y1) or attempt == 3:  # the last layout fits these limits
+            break
+        ax.set_xlim(nx0, nx1)
+        ax.set_ylim(ny0, ny1)
+    for j, (x, y, text, colour) in enumerate(points):
+        dx, dy = (where[j, 0] - xy[j, 0]) / px, (where[j, 1] - xy[j, 1]) / px
+        moved = abs(dy) > 2 or dx > gap + 2  # a name beside its own point needs no line to it
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                    color=colour, ha="left", va="center",
+                    arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 1, "shrinkB": 4}
+                    if moved else None)
+
+
+SERIES = (("map50", "mAP@0.5", "o", "tab:blue"), ("map", "mAP@0.5:0.95", "s", "tab:orange"))
+ACCURACY_PLOTS = ((GFLOPS_PLOT, ("gflops",), "GFLOPs"),
+                  (LATENCY_PLOT, ("torch_ms", "ort_ms"), "CPU latency, ms (batch 1, median)"))
+
+
+def accuracy_plots(rows: list[Row], out: Path) -> list[str]:
+    """Accuracy against GFLOPs and against latency (PyTorch, onnxruntime): one point per stage and metric,
+    no lines (the stages are no sequence along these axes), every point named; returns the file names."""
+    from matplotlib.lines import Line2D
+
+    from utils.plots import pyplot
+
+    plt = pyplot()
+    made = []
+    for file, xkeys, xlabel in ACCURACY_PLOTS:
+        fig, axes = plt.subplots(1, len(xkeys), figsize=(6 * len(xkeys), 4.6), squeeze=False)
+        for ax, key in zip(axes[0], xkeys):
+            pts = [r for r in rows if getattr(r, key) is not None]
+            for metric, _, marker, colour in SERIES:
+                ax.plot([getattr(r, key) for r in pts], [getattr(r, metric) for r in pts], marker=marker,
+                        linestyle="none", color=colour, markersize=6, alpha=0.85)
+            ax.margins(x=0.08, y=0.08)
+            ax.set_xlabel({"torch_ms": "PyTorch ", "ort_ms": "onnxruntime "}.get(key, "") + xlabel)
+            ax.set_ylabel("mAP (validation split)")
+            ax.grid(alpha=0.3)
+        handles = [Line2D([], [], marker=marker, linestyle="none", color=colour, label=label)
+                   for _, label, marker, colour in SERIES]
+        fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        for ax, key in zip(axes[0], xkeys):
+            pts = [r for r in rows if getattr(r, key) is not None]
+            _label_points(ax, [(getattr(r, key), getattr(r, metric), r.stage, colour)
+                               for metric, _, _, colour in SERIES for r in pts])
+        save_figure(fig, out / file, dpi=110)
+        plt.close(fig)
+        made.append(file)
+    return made
+
+
 def plots(rows: list[Row], records: list[StageRecord], out: Path) -> list[str]:
     """The four figures (those that apply to the recipe); returns their file names."""
     from utils.plots import plot_gamma_histograms, pyplot
 
     plt = pyplot()
-    made = []
-    ckpt = {r.stage: r.checkpoint for r in rows}
-    for file, xkey, xlabel in ((GFLOPS_PLOT, ("gflops",), "GFLOPs"),
-                               (LATENCY_PLOT, ("torch_ms", "ort_ms"), "CPU latency, ms (batch 1, median)")):
-        fig, axes = plt.subplots(1, len(xkey), figsize=(5.5 * len(xkey), 4), squeeze=False)
-        for ax, key in zip(axes[0], xkey):
-            pts = [(getattr(r, key), r) for r in rows if getattr(r, key) is not None]
-            for metric, marker in (("map50", "o"), ("map", "s")):
-                ax.plot([x for x, _ in pts], [getattr(r, metric) for _, r in pts], marker, linestyle=":",
-                        label="mAP@0.5" if metric == "map50" else "mAP@0.5:0.95")
-            for x, r in pts:
-                ax.annotate(r.stage, (x, r.map50), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            ax.set_xlabel({"torch_ms": "PyTorch ", "ort_ms": "onnxruntime "}.get(key, "") + xlabel)
-            ax.set_ylabel("mAP")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        save_figure(fig, out / file, dpi=110)
-        plt.close(fig)
-        made.append(file)
+    made = accuracy_plots(rows, out)
+    ckpt = {r.name: r.checkpoint for r in records if r.checkpoint is not None}
     sparse = next((r for r in records if _sparsity(r) and r.source in ckpt), None)
     if sparse is not None:
         method = _sparsity(sparse).method
@@ -219,14 +334,25 @@ def _fmt(v: float | None, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
-def markdown(rows: list[Row], records: list[StageRecord], info: dict, figures: list[str]) -> str:
+def _rows(doc: dict) -> list[Row]:
+    """The rows of a report.json."""
+    names = {f.name for f in fields(Row)}
+    return [Row(**{k: v for k, v in s.items() if k in names}) for s in doc["stages"]]
+
+
+def markdown(doc: dict) -> str:
+    """report.md from the report's data (report.json's content)."""
+    rows = _rows(doc)
     base = rows[0]
-    lines = [f"# Compression report: {info['name']}", "",
-             f"Recipe `{info['recipe']}`, {info['date']}, {info['machine']}. Every figure is measured on "
-             f"the validation split ({info['data']}) at {info['img_size']}×{info['img_size']}; ratios are to "
-             f"`{base.stage}`. Latency: CPU, batch 1, median of {info['runs']} runs, the models of "
+    folder = doc.get("run_folder")
+    where = (f" Paths name files relative to the run folder (`{folder}`), and the commands run from the "
+             f"project folder." if folder else "")
+    lines = [f"# Compression report: {doc['name']}", "",
+             f"Recipe `{doc['recipe']}`, {doc['date']}, {doc['machine']}. Every figure is measured on "
+             f"the validation split ({doc['data']}) at {doc['img_size']}×{doc['img_size']}; ratios are to "
+             f"`{base.stage}`. Latency: CPU, batch 1, median of {doc['runs']} runs, the models of "
              f"one runtime in alternation, denormals flushed to zero. Pipeline wall time "
-             f"{info['seconds'] / 60:.1f} min.", "",
+             f"{doc['seconds'] / 60:.1f} min.{where}", "",
              "| stage | mAP@0.5 | mAP@0.5:0.95 | parameters M | GFLOPs | checkpoint MB | "
              "deployed weights MB | "
              "PyTorch ms | onnxruntime ms | stage time s |",
@@ -244,42 +370,99 @@ def markdown(rows: list[Row], records: list[StageRecord], info: dict, figures: l
                   "float weights and its scales); deployed weights MB: parameters × weight bits / 8.",
               "- onnxruntime times the float ONNX, or the INT8 Q/DQ ONNX of a quantized checkpoint: "]
     lines += [f"  - {r.stage}: {r.ort_file}" for r in rows]
-    lines += ["", "## Stages", ""]
-    for rec in records:
-        what = "given (`--weights`)" if rec.given else f"`{rec.command}`"
-        skipped = ", skipped: done earlier" if rec.skipped else ""
-        lines.append(f"- **{rec.name}** ({rec.seconds:.0f} s{skipped}): {what}")
-    exports = [p for rec in records for p in rec.outputs]
-    if exports:
+    if doc.get("records"):
+        lines += ["", "## Stages", ""]
+        for rec in doc["records"]:
+            what = "given (`--weights`)" if rec["given"] else f"`{rec['command']}`"
+            skipped = ", skipped: done earlier" if rec["skipped"] else ""
+            lines.append(f"- **{rec['name']}** ({rec['seconds']:.0f} s{skipped}): {what}")
+    if doc.get("exports"):
+        sizes = doc.get("export_mb", {})
         lines += ["", "## Exports", "", "| file | MB |", "| --- | ---: |"]
-        for p in exports:
-            files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
-            size = sum(f.stat().st_size for f in files)
-            lines.append(f"| {p} | {size / 1e6:.2f} |")
-    if figures:
-        lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in figures]
+        lines += [f"| {p} | {_fmt(sizes.get(p), '.2f')} |" for p in doc["exports"]]
+    if doc.get("figures"):
+        lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in doc["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _megabytes(p: Path) -> float:
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6
 
 
 def write(records: list[StageRecord], recipe: Recipe, root: Path, seconds: float, runs: int = 30) -> Path:
     """Measure every stage and write ``report/report.{md,json}`` and the plots; returns the .md path."""
     from utils.datasets import resolve_data
 
+    def show(p: str | Path) -> str:
+        return shown_path(p, root, REPO)
+
     out = root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = measure(records, recipe, out, runs)
+    rows = measure(records, recipe, out, runs, show=show)
     figures = plots(rows, records, out)
-    info = {"name": root.name, "recipe": str(recipe.path),
-            "data": recipe.data or "the built-in shapes benchmark",
-            "data_file": str(resolve_data(recipe.data)),
-            "img_size": recipe.img_size, "runs": runs, "seconds": round(seconds, 1),
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
-    atomic_write(out / "report.json", json.dumps(
-        {**info, "stages": [{**asdict(r), "deployed_mb": r.deployed_mb} for r in rows],
-         "ratios": {r.stage: {k: _ratio_value(getattr(r, k), getattr(rows[0], k)) for k, _, _ in COLUMNS}
-                    for r in rows},
-         "exports": [str(p) for rec in records for p in rec.outputs], "figures": figures}, indent=2))
+    exports = [p for rec in records for p in rec.outputs]
+    doc = {"name": root.name, "run_folder": shown_path(root, REPO), "recipe": show(recipe.path),
+           "data": show(recipe.data) if recipe.data else "the built-in shapes benchmark",
+           "data_file": show(resolve_data(recipe.data)),
+           "img_size": recipe.img_size, "runs": runs, "seconds": round(seconds, 1),
+           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+           "stages": [{**asdict(r), "deployed_mb": r.deployed_mb} for r in rows],
+           "ratios": {r.stage: {k: _ratio_value(getattr(r, k), getattr(rows[0], k)) for k, _, _ in COLUMNS}
+                      for r in rows},
+           "records": [{"name": rec.name, "run": rec.run, "command": _shown_command(rec.command),
+                        "seconds": rec.seconds, "skipped": rec.skipped, "given": rec.given}
+                       for rec in records],
+           "exports": [show(p) for p in exports],
+           "export_mb": {show(p): round(_megabytes(p), 3) for p in exports},
+           "figures": figures}
+    atomic_write(out / "report.json", json.dumps(doc, indent=2) + "\n")
     md = out / "report.md"
-    atomic_write(md, markdown(rows, records, info, figures))
+    atomic_write(md, markdown(doc))
     return md
+
+
+def render(report_json: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Rebuild ``report.md`` and the two accuracy plots from a ``report.json`` alone (no stage is run or
+    measured), into ``out_dir`` (default: the json's folder), with a copy of the json there; the other
+    figures it names are left as they are. Returns the .md path."""
+    report_json = Path(report_json)
+    if report_json.is_dir():  # a run folder, or its report folder
+        report_json = next((p for p in (report_json / "report" / "report.json", report_json / "report.json")
+                            if p.is_file()), report_json / "report" / "report.json")
+    if not report_json.is_file():
+        raise UserError(f"{report_json}: no report.json there")
+    try:
+        doc = json.loads(report_json.read_text())
+        rows = _rows(doc)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{report_json}: not a compress.py report ({e})") from None
+    if not rows:
+        raise UserError(f"{report_json}: the report has no stages")
+    out = Path(out_dir) if out_dir else report_json.parent
+    out.mkdir(parents=True, exist_ok=True)
+    made = accuracy_plots(rows, out)
+    doc["figures"] = [*made, *(f for f in doc.get("figures", []) if f not in made)]
+    atomic_write(out / "report.json", json.dumps(doc, indent=2) + "\n")
+    md = out / "report.md"
+    atomic_write(md, markdown(doc))
+    return md
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.report", description=render.__doc__)
+    p.add_argument("report", help="a compress run folder, its report/ folder, or a report.json")
+    p.add_argument("out_dir", nargs="?", help="where to write (default: beside the report.json)")
+    a = p.parse_args(argv)
+    md = render(a.report, a.out_dir)
+    print(f"wrote {md} and the accuracy plots beside it")
+    return md
+
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+
+    sys.exit(run_cli(main))

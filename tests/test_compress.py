@@ -76,11 +76,34 @@ def test_miniature_recipe_report_is_consistent(mini_run):
         assert f"| {stage} (" in text
 
 
+def test_report_names_the_run_files_relative_to_the_run_folder(mini_run, shapes_data, tmp_path):
+    from pipeline.report import render
+
+    md = mini_run[2]
+    run_dir = md.parent.parent
+    report = json.loads((md.parent / "report.json").read_text())
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert rows["baseline"]["checkpoint"] == "baseline/weights/last.pt"
+    assert rows["prune"]["checkpoint"] == "prune/pruned.pt"
+    assert rows["qat"]["ort_file"] == "report/onnx/qat.int8.onnx"
+    assert sorted(report["exports"]) == sorted(report["export_mb"])
+    files = [*report["exports"], *(r[k] for r in rows.values() for k in ("checkpoint", "ort_file"))]
+    for p in files:
+        assert not Path(p).is_absolute() and (run_dir / p).exists(), p
+    assert report["data"] == report["data_file"] == str(shapes_data)  # the user's own, outside: as given
+    assert [r["name"] for r in report["records"]] == list(MINI["stages"])
+    text = md.read_text()
+    tables = text.split("## Stages")[0] + text.split("## Exports")[1]  # (commands name what they ran on)
+    assert f"{run_dir}/" not in tables and "report/onnx/qat.int8.onnx" in tables  # no run file absolute
+    # the markdown is made from the json alone: python -m pipeline.report rebuilds it
+    assert render(md.parent / "report.json", tmp_path).read_text() == text
+
+
 def test_miniature_recipe_exports_load(mini_run):
     import onnxruntime as ort
 
     project, md = mini_run[1:]
-    exports = [Path(p) for p in json.loads((md.parent / "report.json").read_text())["exports"]]
+    exports = [md.parent.parent / p for p in json.loads((md.parent / "report.json").read_text())["exports"]]
     by_suffix = {"".join(p.suffixes): p for p in exports}
     assert set(by_suffix) == {".int8.onnx", ".onnx", ".cfg", ".weights"}
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
@@ -157,7 +180,8 @@ def test_given_weights_replace_the_first_stage(mini_run, shapes_data, tmp_path):
     assert report["stages"][0]["checkpoint"] == str(trained.resolve())
     assert "no INT8 ONNX" in report["stages"][1]["ort_file"]  # power-of-two affine: no TensorRT form
     (package,) = report["exports"]
-    assert json.loads((Path(package) / "manifest.json").read_text())["layers"]
+    assert not Path(package).is_absolute()  # relative to the run folder
+    assert json.loads((md.parent.parent / package / "manifest.json").read_text())["layers"]
     assert "given (`--weights`)" in md.read_text()
 
 
