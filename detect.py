@@ -1,6 +1,7 @@
 """detect.py: run a detector on images, folders, globs, videos, webcams, streams or .txt lists.
 
-    python detect.py --weights runs/train/exp/weights/best.pt --source data/images
+    python detect.py --weights runs/train/exp/weights/best.pt              # the sample images in data/samples
+    python detect.py --data my.data --weights best.pt --source images/  # class names from the .data file
     python detect.py --cfg cfg/yolov3-tiny.cfg --weights yolov3-tiny.weights --source video.mp4
     python detect.py --weights model.onnx --source 0 --view-img
 
@@ -31,12 +32,16 @@ import torch
 from models.backends import Detector, load_detector
 from utils.boxes import non_max_suppression, scale_boxes
 from utils.cli import COUNT, COUNT0, FRACTION, IMG_SIZE, Parser, run_cli
+from utils.datasets import read_data_file
 from utils.errors import UserError
 from utils.files import img2label_path, is_image, is_video, next_run_dir, read_names
-from utils.outputs import OutputPlan, atomic_path, atomic_write
+from utils.outputs import OutputPlan, atomic_path, atomic_write, output_folder
 from utils.plots import draw_detections
 from utils.sources import Frame, is_stream, open_source, output_stem
 from utils.torch_utils import select_device
+
+
+SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
 
 
 @dataclass
@@ -53,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="detect.py", description=__doc__)
     p.add_argument("--weights", required=True, help=".pt, darknet weights with --cfg, or .onnx")
     p.add_argument("--cfg", default=None, help="darknet cfg (needed with darknet weights)")
-    p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index, URL, .txt")
+    p.add_argument("--source", default=None,
+                   help="image, folder, glob, video, webcam index, URL, .txt (default: the sample images in "
+                        "the project's data/samples)")
+    p.add_argument("--data", default=None, help=".data file whose names= file names the classes")
     p.add_argument("--img-size", type=IMG_SIZE, default=None,
                    help="default: the checkpoint's or ONNX's size, else the cfg's")
     p.add_argument("--conf-thres", type=FRACTION, default=0.25)
@@ -66,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view-img", action="store_true", help="show frames (needs OpenCV with a GUI); q quits")
     p.add_argument("--names", default=None, help="class names file, one per line (overrides the model's)")
     p.add_argument("--save-txt", action="store_true", help="labels/<stem>.txt: class xc yc w h conf")
+    p.add_argument("--save-conf", action="store_true",
+                   help="accepted for ultralytics users: --save-txt rows always end with the confidence")
     p.add_argument("--nosave", action="store_true", help="do not write annotated images/videos")
     p.add_argument("--output", default=None, help="default runs/detect/<name> (created, never emptied)")
     p.add_argument("--name", default="exp")
@@ -90,9 +100,9 @@ def _check_args(a: argparse.Namespace, det: Detector, names: list[str] | None) -
         bad = [c for c in a.classes or [] if not 0 <= c < det.classes]
         if bad:
             raise UserError(f"--classes {bad[0]}: the model has classes 0..{det.classes - 1}")
-        if a.names and len(names) != det.classes:
-            raise UserError(f"--names {a.names}: {len(names)} names but the model predicts {det.classes} "
-                            f"classes")
+        given = f"--names {a.names}" if a.names else f"--data {a.data}" if a.data else None
+        if given and len(names) != det.classes:
+            raise UserError(f"{given}: {len(names)} names but the model predicts {det.classes} classes")
     if det.fixed_hw and a.img_size and (a.img_size, a.img_size) != det.fixed_hw:
         raise UserError(f"--img-size {a.img_size}: {a.weights} was exported for {det.fixed_hw[0]}x"
                         f"{det.fixed_hw[1]} only (export with --dynamic for other sizes)")
@@ -105,19 +115,23 @@ def main(argv: list[str] | None = None) -> DetectSummary:
     if a.view_img and not has_gui():
         raise UserError("--view-img: this OpenCV build has no GUI (opencv-python-headless); drop --view-img")
     det = load_detector(a.weights, a.cfg, select_device(a.device), a.half)
-    names = read_names(a.names, "--names") if a.names else det.names
+    if a.names and a.data:
+        raise UserError("--names and --data both name the classes: give one")
+    names = read_names(a.names, "--names") if a.names else \
+        read_data_file(a.data).names if a.data else det.names
     _check_args(a, det, names)
     img_size = det.fixed_hw or a.img_size or det.img_size
-    source = open_source(a.source, img_size, det.stride, auto=det.fixed_hw is None)
+    source = open_source(a.source or str(SAMPLES), img_size, det.stride, auto=det.fixed_hw is None)
     if a.output and Path(a.output).exists() and not Path(a.output).is_dir():
         raise UserError(f"--output {a.output}: exists and is not a folder")
     out = Path(a.output) if a.output else next_run_dir(Path("runs") / "detect", a.name, a.exist_ok)
     dests = plan_outputs(source.items, out, a)
-    out.mkdir(parents=True, exist_ok=True)
     summary = DetectSummary(out, img_size, skipped=source.skipped)
     import torchvision.ops  # noqa: F401 -- NMS imports it lazily; here it stays out of frame 1's time
     t_start, t_model = time.perf_counter(), 0.0
-    with contextlib.ExitStack() as videos:  # each video is renamed into place once it is complete
+    # a source that fails to open (a stream, a video) leaves no empty output folder behind; each video is
+    # renamed into place once it is complete
+    with output_folder(out), contextlib.ExitStack() as videos:
         writers: dict[Path, cv2.VideoWriter] = {}
         for frame in source:
             t0 = time.perf_counter()

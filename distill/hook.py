@@ -41,7 +41,7 @@ from distill.matching import match_features, match_heads
 from engine.hooks import TrainContext, TrainHook
 from models.darknet import Darknet
 from models.io import load_model
-from utils.cli import NONNEGATIVE, POSITIVE, option
+from utils.cli import NONNEGATIVE, POSITIVE, option, refuse_unused
 from utils.errors import UserError
 from utils.loss import LossOutput, decode_box, obj_balance
 
@@ -68,11 +68,17 @@ class DistillOptions:
     # strategy 2: the student's box error counts unless within this of the teacher's
     kd_margin: float = option(0.0, "--kd-margin", type=NONNEGATIVE, help="strategy 2: teacher-bound margin")
 
+    def check(self) -> None:
+        refuse_unused(self, bool(self.kd_str or self.t_weights), "--t_weights and --KDstr 1..5",
+                      exempt=("kd_str", "t_weights"))
+        if self.t_weights and not self.kd_str:  # the older tools' plain --t_cfg --t_weights
+            print("--t_weights without --KDstr: strategy 1 (Hinton's distillation of the outputs)")
+            self.kd_str = 1
+
     def hook(self) -> DistillHook | None:
         if not self.kd_str and not self.t_weights:
             return None
-        if not self.kd_str:
-            raise UserError(f"--t_weights {self.t_weights}: choose a distillation strategy with --KDstr 1..5")
+        self.check()
         return DistillHook(self)
 
 
@@ -81,7 +87,7 @@ def load_teacher(t_weights: str, t_cfg: str = "", device: torch.device | str = "
         raise UserError("--KDstr needs a teacher: --t_weights (a .pt, or darknet weights with --t_cfg)")
     if not t_weights.endswith(".pt") and not t_cfg:
         raise UserError(f"--t_weights {t_weights}: darknet weights need the teacher's --t_cfg")
-    teacher = load_model(t_weights, t_cfg or None, device=device)
+    teacher = load_model(t_weights, t_cfg or None, device=device, cfg_flag="--t_cfg")
     # inference only: batch norms folded into the convs, no gradients
     return teacher.eval().requires_grad_(False).fuse()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from utils.cli import BATCH, EPOCHS, IMG_SIZE, SEED, WORKERS, option
+from utils.cli import BATCH, COUNT0, EPOCHS, IMG_SIZE, SEED, WORKERS, option
 from utils.errors import UserError
 from utils.files import read_text
 
@@ -38,6 +38,8 @@ class TrainOptions:
     weights: str = option("", "--weights", help="initial weights: .pt, or darknet weights for --cfg")
     epochs: int = option(16, "--epochs", type=EPOCHS)  # the default command fits in 20 minutes on 2 CPU cores
     batch_size: int = option(16, "--batch-size", type=BATCH, help="total over all processes")
+    accumulate: int = option(0, "--accumulate", type=COUNT0,
+                             help="batches per optimizer step (default 0: as many as make 64 images)")
     img_size: list[int] = option(None, "--img-size", type=IMG_SIZE, nargs="+", factory=lambda: [224],
                                  help="[min-train max-train] test")
     multi_scale: bool = option(False, "--multi-scale", help="vary the size between min and max train")
@@ -60,6 +62,15 @@ class TrainOptions:
     seed: int = option(0, "--seed", type=SEED)
     hyp: str = option("", "--hyp", help="YAML overriding data/hyp.scratch.yaml")
     cache_images: bool = option(False, "--cache-images", help="keep resized images in memory")
+    pt: bool = option(False, "-pt", "--pt",
+                      help="the older tools' 'start from pretrained --weights' (always so here: tensors are "
+                           "transferred, the class count may differ)")
+
+    def check(self) -> None:
+        if self.weights == "None" and not Path(self.weights).exists():  # the older tools' "no weights"
+            self.weights = ""
+        if self.pt and not self.weights:
+            raise UserError("-pt: give the pretrained --weights (a .pt, or darknet weights with --cfg)")
 
     @property
     def sizes(self) -> tuple[int, int, int]:

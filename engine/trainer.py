@@ -112,7 +112,7 @@ class Trainer:
         if not opts.weights and not self.resume_ckpt:
             init_head_biases(self.model, self.max_size)
         self.batch = opts.batch_size // self.world_size
-        self.accumulate = max(round(hyp["nbs"] / opts.batch_size), 1)
+        self.accumulate = opts.accumulate or max(round(hyp["nbs"] / opts.batch_size), 1)
         self.train_loader, self.train_set = create_dataloader(
             self.data.split("train"), self.data.classes, self.max_size, self.batch, stride, augment=True,
             hyp=hyp, rect=opts.rect, workers=opts.workers, shuffle=True, seed=opts.seed,
@@ -190,7 +190,7 @@ class Trainer:
             print(f"{cfg.source}: {cfg.classes} classes, {self.data_file} has {self.data.classes}: "
                   f"resizing the heads")
             cfg = with_classes(cfg, self.data.classes)
-        return load_model(opts.weights or None, cfg)
+        return load_model(opts.weights or None, cfg, transfer=True)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         hyp, opts = self.hyp, self.opts
@@ -276,7 +276,7 @@ class Trainer:
         except KeyboardInterrupt:
             if self.main and self.weights_dir is not None and hasattr(self, "optimizer"):
                 self._save(epoch - 1, None, interrupted=True)
-                print(f"\ninterrupted in epoch {epoch}: saved {self.weights_dir / 'last.pt'}; "
+                print(f"\ninterrupted in epoch {epoch + 1}: saved {self.weights_dir / 'last.pt'}; "
                       f"--resume repeats that epoch from the saved weights")
             raise
         finally:
@@ -285,8 +285,10 @@ class Trainer:
                 self.ctx.writer = None
             if getattr(self, "owns_process_group", False):
                 distributed.stop()
+            if self.main and self.run_dir is not None:  # an interrupted run gets its plot too
+                self._plot()
         if self.main:
-            self._plot()
+            self._say_where()
         return result
 
     def train_one_epoch(self, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -400,7 +402,7 @@ class Trainer:
 
     def validate(self) -> EvalResult:
         model = self.ema.ema if self.ema else self.model
-        return evaluate(model, self.val_loader, self.data.names, loss_fn=self.loss_fn, verbose=False)
+        return evaluate(model, self.val_loader, self.data.names, loss_fn=self.loss_fn)  # with a progress bar
 
     # ---------------------------------------------------------------- outputs
     def _tensorboard(self):
@@ -415,7 +417,7 @@ class Trainer:
         nan = float("nan")
         r = result
         row = dict(zip(RESULT_COLUMNS, [
-            epoch, *losses.tolist(), r.mp if r else nan, r.mr if r else nan, r.map50 if r else nan,
+            epoch + 1, *losses.tolist(), r.mp if r else nan, r.mr if r else nan, r.map50 if r else nan,
             r.map if r else nan, *(r.losses if r else [nan] * 3), self.optimizer.param_groups[0]["lr"],
             seconds]))
         row.update({f"train/{k}": v for k, v in extras.items()})
@@ -424,7 +426,7 @@ class Trainer:
         rows = []
         if path.exists():  # a resumed run drops rows of epochs it is about to redo
             with path.open() as fh:
-                rows = [x for x in csv.DictReader(fh) if int(x["epoch"]) < epoch]
+                rows = [x for x in csv.DictReader(fh) if int(x["epoch"]) <= epoch]  # 1-based
         rows.append(row)
         text = io.StringIO(newline="")
         w = csv.DictWriter(text, fieldnames=columns)
@@ -434,7 +436,7 @@ class Trainer:
         if writer is not None:
             for k, v in row.items():
                 if k != "epoch" and not math.isnan(v):
-                    writer.add_scalar(k, v, epoch)
+                    writer.add_scalar(k, v, epoch + 1)
             writer.flush()
         if r:
             print(f"epoch {epoch + 1}: P {r.mp:.3f} R {r.mr:.3f} mAP@0.5 {r.map50:.4f} "
@@ -466,6 +468,12 @@ class Trainer:
         if best and not interrupted:
             save_checkpoint(self.weights_dir / "best.pt", model, **meta)
         save_checkpoint(self.weights_dir / "last.pt", model, **meta)
+
+    def _say_where(self) -> None:
+        best = self.weights_dir / "best.pt"
+        fitness = f"best.pt (fitness {self.best_fitness:.4f} = 0.1 mAP@0.5 + 0.9 mAP@0.5:0.95), " \
+            if best.is_file() else ""
+        print(f"results in {self.run_dir}: weights/{fitness}weights/last.pt, results.csv, results.png")
 
     def _plot(self) -> None:
         from utils.plots import plot_results

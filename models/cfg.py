@@ -165,9 +165,10 @@ def read_cfg(path: str | Path) -> ModelCfg:
     return parse_cfg(read_text(path, "cfg"), str(path))
 
 
-def _format(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """An option value as a cfg file writes it."""
     if isinstance(value, list):
-        return ",".join(_format(v) for v in value)
+        return ",".join(format_value(v) for v in value)
     if isinstance(value, float):
         return repr(value)
     return str(value)
@@ -180,7 +181,7 @@ def _write_block(block: Block) -> Iterable[str]:
         for key in kind_of(block).written_defaults:
             options.setdefault(key, block[key])
     for key, value in options.items():
-        yield f"{key}={_format(value)}"
+        yield f"{key}={format_value(value)}"
 
 
 def write_cfg(cfg: ModelCfg) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cfg import ModelCfg, parse_cfg, read_cfg, write_cfg
+from models.cfg import ModelCfg, format_value, parse_cfg, read_cfg, write_cfg
 from models.darknet import Darknet
 from models.shapes import head_channels, infer_shapes, layer_inputs
 from utils.errors import UserError
@@ -78,7 +78,10 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = [f"loaded {self.loaded} tensors", *self.notes]
-        lines += [f"skipped {s}" for s in self.skipped]
+        if self.skipped:  # a few named, the rest counted: a warning is one readable line
+            shown = "; ".join(self.skipped[:3])
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            lines.append(f"skipped {len(self.skipped)}: {shown}{more}")
         return "; ".join(lines)
 
 
@@ -301,14 +304,47 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def cfg_differences(have: ModelCfg, want: ModelCfg, same_classes: bool = False) -> list[str]:
+    """Where the layers of ``want`` mean something other than those of ``have`` (``[net]`` aside),
+    one phrase per layer; ``same_classes``: a different class count (and the head convs sized by it)
+    is not a difference."""
+    if same_classes and have.heads and want.heads:
+        have = with_classes(have, want.classes)
+    if len(have.layers) != len(want.layers):
+        return [f"{len(have.layers)} layers in the .pt, {len(want.layers)} in the cfg"]
+    out = []
+    for i, (a, b) in enumerate(zip(have.layers, want.layers)):
+        if a.type != b.type:
+            out.append(f"layer {i} is [{a.type}] in the .pt, [{b.type}] in the cfg")
+            continue
+        keys = [k for k in dict.fromkeys([*a.options, *b.options]) if a[k] != b[k]]
+        if keys:
+            out.append(f"layer {i} [{a.type}] " + ", ".join(
+                f"{k}={format_value(a[k])} in the .pt, {format_value(b[k])} in the cfg" for k in keys))
+    return out
+
+
+def check_cfg_matches(weights: Path, embedded: ModelCfg, cfg: ModelCfg, flag: str, transfer: bool) -> None:
+    """Refuse a ``--cfg`` that describes another network than the ``.pt`` it is given with (a model
+    built from it would be loaded in part and run half random); ``transfer`` (training's initial
+    weights) allows another class count, whose heads then start anew."""
+    diffs = cfg_differences(embedded, cfg, same_classes=transfer)
+    if diffs:
+        more = f" (and {len(diffs) - 2} more layers)" if len(diffs) > 2 else ""
+        raise UserError(f"{flag} {cfg.source} is not the network inside {weights}: "
+                        f"{'; '.join(diffs[:2])}{more}; a .pt carries its cfg: leave out {flag}")
+
+
 def load_model(weights: str | Path | None = None, cfg: str | Path | ModelCfg | None = None,
-               device: str | torch.device = "cpu", cutoff: int | None = None) -> Darknet:
+               device: str | torch.device = "cpu", cutoff: int | None = None, transfer: bool = False,
+               cfg_flag: str = "--cfg") -> Darknet:
     """The one entry for every script: a ``.pt`` checkpoint alone, cfg + darknet weights (any
     other file name, since darknet's own are ``.weights`` or ``.conv.74``), or a cfg alone
     (random initial weights).
 
-    With a ``.pt`` and a cfg, the model is built from the cfg and the checkpoint's tensors whose
-    shapes fit are copied in (e.g. to change the class count); what was skipped is logged.
+    With a ``.pt`` and a cfg, the cfg must describe the checkpoint's network (``cfg_flag`` names it in
+    the error); ``transfer`` (initial weights for training) allows another class count: the head
+    tensors whose shapes differ are skipped and logged.
     """
     if weights is None and cfg is None:
         raise UserError("give --weights (a .pt checkpoint, or darknet .weights with --cfg) or --cfg")
@@ -323,7 +359,10 @@ def load_model(weights: str | Path | None = None, cfg: str | Path | ModelCfg | N
     elif cfg is None:
         raise UserError(f"{weights}: darknet .weights carry no architecture: give its --cfg")
     if cfg is not None:
-        model_cfg = cfg if isinstance(cfg, ModelCfg) else read_cfg(cfg)
+        given = cfg if isinstance(cfg, ModelCfg) else read_cfg(cfg)
+        if ckpt is not None:
+            check_cfg_matches(weights, model_cfg, given, cfg_flag, transfer)
+        model_cfg = given
     model = Darknet(model_cfg)
     if ckpt is not None and ckpt["meta"].get("quant"):  # a quantized checkpoint: the same modules first
         from models.quantized.convert import QuantConfig, quantize_model

@@ -3,7 +3,8 @@ the one way the suite measures CPU latency (:func:`latencies`, :func:`measure`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from models.darknet import Darknet
 from models.layers import conv_macs
 from models.shapes import Shape, infer_shapes
-from utils.torch_utils import alternating_medians
+from utils.torch_utils import alternating_times
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,39 @@ def latencies(calls: list[Callable[[], object]], runs: int, warmup: int = 3) -> 
     flushed to zero as deployment runtimes do: sparse-trained weights make denormal activations, which
     slow x86 float math (measured 1.26x on a sparse yolo-small in PyTorch). Every latency the suite
     reports (the prune scripts, the compress report, the benchmarks) is measured here."""
+    return [statistics.median(t) for t in latency_samples(calls, runs, warmup)]
+
+
+def latency_samples(calls: list[Callable[[], object]], runs: int, warmup: int = 3) -> list[list[float]]:
+    """The milliseconds of every timed round of each call (see :func:`latencies`)."""
     torch.set_flush_denormal(True)
     try:
-        return alternating_medians(calls, runs, warmup)
+        return alternating_times(calls, runs, warmup)
     finally:
         torch.set_flush_denormal(False)
+
+
+@dataclass(frozen=True)
+class RatioSpread:
+    """The latency ratio of two models timed in alternation: the median of the per-round ratios and
+    their quartiles; ``wide`` when the quartiles lie more than 20 % apart (a busy machine)."""
+    median: float
+    q1: float
+    q3: float
+
+    @property
+    def wide(self) -> bool:
+        return (self.q3 - self.q1) > 0.2 * self.median
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} (quartiles {self.q1:.3f}-{self.q3:.3f})"
+
+
+def ratio_spread(base: Sequence[float], other: Sequence[float]) -> RatioSpread:
+    """``other``/``base`` per round (rounds timed in alternation share the machine's state)."""
+    ratios = sorted(o / b for b, o in zip(base, other))
+    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return RatioSpread(med, q1, q3)
 
 
 @dataclass(frozen=True)
@@ -99,13 +128,14 @@ class Measurement:
     params: int
     gflops: float
     latency_ms: float
+    latency_samples: tuple[float, ...] = ()  # every timed round, in the order timed
 
 
 def measure(models: list[Darknet], img_size: int, runs: int, warmup: int = 3) -> list[Measurement]:
     """Parameters, GFLOPs and batch-1 CPU latency (median, the models timed in alternation)."""
-    times = latencies([torch_call(m, img_size) for m in models], runs, warmup)
+    samples = latency_samples([torch_call(m, img_size) for m in models], runs, warmup)
     out = []
-    for m, ms in zip(models, times):
+    for m, times in zip(models, samples):
         s = summarize(m, img_size)
-        out.append(Measurement(s.params, s.gflops, ms))
+        out.append(Measurement(s.params, s.gflops, statistics.median(times), tuple(times)))
     return out

@@ -21,7 +21,7 @@ from typing import Any
 
 from models.darknet import Darknet
 from models.io import open_checkpoint, resolve_img_size, save_checkpoint, save_darknet_weights
-from models.summary import measure
+from models.summary import measure, ratio_spread
 from prune.methods import apply_plan, method, plan
 from utils.cli import (
     BATCH,
@@ -60,7 +60,7 @@ class PruneOptions:
     layer_keep: float = option(0.01, "--layer-keep", "--layer_keep", type=FRACTION,
                                help="each layer (residual chain) keeps at least this share of its channels")
     round_to: int = option(8, "--round-to", type=MULTIPLE, help="kept widths are multiples of this")
-    shortcuts: int = option(2, "--shortcuts", type=COUNT, help="residual blocks to remove")
+    shortcuts: int = option(2, "--shortcuts", "--shortcut", type=COUNT, help="residual blocks to remove")
     img_size: int | None = option(None, "--img-size", type=IMG_SIZE,
                                   help="evaluation, GFLOPs and latency size (default: the checkpoint's, else "
                                        "the cfg's)")
@@ -108,6 +108,7 @@ class Measure:
     latency_ms: float
     map50: float | None = None
     map: float | None = None
+    latency_samples: tuple[float, ...] = ()
 
 
 def apply_method(model: Darknet, name: str, percent: float = 0.5, layer_keep: float = 0.01,
@@ -123,7 +124,7 @@ def measure_pair(before: Darknet, after: Darknet, img_size: int, runs: int, load
     """Parameters, GFLOPs and CPU latency of both models (timed in alternation) and, with a loader, mAP."""
     out = []
     for model, m in zip((before, after), measure([before, after], img_size, runs, warmup=2)):
-        row = Measure(m.params, m.gflops, m.latency_ms)
+        row = Measure(m.params, m.gflops, m.latency_ms, latency_samples=m.latency_samples)
         if loader is not None:
             r = evaluate(model, loader, names, verbose=False)
             row.map50, row.map = r.map50, r.map
@@ -146,6 +147,12 @@ def table(before: Measure, after: Measure, img_size: int) -> str:
     out = [f"{'':<34}{'before':>10}{'after':>10}{'after/before':>14}"]
     for name, a, b, spec in rows:
         out.append(f"{name:<34}{fmt(a, spec):>10}{fmt(b, spec):>10}{ratio(b, a):>14}")
+    if before.latency_samples and after.latency_samples:
+        spread = ratio_spread(before.latency_samples, after.latency_samples)
+        out.append(f"latency after/before per timed round: {spread}, {len(after.latency_samples)} rounds")
+        if spread.wide:
+            out.append("warning: the latency ratio varied more than 20 % between rounds (a busy machine?); "
+                       "rerun with a larger --latency-runs on an idle machine before trusting it")
     return "\n".join(out)
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from engine.hooks import TrainContext, TrainHook
 from prune.methods import METHODS, SPARSITY_ALIASES, PruneMethod, method
-from utils.cli import FRACTION, SPARSITY, option
+from utils.cli import FRACTION, SPARSITY, option, refuse_unused
 from utils.errors import UserError
 
 SCHEDULES = ("constant", "global", "local")
@@ -65,6 +65,9 @@ class SparsityOptions:
     def method(self) -> PruneMethod:
         """The pruning method whose batch norms are penalized: --prune-method, else --prune's."""
         return method(self.prune_method or SPARSITY_ALIASES[self.prune])
+
+    def check(self) -> None:
+        refuse_unused(self, self.sr, "-sr (sparse training)", exempt=("sr",))
 
     def hook(self) -> SparsityHook | None:
         if not self.sr:

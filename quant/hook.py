@@ -19,7 +19,7 @@ from torch import nn
 from engine.hooks import TrainContext, TrainHook
 from models.quantized.convert import QuantConfig, freeze_bn, freeze_observers, quantize_model
 from models.quantized.modules import QuantSpec
-from utils.cli import BITS, EPOCH_OR_NEVER, POSITIVE, option
+from utils.cli import BITS, EPOCH_OR_NEVER, POSITIVE, option, refuse_unused
 from utils.errors import UserError
 
 METHODS = {1: "google", 2: "dorefa"}  # --quantized numbers, as the older tools' users know them
@@ -41,7 +41,7 @@ class QuantOptions:
                             help="1 or google: Jacob et al. scales; 2 or dorefa: DoReFa")
     w_bit: int = option(8, "--w-bit", type=BITS, help="weight bits (2-8 or 16)")
     a_bit: int = option(8, "--a-bit", type=BITS, help="activation bits (2-8 or 16)")
-    bn_fold: bool = option(False, "--BN_Fold", "--bn-fold",
+    bn_fold: bool = option(False, "--BN_Fold", "--bn-fold", "--BN_Flod",
                            help="fold batch norms into the quantized weights (Jacob et al.)")
     fpga: bool = option(False, "--FPGA", "--fpga",
                         help="power-of-two scales and every layer quantized, image and heads included")
@@ -54,6 +54,9 @@ class QuantOptions:
                                   help="from this epoch folded BNs use their running statistics (-1: never)")
     freeze_observer_epoch: int = option(-1, "--freeze-observer-epoch", type=EPOCH_OR_NEVER,
                                         help="from this epoch activation ranges stop moving (-1: never)")
+
+    def check(self) -> None:
+        refuse_unused(self, bool(self.quantized), "--quantized 1|google|2|dorefa", exempt=("quantized",))
 
     def hook(self) -> QuantHook | None:
         return hook_from_options(self) if self.quantized else None

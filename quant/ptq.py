@@ -55,6 +55,7 @@ class PtqOptions:
     """The flags of ``python -m quant.ptq``."""
     weights: str = option("", "--weights", required=True, help="trained float .pt")
     data: str = option("", "--data", required=True, help=".data file whose training images calibrate")
+    cfg: str = option("", "--cfg", help="not needed (a .pt carries its cfg); when given, it must be that cfg")
     w_bit: int = option(8, "--w-bit", type=BITS)
     a_bit: int = option(8, "--a-bit", type=BITS)
     calib: str = option("mse", "--calib", choices=CALIBRATIONS)
@@ -111,7 +112,7 @@ def run(o: PtqOptions) -> StageResult:
     """Calibrate and write ``quantized.pt`` and ``report.json``; the result's value is the report."""
     if Path(o.weights).suffix != ".pt":
         raise UserError(f"--weights {o.weights}: expected a trained float .pt checkpoint")
-    opened = open_checkpoint(o.weights)
+    opened = open_checkpoint(o.weights, o.cfg or None)
     model, meta, weights = opened.model, opened.meta, opened.path
     if meta.get("quant"):
         raise UserError(f"--weights {weights}: already quantized; give the float checkpoint")
@@ -129,7 +130,7 @@ def run(o: PtqOptions) -> StageResult:
         raise UserError(f"--w-bit {o.w_bit} --a-bit {o.a_bit}: {e}") from None
     config = QuantConfig(spec, fpga=o.fpga, observer=o.calib, percentile=o.percentile)
     out = Path(o.output) if o.output else next_run_dir("runs/ptq", o.name)
-    plan = OutputPlan([weights, o.data], o.exist_ok)
+    plan = OutputPlan([weights, o.data, o.cfg], o.exist_ok)
     outputs = [plan.add(out / "quantized.pt"), plan.add(out / "report.json")]
     plan.check()  # before calibrating: a refused run writes nothing
     quantize_model(model, config)

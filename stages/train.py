@@ -59,6 +59,12 @@ class TrainJob:
         made = [self.sparsity.hook(), *extra, self.quant.hook(), self.distill.hook()]
         return [h for h in made if h is not None]
 
+    def check(self) -> TrainJob:
+        """Refuse a technique's flag given while the technique is off (it would do nothing)."""
+        for group in self.groups():
+            group.check()
+        return self
+
     def replace_core(self, **changes: Any) -> TrainJob:
         return dataclasses.replace(self, core=dataclasses.replace(self.core, **changes))
 
@@ -78,7 +84,7 @@ class TrainJob:
     def from_mapping(cls, mapping: Mapping[str, Any], where: str) -> TrainJob:
         """From recipe keys (flag names, dashes or underscores), each value checked like the flag's."""
         values = values_from_mapping([kind for _, kind, _ in GROUPS], mapping, where, "train.py")
-        return cls(**{name: kind(**values[kind]) for name, kind, _ in GROUPS})
+        return cls(**{name: kind(**values[kind]) for name, kind, _ in GROUPS}).check()
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -88,7 +94,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None, description: str = "") -> TrainJob:
     """``train.py``'s command line as a job; with ``--resume`` the job of that checkpoint."""
     ns = build_parser(description).parse_args(argv)
-    job = TrainJob(**{name: from_namespace(kind, ns) for name, kind, _ in GROUPS})
+    job = TrainJob(**{name: from_namespace(kind, ns) for name, kind, _ in GROUPS}).check()
     if job.core.resume:
         return resumed(job.core.resume, job.core.project)
     return job

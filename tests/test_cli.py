@@ -121,10 +121,17 @@ def test_bad_numbers_are_one_line_naming_the_flag(script, flag, kind, capsys):
 def test_unknown_flag_names_the_closest_one(capsys):
     err = _parse_error(train.build_parser, ["--img-sise", "64"], capsys)
     assert "unrecognized arguments: --img-sise 64" in err and "did you mean --img-size?" in err
-    err = _parse_error(detect.build_parser, [*W, "--source", "x.jpg", "--conf_thres", "0.3"], capsys)
+    err = _parse_error(detect.build_parser, [*W, "--source", "x.jpg", "--conf-thresh", "0.3"], capsys)
     assert "did you mean --conf-thres?" in err
     err = _parse_error(test_script.build_parser, [], capsys)  # a missing required flag
     assert "--weights" in err
+
+
+def test_underscores_and_dashes_are_one_spelling():
+    a = detect.build_parser().parse_args([*W, "--conf_thres", "0.3", "--img_size", "96", "--save_txt"])
+    assert a.conf_thres == 0.3 and a.img_size == 96 and a.save_txt
+    a = detect.build_parser().parse_args([*W, "--iou-thres=0.5", "--max_det=7"])  # with '=' too
+    assert a.iou_thres == 0.5 and a.max_det == 7
 
 
 @pytest.mark.slow

@@ -141,12 +141,37 @@ def test_plots_write_readable_pngs(tmp_path):
         s.update(d, lab)
         cm.update(d, lab)
     csv = tmp_path / "results.csv"
-    csv.write_text("epoch,train/box,metrics/mAP_0.5\n0,0.1,0.2\n1,0.08,0.4\n")
+    csv.write_text("epoch,train/box,metrics/mAP_0.5\n1,0.1,0.2\n2,0.08,0.4\n")
     for path in (plot_pr_curve(s.compute(NAMES), tmp_path / "pr.png"),
                  plot_confusion_matrix(cm, NAMES, tmp_path / "cm.png"),
                  plot_results(csv, tmp_path / "results.png")):
         img = cv2.imread(str(path))
         assert img is not None and img.shape[0] > 100 and img.std() > 1
+
+
+@pytest.mark.parametrize("epochs", [[1, 2], [1, 2, 3], list(range(1, 31))])
+def test_results_plot_shows_the_epoch_column_on_whole_epoch_ticks(tmp_path, monkeypatch, epochs):
+    """results.png: x is the csv's epoch column as written (1-based there), ticked on whole epochs only."""
+    import utils.plots
+
+    seen = {}
+    real = utils.plots.save_figure
+
+    def keep(fig, path, **kw):
+        seen["panels"] = [(list(ax.get_lines()[0].get_xdata()), ax.get_xticks(), ax.get_xlim())
+                          for ax in fig.axes if ax.get_lines()]
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(utils.plots, "save_figure", keep)
+    csv = tmp_path / "results.csv"
+    rows = "".join(f"{e},{1 / e:.3f},{e / 40:.3f}\n" for e in epochs)
+    csv.write_text("epoch,train/box,metrics/mAP_0.5\n" + rows)
+    plot_results(csv, tmp_path / "results.png")
+    assert len(seen["panels"]) == 2
+    for xs, ticks, (lo, hi) in seen["panels"]:
+        assert xs == epochs
+        shown = [t for t in ticks if lo <= t <= hi]
+        assert len(shown) >= 2 and all(float(t).is_integer() for t in shown), shown
 
 
 def test_draw_detections_boxes_in_a_fixed_colour_per_class():

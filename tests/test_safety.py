@@ -127,7 +127,7 @@ def test_resume_writes_only_beside_its_checkpoint(shapes_data, tmp_path):
     meta = load_checkpoint(last)["meta"]
     assert meta["epoch"] == 1 and Path(meta["run_dir"]) == (tmp_path / "exp_first").resolve()
     rows = (tmp_path / "exp_first" / "results.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # epochs counted from 1
 
 
 def test_best_pt_is_saved_before_it_is_recorded_and_rederived_on_resume(shapes_data, tmp_path):

@@ -64,7 +64,7 @@ def test_train_writes_its_outputs_and_calls_hooks(shapes_data, tmp_path):
         assert (run / f).is_file(), f
     assert list(run.glob("events.out.tfevents.*"))
     rows = list(csv.DictReader((run / "results.csv").open()))
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # epochs counted from 1, as on the console
     assert 0.0 <= result.map50 <= 1.0
     # 2 batches of 4 per epoch, accumulate = nbs 16 / 4 = 4: one optimizer step per epoch (flushed at its end)
     assert rec.extra_calls == 4 and rec.steps == 2 and all(rec.grad_seen)
@@ -95,6 +95,7 @@ def test_interrupt_saves_last_and_resume_matches_uninterrupted(shapes_data, tmp_
     last = tmp_path / "cut" / "weights" / "last.pt"
     meta = load_checkpoint(last)["meta"]
     assert meta["interrupted"] and meta["epoch"] == 1
+    assert (tmp_path / "cut" / "results.png").is_file()  # an interrupted run is plotted too
     trainer(resumed(str(last))).fit()
     full = load_checkpoint(tmp_path / "full" / "weights" / "last.pt")
     after = load_checkpoint(last)

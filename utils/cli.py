@@ -29,6 +29,24 @@ class Parser(argparse.ArgumentParser):
         kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kw)
 
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        return super().parse_known_args(self.respell(sys.argv[1:] if args is None else list(args)),
+                                        namespace)
+
+    def respell(self, args: list[str]) -> list[str]:
+        """Underscores and dashes are interchangeable in long flags (``--img_size`` is ``--img-size``,
+        ``--bn_fold`` is ``--BN_Fold``), as the older tools spelled them; a flag given exactly as
+        declared is left alone."""
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        by_key = {_spelling(s): s for s in known}
+        out = []
+        for arg in args:
+            flag, eq, value = arg.partition("=")
+            if flag.startswith("--") and flag not in known and _spelling(flag) in by_key:
+                arg = by_key[_spelling(flag)] + eq + value
+            out.append(arg)
+        return out
+
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):
             message += self._suggestion(message.split(":", 1)[1].split())
@@ -43,6 +61,11 @@ class Parser(argparse.ArgumentParser):
                 if close:
                     return f"; did you mean {close[0]}?"
         return ""
+
+
+def _spelling(flag: str) -> str:
+    """What a long flag means regardless of case and of underscores or dashes."""
+    return flag.replace("_", "-").lower()
 
 
 @dataclass(frozen=True)
@@ -242,6 +265,23 @@ def convert(f: Field, value: Any, where: str) -> Any:
                             f"{', '.join(map(str, m['choices']))}, not {v!r}")
         out.append(x)
     return out if many else out[0]
+
+
+def given_flags(obj: Any, names: Sequence[str] | None = None) -> list[str]:
+    """The flags of the dataclass ``obj`` (those of the fields ``names``, default all) set to something
+    other than their default."""
+    return [f.metadata["flags"][0] for f in flag_fields(type(obj))
+            if (names is None or f.name in names) and getattr(obj, f.name) != _default(f)]
+
+
+def refuse_unused(obj: Any, switched_on: bool, switch: str, exempt: Sequence[str] = ()) -> None:
+    """A flag of ``obj``'s group given while the group's technique is off would do nothing: one line
+    naming it and the ``switch`` that turns the technique on."""
+    if switched_on:
+        return
+    unused = given_flags(obj, [f.name for f in flag_fields(type(obj)) if f.name not in exempt])
+    if unused:
+        raise UserError(f"{', '.join(unused)}: does nothing without {switch}")
 
 
 def to_argv(obj: Any) -> list[str]:

@@ -73,7 +73,17 @@ def read_data_file(path: str | Path) -> DataConfig:
     """Parse ``classes=``, ``train=``, ``valid=`` (or ``val=``), ``names=``; others are kept in ``extra``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: .data file not found")
+        from utils.synthetic import DATASETS, builtin_params, ensure_shapes
+
+        builtin = builtin_params(path)
+        if builtin is not None:  # a built-in benchmark's documented path: made on first use
+            ensure_shapes(*builtin)
+        elif path.name == "shapes.data":
+            raise UserError(f"{path}: .data file not found (the built-in benchmarks are made on first use "
+                            f"at {DATASETS}/<shapes|shapes-mini>/shapes.data; elsewhere: python -m "
+                            f"utils.synthetic --root FOLDER)")
+        else:
+            raise UserError(f"{path}: .data file not found")
     entries: dict[str, str] = {}
     for n, raw in enumerate(read_text(path, ".data file").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()

@@ -134,7 +134,8 @@ def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_
                 curve[k] = q
         # recall and precision as functions of the confidence threshold (conf decreasing)
         r_conf[k] = np.interp(-grid, -conf[sel], recall[:, 0], left=0)
-        p_conf[k] = np.interp(-grid, -conf[sel], precision[:, 0], left=1)
+        # above its highest confidence a class has no detections: precision 0 there, as pycocotools has it
+        p_conf[k] = np.interp(-grid, -conf[sel], precision[:, 0], left=0)
     f1_conf = 2 * p_conf * r_conf / (p_conf + r_conf + 1e-16)
     best = int(f1_conf.mean(0).argmax()) if len(classes) else 0
     return ClassStats(classes, counts, ap, p_conf[:, best], r_conf[:, best], f1_conf[:, best],

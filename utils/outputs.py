@@ -115,6 +115,23 @@ def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def output_folder(path: str | Path) -> Iterator[Path]:
+    """Create the folder ``path`` (and its missing parents) for a run's outputs; when the run fails
+    before writing anything into it, remove the folders this call created (a failed command leaves no
+    empty run folder), never one that existed before."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for p in missing:  # deepest first
+            with contextlib.suppress(OSError):  # not empty: it holds outputs, which stay
+                p.rmdir()
+        raise
+
+
 def replace_folder(new: Path, old: Path) -> None:
     """Swap the finished folder ``new`` in for ``old``: ``old`` is renamed aside, ``new`` renamed in,
     and only then the old copy removed (the caller has checked ``old`` may go)."""

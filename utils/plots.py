@@ -23,8 +23,11 @@ def pyplot():
 
 
 def plot_results(csv_path: str | Path, path: str | Path) -> Path:
-    """Every numeric column of a results.csv (first column ``epoch``) as a grid of small plots."""
+    """Every numeric column of a results.csv (first column ``epoch``) as a grid of small plots, against the
+    epoch column as written (ticks on whole epochs only)."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     with Path(csv_path).open() as fh:
         rows = list(csv.DictReader(fh))
     cols = [c for c in (rows[0].keys() if rows else []) if c != "epoch"]
@@ -32,11 +35,12 @@ def plot_results(csv_path: str | Path, path: str | Path) -> Path:
     ncol = min(n, 4)
     nrow = math.ceil(n / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False)
-    epochs = [int(r["epoch"]) + 1 for r in rows]
+    epochs = [int(r["epoch"]) for r in rows]
     for ax, c in zip(axes.flat, cols):
         ax.plot(epochs, [float(r[c]) for r in rows], marker=".")
         ax.set_title(c, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(cols):]:
         ax.axis("off")
     fig.tight_layout()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from utils.errors import UserError
 from utils.outputs import atomic_write
@@ -83,6 +84,18 @@ class ShapesParams:
 
 
 DEFAULT_PARAMS = ShapesParams()
+# the built-in benchmarks by folder name under datasets/: a command given datasets/<name>/shapes.data
+# generates it on first use; shapes-mini is for smoke runs (recipes/smoke.yaml), not for measurements
+BUILTIN = {"shapes": DEFAULT_PARAMS, "shapes-mini": ShapesParams(n_train=96, n_val=32)}
+DATASETS = DEFAULT_ROOT.parent
+
+
+def builtin_params(data_file: Path) -> tuple[Path, ShapesParams] | None:
+    """The root and parameters of the built-in benchmark whose documented ``.data`` path this is."""
+    for name, params in BUILTIN.items():
+        if data_file.resolve() == DATASETS / name / "shapes.data":
+            return DATASETS / name, params
+    return None
 
 
 def _outline(cls: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -199,7 +212,8 @@ def _write_split(root: Path, split: str, n: int, p: ShapesParams) -> None:
     (root / "labels" / split).mkdir(parents=True)
     split_id = {"train": 0, "val": 1}[split]
     lines = []
-    for i in range(n):
+    for i in tqdm(range(n), desc=f"shapes {split}", unit="img", bar_format="{l_bar}{bar:10}{r_bar}",
+                  disable=n < 100):
         rng = np.random.default_rng((p.seed, split_id, i))
         img, labels = render_image(rng, p)
         rel = f"images/{split}/{i:06d}.jpg"

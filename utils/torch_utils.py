@@ -132,6 +132,11 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
 def alternating_medians(fns: list[Callable[[], object]], runs: int, warmup: int) -> list[float]:
     """Like :func:`median_ms` for several functions timed in turn, round after round, so drift in the
     machine's speed hits each of them alike: one median (ms) per function."""
+    return [statistics.median(t) for t in alternating_times(fns, runs, warmup)]
+
+
+def alternating_times(fns: list[Callable[[], object]], runs: int, warmup: int) -> list[list[float]]:
+    """The milliseconds of each of ``runs`` rounds per function, the functions timed in turn."""
     times: list[list[float]] = [[] for _ in fns]
     for r in range(warmup + runs):
         for k, fn in enumerate(fns):
@@ -139,4 +144,4 @@ def alternating_medians(fns: list[Callable[[], object]], runs: int, warmup: int)
             fn()
             if r >= warmup:
                 times[k].append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(t) for t in times]
+    return times
