@@ -40,7 +40,6 @@ from utils.plots import draw_detections
 from utils.sources import Frame, is_stream, open_source, output_stem
 from utils.torch_utils import select_device
 
-
 SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
 
 

@@ -208,7 +208,7 @@ def test_class_count_transfer_skips_and_reports_heads(tmp_path):
 def test_checkpoint_into_a_cfg_with_other_classes(tmp_path):
     coco = tame_model(Path("cfg/yolov3-tiny.cfg"))
     save_checkpoint(tmp_path / "coco.pt", coco)
-    with pytest.raises(UserError, match="classes=80 in the .pt, 5 in the cfg"):  # outside training: refused
+    with pytest.raises(UserError, match=r"classes=80 in the \.pt, 5 in the cfg"):  # outside training: refused
         load_model(tmp_path / "coco.pt", with_classes(coco.cfg, 5))
     model = load_model(tmp_path / "coco.pt", with_classes(coco.cfg, 5), transfer=True)  # training's transfer
     assert model.cfg.classes == 5
