@@ -175,6 +175,7 @@ def small_pt(tmp_path_factory) -> tuple[Path, Path, Path]:
     other = cfg.copy()
     other.layers[0].set("filters", 8)  # a pruned-looking first layer
     save_cfg(other, root / "other.cfg")
+    (root / "six.data").write_text("classes=6\n")  # enough for train.py to reach the model
     return root / "small.pt", root / "own.cfg", root / "other.cfg"
 
 
@@ -191,7 +192,7 @@ def _scripts_with_cfg(pt: Path, cfg: Path, out: Path) -> dict[str, tuple]:
         "export.py": (export_script.main, [*given, "--output", str(out / "x")]),
         "slim_prune.py": (lambda argv: prune_cli.main("slim", argv), given),
         "quant.ptq": (ptq.main, [*given, "--data", data]),
-        "train.py": (train.main, [*given, "--epochs", "1"]),
+        "train.py": (train.main, [*given, "--epochs", "1", "--data", str(pt.parent / "six.data")]),
     }
 
 

@@ -61,27 +61,29 @@ def _resolve(value: str, base: Path) -> Path:
 
 
 def resolve_data(data: str | Path) -> Path:
-    """``--data``: a .data file, or empty for the built-in benchmark (generated on first use)."""
-    if data:
-        return Path(data)
-    from utils.synthetic import ensure_shapes
+    """``--data``: a .data file, a built-in benchmark's name (``shapes-hard``), or empty for the default
+    built-in benchmark; a built-in one is generated on first use."""
+    from utils.synthetic import builtin_params, ensure_shapes
 
-    return ensure_shapes()
+    if not data:
+        return ensure_shapes()
+    builtin = builtin_params(data) if not Path(data).is_file() else None
+    return ensure_shapes(*builtin) if builtin is not None else Path(data)
 
 
 def read_data_file(path: str | Path) -> DataConfig:
     """Parse ``classes=``, ``train=``, ``valid=`` (or ``val=``), ``names=``; others are kept in ``extra``."""
     path = Path(path)
     if not path.is_file():
-        from utils.synthetic import DATASETS, builtin_params, ensure_shapes
+        from utils.synthetic import BUILTIN, DATASETS, builtin_params, ensure_shapes
 
         builtin = builtin_params(path)
-        if builtin is not None:  # a built-in benchmark's documented path: made on first use
-            ensure_shapes(*builtin)
-        elif path.name == "shapes.data":
+        if builtin is not None:  # a built-in benchmark's name or documented path: made on first use
+            path = ensure_shapes(*builtin)
+        elif path.suffix == ".data" and path.stem in BUILTIN:
             raise UserError(f"{path}: .data file not found (the built-in benchmarks are made on first use "
-                            f"at {DATASETS}/<shapes|shapes-mini>/shapes.data; elsewhere: python -m "
-                            f"utils.synthetic --root FOLDER)")
+                            f"at {DATASETS}/<name>/<name>.data, or by --data <name>: "
+                            f"{', '.join(BUILTIN)})")
         else:
             raise UserError(f"{path}: .data file not found")
     entries: dict[str, str] = {}

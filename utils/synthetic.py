@@ -17,6 +17,10 @@ Layout (the ``.data`` convention, paths relative to the ``.data`` folder)::
 
 Regenerate elsewhere with ``python -m utils.synthetic --root DIR``. Bump ``VERSION`` whenever the
 drawing changes: every later result is reported on this dataset.
+
+This module also generates the other built-in benchmarks (``BUILTIN``): ``shapes-mini`` (the same
+drawing, 96 + 32 images, for smoke runs) and ``shapes-hard`` (:mod:`utils.shapes_hard`, 20 classes,
+small and crowded objects on textured backgrounds), each from its parameter class's ``render``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -38,10 +43,26 @@ from tqdm import tqdm
 
 from utils.errors import UserError
 from utils.outputs import atomic_write
+from utils.shapes_hard import HardParams
 
 VERSION = "shapes-2"
 NAMES = ["circle", "square", "triangle", "star", "cross", "ring"]
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "datasets" / "shapes"
+
+
+class Benchmark(Protocol):
+    """What generation needs of a benchmark's parameters (:class:`ShapesParams`,
+    :class:`utils.shapes_hard.HardParams`)."""
+    name: str  # the stem of its .data and .names files
+    names: list[str]
+    version: str
+    seed: int
+    n_train: int
+    n_val: int
+
+    def digest(self) -> str: ...
+    def render(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]: ...
+    def quality(self, rng: np.random.Generator) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -78,22 +99,37 @@ class ShapesParams:
             if not holds:
                 raise UserError(f"shapes parameter {name}={getattr(self, name)}: must be {need}")
 
+    name = "shapes"  # the .data and .names files' stem
+    names = NAMES
+    version = VERSION
+
     def digest(self) -> str:
         text = json.dumps({"version": VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
+    def render(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return render_image(rng, self)
+
+    def quality(self, rng: np.random.Generator) -> int:
+        return self.jpeg_quality
+
 
 DEFAULT_PARAMS = ShapesParams()
-# the built-in benchmarks by folder name under datasets/: a command given datasets/<name>/shapes.data
-# generates it on first use; shapes-mini is for smoke runs (recipes/smoke.yaml), not for measurements
-BUILTIN = {"shapes": DEFAULT_PARAMS, "shapes-mini": ShapesParams(n_train=96, n_val=32)}
+# The built-in benchmarks by folder name under datasets/; a command given datasets/<name>/<stem>.data,
+# or the bare name as --data, generates it on first use. shapes-hard is the yardstick the published
+# measurements use; shapes is the quick, easy one; shapes-mini is for smoke runs, not for measurements.
+# Each parameter class draws its own images (render, quality) and names its classes; this module
+# generates, marks and finds them.
+BUILTIN: dict[str, Benchmark] = {"shapes": DEFAULT_PARAMS, "shapes-mini": ShapesParams(n_train=96, n_val=32),
+                           "shapes-hard": HardParams()}
 DATASETS = DEFAULT_ROOT.parent
 
 
-def builtin_params(data_file: Path) -> tuple[Path, ShapesParams] | None:
-    """The root and parameters of the built-in benchmark whose documented ``.data`` path this is."""
+def builtin_params(data: str | Path) -> tuple[Path, Benchmark] | None:
+    """The root and parameters of the built-in benchmark that ``data`` names: its documented ``.data``
+    path, or its bare name (``shapes-hard``)."""
     for name, params in BUILTIN.items():
-        if data_file.resolve() == DATASETS / name / "shapes.data":
+        if str(data) == name or Path(data).resolve() == DATASETS / name / f"{params.name}.data":
             return DATASETS / name, params
     return None
 
@@ -207,39 +243,39 @@ def render_image(rng: np.random.Generator, p: ShapesParams) -> tuple[np.ndarray,
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
-def _write_split(root: Path, split: str, n: int, p: ShapesParams) -> None:
+def _write_split(root: Path, split: str, n: int, p: Benchmark) -> None:
     (root / "images" / split).mkdir(parents=True)
     (root / "labels" / split).mkdir(parents=True)
     split_id = {"train": 0, "val": 1}[split]
     lines = []
-    for i in tqdm(range(n), desc=f"shapes {split}", unit="img", bar_format="{l_bar}{bar:10}{r_bar}",
+    for i in tqdm(range(n), desc=f"{p.name} {split}", unit="img", bar_format="{l_bar}{bar:10}{r_bar}",
                   disable=n < 100):
         rng = np.random.default_rng((p.seed, split_id, i))
-        img, labels = render_image(rng, p)
+        img, labels = p.render(rng)
         rel = f"images/{split}/{i:06d}.jpg"
-        atomic_write(root / rel, cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])[1])
+        atomic_write(root / rel, cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, p.quality(rng)])[1])
         rows = "".join(f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
         atomic_write(root / "labels" / split / f"{i:06d}.txt", rows)
         lines.append(rel + "\n")
     atomic_write(root / f"{split}.txt", "".join(lines))
 
 
-def _marker(p: ShapesParams) -> str:
-    return f"{VERSION} {p.digest()}\n"
+def _marker(p) -> str:
+    return f"{p.version} {p.digest()}\n"
 
 
-def _is_dataset(root: Path, p: ShapesParams) -> bool:
+def _is_dataset(root: Path, p: Benchmark) -> bool:
     """Whether ``root`` holds a complete dataset generated with these parameters."""
     marker = root / "VERSION"
-    return marker.is_file() and marker.read_text() == _marker(p) and (root / "shapes.data").is_file()
+    return marker.is_file() and marker.read_text() == _marker(p) and (root / f"{p.name}.data").is_file()
 
 
-def _write_dataset(root: Path, p: ShapesParams) -> None:
+def _write_dataset(root: Path, p: Benchmark) -> None:
     _write_split(root, "train", p.n_train, p)
     _write_split(root, "val", p.n_val, p)
-    atomic_write(root / "shapes.names", "\n".join(NAMES) + "\n")
-    data = f"classes={len(NAMES)}\ntrain=train.txt\nvalid=val.txt\nnames=shapes.names\n"
-    atomic_write(root / "shapes.data", data)
+    atomic_write(root / f"{p.name}.names", "\n".join(p.names) + "\n")
+    data = f"classes={len(p.names)}\ntrain=train.txt\nvalid=val.txt\nnames={p.name}.names\n"
+    atomic_write(root / f"{p.name}.data", data)
     atomic_write(root / "VERSION", _marker(p))  # written last: a folder with the marker is complete
 
 
@@ -262,7 +298,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def generate_shapes(root: str | Path, params: ShapesParams = DEFAULT_PARAMS) -> Path:
+def generate_shapes(root: str | Path, params: Benchmark = DEFAULT_PARAMS) -> Path:
     """Write the dataset to ``root`` (atomically, via a temporary sibling) and return its ``.data`` file.
 
     An existing ``root`` with the same version marker is reused as is; any other existing ``root`` is
@@ -270,12 +306,12 @@ def generate_shapes(root: str | Path, params: ShapesParams = DEFAULT_PARAMS) -> 
     (e.g. several training ranks), its copy is used and this one's temporary folder is removed.
     """
     root = Path(root)
-    data_file = root / "shapes.data"
+    data_file = root / f"{params.name}.data"
     if root.exists():
         if _is_dataset(root, params):
             return data_file
-        raise UserError(f"{root}: exists but is not the shapes benchmark {VERSION} with these parameters; "
-                        f"move it away or choose another --root")
+        raise UserError(f"{root}: exists but is not the {params.name} benchmark {params.version} with these "
+                        f"parameters; move it away or choose another --root")
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(root)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
@@ -295,11 +331,11 @@ def generate_shapes(root: str | Path, params: ShapesParams = DEFAULT_PARAMS) -> 
     return data_file
 
 
-def ensure_shapes(root: str | Path | None = None, params: ShapesParams = DEFAULT_PARAMS) -> Path:
+def ensure_shapes(root: str | Path | None = None, params: Benchmark = DEFAULT_PARAMS) -> Path:
     """The benchmark's ``.data`` file, generating the dataset on first use (default ``datasets/shapes``)."""
     root = Path(root) if root is not None else DEFAULT_ROOT
     if not root.exists():
-        print(f"generating the built-in shapes benchmark in {root} (first use)", flush=True)
+        print(f"generating the built-in {params.name} benchmark in {root} (first use)", flush=True)
     return generate_shapes(root, params)
 
 
@@ -307,24 +343,28 @@ def build_parser() -> argparse.ArgumentParser:
     from utils.cli import COUNT, SEED, Parser
 
     ap = Parser(prog="python -m utils.synthetic",
-                description="Generate the built-in shapes benchmark dataset.")
-    ap.add_argument("--root", default=str(DEFAULT_ROOT))
-    ap.add_argument("--n-train", type=COUNT, default=DEFAULT_PARAMS.n_train)
-    ap.add_argument("--n-val", type=COUNT, default=DEFAULT_PARAMS.n_val)
-    ap.add_argument("--seed", type=SEED, default=DEFAULT_PARAMS.seed)
+                description="Generate a built-in benchmark dataset (default: datasets/<kind>).")
+    ap.add_argument("--kind", choices=list(BUILTIN), default="shapes")
+    ap.add_argument("--root", default=None, help="default: datasets/<kind> in the project")
+    ap.add_argument("--n-train", type=COUNT, default=None, help="default: the kind's")
+    ap.add_argument("--n-val", type=COUNT, default=None, help="default: the kind's")
+    ap.add_argument("--seed", type=SEED, default=0)
     return ap
 
 
 def main(argv: list[str] | None = None) -> Path:
     a = build_parser().parse_args(argv)
-    params = dataclasses.replace(DEFAULT_PARAMS, n_train=a.n_train, n_val=a.n_val, seed=a.seed)
-    data = ensure_shapes(a.root, params)
+    base = BUILTIN[a.kind]
+    params = dataclasses.replace(base, n_train=a.n_train or base.n_train, n_val=a.n_val or base.n_val,
+                                 seed=a.seed)
+    root = Path(a.root) if a.root else DATASETS / a.kind
+    data = ensure_shapes(root, params)
     for split in ("train", "val"):
-        counts = np.zeros(len(NAMES), int)
-        for f in sorted((Path(a.root) / "labels" / split).glob("*.txt")):
+        counts = np.zeros(len(params.names), int)
+        for f in sorted((root / "labels" / split).glob("*.txt")):
             for line in f.read_text().splitlines():
                 counts[int(line.split()[0])] += 1
-        print(f"{split}: " + ", ".join(f"{n} {c}" for n, c in zip(NAMES, counts)))
+        print(f"{split}: " + ", ".join(f"{n} {c}" for n, c in zip(params.names, counts)))
     print(data)
     return data
 
