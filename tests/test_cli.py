@@ -18,6 +18,7 @@ import summary
 import test as test_script
 import train
 from bench import all as bench_all
+from bench import capacity as bench_capacity
 from bench import distill as bench_distill
 from bench import int8_latency, latency_opencv, prune_methods, train_speed
 from bench import quant as bench_quant
@@ -42,6 +43,7 @@ PARSERS = {
     "utils/synthetic.py": (synthetic.build_parser, []),
     "utils/anchors.py": (anchors.build_parser, ["--data", "x.data", "--cfg", "x.cfg"]),
     "bench/all.py": (bench_all.build_parser, []),
+    "bench/capacity.py": (bench_capacity.build_parser, []),
     "bench/distill.py": (bench_distill.build_parser, ["--student", "s.pt", "--teacher", "t.pt"]),
     "bench/int8_latency.py": (int8_latency.build_parser, []),
     "bench/latency_opencv.py": (latency_opencv.build_parser, []),
