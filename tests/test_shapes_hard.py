@@ -57,7 +57,7 @@ def test_boxes_classes_visibility_and_border_rules():
         # a shape cut by the border keeps at least min_inside of its pixels inside (its box is that part)
         assert (inside >= p.min_inside - 0.02).all()  # 2 %: the whole shape is drawn on its own canvas
         seen |= set(cls.astype(int).tolist())
-        small += int((wh * (256, 192)).max(1).__lt__(16).sum())
+        small += int(((wh * (256, 192)).max(1) < 24).sum())
         edge = (xy - wh / 2 <= 1e-6) | (xy + wh / 2 >= 1 - 1e-6)
         cut += int((edge.any(1) & (inside < 0.98)).sum())
     assert seen == set(range(len(NAMES)))

@@ -27,7 +27,7 @@ import numpy as np
 
 from utils.errors import UserError
 
-VERSION = "shapes-hard-1"  # bump whenever the drawing changes: every later result is reported on it
+VERSION = "shapes-hard-2"  # bump whenever the drawing changes: every later result is reported on it
 NAMES = ["circle", "circle_outline", "disc_small_hole", "ring", "ellipse", "semicircle", "crescent",
          "square", "square_outline", "rect_4x3", "rhombus", "triangle", "triangle_outline", "pentagon",
          "hexagon", "star5", "star6", "cross", "arrow", "chevron"]
@@ -41,18 +41,18 @@ class HardParams:
     seed: int = 0
     n_train: int = 2000
     n_val: int = 300
-    img_min: int = 288  # each side drawn in [img_min, img_max]
-    img_max: int = 416
-    max_objects: int = 20
-    size_min_px: float = 8.0  # the smallest object, pixels
+    img_min: int = 256  # each side drawn in [img_min, img_max]
+    img_max: int = 352
+    max_objects: int = 14
+    size_min_px: float = 12.0  # the smallest object, pixels
     size_max: float = 0.5  # the largest, as a fraction of the shorter side
     min_visible: float = 0.5  # an occluded shape keeps at least this fraction of its pixels
     min_inside: float = 0.5  # a shape cut by the border keeps at least this fraction inside
-    distractors: int = 8  # at most this many shapes of no class
-    contrast: float = 45.0  # a shape's colour is at least this far (Euclidean, 0-255) from its background
-    blur_prob: float = 0.3
-    noise_max: float = 10.0  # sensor noise sigma drawn in [1, noise_max]
-    jpeg_min: int = 40  # JPEG quality drawn in [jpeg_min, 95]
+    distractors: int = 6  # at most this many shapes of no class
+    contrast: float = 60.0  # a shape's colour is at least this far (Euclidean, 0-255) from its background
+    blur_prob: float = 0.25
+    noise_max: float = 8.0  # sensor noise sigma drawn in [1, noise_max]
+    jpeg_min: int = 50  # JPEG quality drawn in [jpeg_min, 95]
 
     name = "shapes-hard"
     names = NAMES
@@ -195,12 +195,12 @@ def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     field = cv2.resize(rng.uniform(30, 225, (g, g, 3)).astype(np.float32), (w, h),
                        interpolation=cv2.INTER_CUBIC)
     texture = _value_noise(rng, h, w)[..., None] - 0.5
-    img = field + rng.uniform(20, 90) * texture * rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    img = field + rng.uniform(20, 70) * texture * rng.uniform(0.5, 1.5, 3).astype(np.float32)
     if rng.random() < 0.5:  # a grating (fabric, blinds, tiles)
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         a, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
         wave = np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period)
-        img += rng.uniform(8, 30) * wave[..., None]
+        img += rng.uniform(6, 20) * wave[..., None]
     return img
 
 
