@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from utils.datasets import load_labels, read_data_file, resolve_data
+from utils.drawing import polygon_mask
 from utils.errors import UserError
-from utils.shapes_hard import EXACT, NAMES, HardParams, draw_objects, outline, render_hard, shape_mask
+from utils.shapes_hard import EXACT, NAMES, HardParams, draw_objects, outline, render_hard
 from utils.synthetic import builtin_params, generate_shapes
 
 TINY = HardParams(n_train=4, n_val=2, img_min=96, img_max=128, max_objects=12)
@@ -69,7 +70,7 @@ def test_lookalikes_differ_only_in_detail():
     rng = np.random.default_rng(0)
 
     def mask(name):
-        return shape_mask(outline(NAMES.index(name), rng), (80, 80), np.array([40.0, 40.0]), 60, 1.0, 0.0)
+        return polygon_mask(outline(NAMES.index(name), rng), (80, 80), np.array([40.0, 40.0]), 60, 1.0, 0.0)
 
     for a, b in (("circle", "disc_small_hole"), ("square", "rect_4x3"), ("star5", "star6"),
                  ("pentagon", "hexagon"), ("circle", "circle_outline")):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from utils.drawing import contrasting_colour, keeps_visible, paint, polygon_mask
 from utils.errors import UserError
 
 VERSION = "shapes-hard-2"  # bump whenever the drawing changes: every later result is reported on it
@@ -156,23 +157,10 @@ def outline(cls: int, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
     return [(np.array([[-0.25, -0.5], [0.0, -0.5], [0.35, 0], [0.0, 0.5], [-0.25, 0.5], [0.1, 0]]), 1)]
 
 
-def shape_mask(polys: list[tuple[np.ndarray, int]], hw: tuple[int, int], centre: np.ndarray, size: float,
-               aspect: float, angle: float) -> np.ndarray:
-    """Binary mask (bool) of one shape (its :func:`outline`) drawn into an image of shape ``hw`` (it may
-    reach outside)."""
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    scale = np.array([size * aspect, size / aspect])
-    mask = np.zeros(hw, np.uint8)
-    for poly, value in polys:
-        pts = ((poly * scale) @ rot.T + centre) * 16  # 4 fractional bits for smooth edges
-        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], value, cv2.LINE_8, shift=4)
-    return mask.astype(bool)
-
-
 def _whole_area(polys: list[tuple[np.ndarray, int]], size: float, aspect: float, angle: float) -> int:
     """The shape's pixel count when nothing cuts it (drawn alone on a canvas that holds it)."""
     side = int(np.ceil(size * 1.6)) + 4
-    return int(shape_mask(polys, (side, side), np.array([side / 2, side / 2]), size, aspect, angle).sum())
+    return int(polygon_mask(polys, (side, side), np.array([side / 2, side / 2]), size, aspect, angle).sum())
 
 
 # ------------------------------------------------------------------ background and distractors
@@ -239,14 +227,6 @@ def _distractors(rng: np.random.Generator, img: np.ndarray, n: int) -> None:
                         colour, int(rng.integers(1, 4)), cv2.LINE_AA)
 
 
-def _colour(rng: np.random.Generator, local: np.ndarray, contrast: float) -> np.ndarray:
-    for _ in range(20):
-        c = rng.integers(0, 256, 3).astype(np.float32)
-        if np.linalg.norm(c - local) > contrast:
-            return c
-    return 255 - local
-
-
 # ------------------------------------------------------------------ one image
 
 def draw_objects(rng: np.random.Generator, img: np.ndarray, p: HardParams
@@ -274,22 +254,16 @@ def draw_objects(rng: np.random.Generator, img: np.ndarray, p: HardParams
         full = _whole_area(polys, size, aspect, angle)
         for _attempt in range(10):
             centre = rng.uniform((-size * 0.3, -size * 0.3), (w + size * 0.3, h + size * 0.3))
-            mask = shape_mask(polys, (h, w), centre, size, aspect, angle)
+            mask = polygon_mask(polys, (h, w), centre, size, aspect, angle)
             inside = int(mask.sum())
             if inside < 12 or inside < p.min_inside * full:
                 continue
-            hidden = np.bincount(owner[mask & (owner >= 0)], minlength=len(areas))
-            shown = np.bincount(owner[owner >= 0], minlength=len(areas))
-            if all(shown[k] - hidden[k] >= p.min_visible * areas[k] for k in range(len(areas))):
+            if keeps_visible(owner, mask, areas, p.min_visible):
                 break
         else:
             continue
-        ys, xs = np.nonzero(mask)
-        x1, x2, y1, y2 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-        colour = _colour(rng, img[mask].mean(0), p.contrast)
-        shade = np.linspace(rng.uniform(0.7, 1.0), rng.uniform(1.0, 1.25), x2 - x1)[None, :, None]
-        alpha = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0)[y1:y2, x1:x2, None]
-        img[y1:y2, x1:x2] = img[y1:y2, x1:x2] * (1 - alpha) + np.clip(colour * shade, 0, 255) * alpha
+        colour = contrasting_colour(rng, img[mask].mean(0), p.contrast)
+        x1, y1, x2, y2 = paint(img, mask, colour, (rng.uniform(0.7, 1.0), rng.uniform(1.0, 1.25)))
         owner[mask] = len(areas)
         areas.append(inside)
         inside_share.append(inside / max(full, 1))

@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from utils.drawing import contrasting_colour, keeps_visible, paint, polygon_mask
 from utils.errors import UserError
 from utils.outputs import atomic_write
 from utils.shapes_hard import HardParams
@@ -134,38 +135,26 @@ def builtin_params(data: str | Path) -> tuple[Path, Benchmark] | None:
     return None
 
 
-def _outline(cls: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Polygon(s) of a unit-size shape centred at 0 (the second polygon of a ring is its hole)."""
+def _outline(cls: int, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+    """Polygons of a unit-size shape centred at 0, each with its fill (a ring's hole is filled with 0)."""
     t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
     circle = np.stack((np.cos(t), np.sin(t)), 1) * 0.5
     if cls == 0:
-        return [circle]
+        return [(circle, 1)]
     if cls == 1:
-        return [np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])]
+        return [(np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]), 1)]
     if cls == 2:
         a = np.pi / 2 + np.array([0, 2, 4]) * np.pi / 3
-        return [np.stack((np.cos(a), -np.sin(a)), 1) * 0.58 + (0, 0.12)]
+        return [(np.stack((np.cos(a), -np.sin(a)), 1) * 0.58 + (0, 0.12), 1)]
     if cls == 3:
         a = np.pi / 2 + np.arange(10) * np.pi / 5
         r = np.where(np.arange(10) % 2 == 0, 0.5, rng.uniform(0.2, 0.28))
-        return [np.stack((r * np.cos(a), -r * np.sin(a)), 1)]
+        return [(np.stack((r * np.cos(a), -r * np.sin(a)), 1), 1)]
     if cls == 4:
         w = rng.uniform(0.14, 0.2)
-        return [np.array([[-w, -0.5], [w, -0.5], [w, -w], [0.5, -w], [0.5, w], [w, w], [w, 0.5], [-w, 0.5],
-                          [-w, w], [-0.5, w], [-0.5, -w], [-w, -w]])]
-    return [circle, circle * rng.uniform(0.45, 0.65)]
-
-
-def _shape_mask(cls: int, rng: np.random.Generator, hw: tuple[int, int], centre: np.ndarray, size: float,
-                aspect: float, angle: float) -> np.ndarray:
-    """Binary mask (uint8 0/1) of one shape drawn into an image of shape ``hw``."""
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    scale = np.array([size * aspect, size / aspect])
-    mask = np.zeros(hw, np.uint8)
-    for k, poly in enumerate(_outline(cls, rng)):
-        pts = ((poly * scale) @ rot.T + centre) * 16  # 4 fractional bits for smooth edges
-        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1 if k == 0 else 0, cv2.LINE_8, shift=4)
-    return mask
+        return [(np.array([[-w, -0.5], [w, -0.5], [w, -w], [0.5, -w], [0.5, w], [w, w], [w, 0.5], [-w, 0.5],
+                           [-w, w], [-0.5, w], [-0.5, -w], [-w, -w]]), 1)]
+    return [(circle, 1), (circle * rng.uniform(0.45, 0.65), 0)]
 
 
 def _background(rng: np.random.Generator, h: int, w: int, p: ShapesParams) -> np.ndarray:
@@ -179,15 +168,6 @@ def _background(rng: np.random.Generator, h: int, w: int, p: ShapesParams) -> np
         cv2.line(img, tuple(int(x) for x in a), tuple(int(x) for x in b), colour, int(rng.integers(1, 3)),
                  cv2.LINE_AA)
     return img
-
-
-def _contrasting_colour(rng: np.random.Generator, local: np.ndarray) -> np.ndarray:
-    """A random colour at least ~80 grey levels (Euclidean) from the local background mean."""
-    for _ in range(20):
-        c = rng.integers(0, 256, 3).astype(np.float32)
-        if np.linalg.norm(c - local) > 80:
-            return c
-    return 255 - local
 
 
 def draw_shapes(rng: np.random.Generator, img: np.ndarray, p: ShapesParams) -> tuple[np.ndarray, np.ndarray]:
@@ -208,23 +188,15 @@ def draw_shapes(rng: np.random.Generator, img: np.ndarray, p: ShapesParams) -> t
         aspect, angle = np.sqrt(rng.uniform(0.7, 1.4)), rng.uniform(0, 2 * np.pi)
         for _attempt in range(10):
             centre = rng.uniform((size / 2, size / 2), (w - size / 2, h - size / 2))
-            mask = _shape_mask(cls, rng, (h, w), centre, size, aspect, angle).astype(bool)
+            mask = polygon_mask(_outline(cls, rng), (h, w), centre, size, aspect, angle)
             if mask.sum() < 16:
                 continue
-            hidden = np.bincount(owner[mask & (owner >= 0)], minlength=len(areas))
-            shown = np.bincount(owner[owner >= 0], minlength=len(areas))
-            if all(shown[k] - hidden[k] >= p.min_visible * areas[k] for k in range(len(areas))):
+            if keeps_visible(owner, mask, areas, p.min_visible):
                 break
         else:
             continue
-        ys, xs = np.nonzero(mask)
-        x1, x2, y1, y2 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-        colour = _contrasting_colour(rng, img[mask].mean(0))
-        shade = np.linspace(rng.uniform(0.75, 1.0), rng.uniform(1.0, 1.2), x2 - x1)[None, :, None]
-        patch = np.clip(colour * shade, 0, 255)
-        alpha = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0)[y1:y2, x1:x2, None]
-        region = img[y1:y2, x1:x2]
-        img[y1:y2, x1:x2] = region * (1 - alpha) + patch * alpha
+        colour = contrasting_colour(rng, img[mask].mean(0), 80)
+        x1, y1, x2, y2 = paint(img, mask, colour, (rng.uniform(0.75, 1.0), rng.uniform(1.0, 1.2)))
         owner[mask] = len(areas)
         areas.append(int(mask.sum()))
         labels.append([cls, (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h])
