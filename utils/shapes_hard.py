@@ -28,7 +28,7 @@ import numpy as np
 from utils.drawing import contrasting_colour, keeps_visible, paint, polygon_mask
 from utils.errors import UserError
 
-VERSION = "shapes-hard-2"  # bump whenever the drawing changes: every later result is reported on it
+VERSION = "shapes-hard-3"  # bump whenever the drawing changes: every later result is reported on it
 NAMES = ["circle", "circle_outline", "disc_small_hole", "ring", "ellipse", "semicircle", "crescent",
          "square", "square_outline", "rect_4x3", "rhombus", "triangle", "triangle_outline", "pentagon",
          "hexagon", "star5", "star6", "cross", "arrow", "chevron"]
@@ -44,13 +44,13 @@ class HardParams:
     n_val: int = 300
     img_min: int = 256  # each side drawn in [img_min, img_max]
     img_max: int = 352
-    max_objects: int = 14
+    max_objects: int = 18
     size_min_px: float = 12.0  # the smallest object, pixels
     size_max: float = 0.5  # the largest, as a fraction of the shorter side
-    min_visible: float = 0.5  # an occluded shape keeps at least this fraction of its pixels
+    min_visible: float = 0.6  # an occluded shape keeps at least this fraction of its pixels
     min_inside: float = 0.5  # a shape cut by the border keeps at least this fraction inside
-    distractors: int = 6  # at most this many shapes of no class
-    contrast: float = 60.0  # a shape's colour is at least this far (Euclidean, 0-255) from its background
+    distractors: int = 5  # at most this many shapes of no class
+    contrast: float = 70.0  # a shape's colour is at least this far (Euclidean, 0-255) from its background
     blur_prob: float = 0.25
     noise_max: float = 8.0  # sensor noise sigma drawn in [1, noise_max]
     jpeg_min: int = 50  # JPEG quality drawn in [jpeg_min, 95]
@@ -183,12 +183,12 @@ def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     field = cv2.resize(rng.uniform(30, 225, (g, g, 3)).astype(np.float32), (w, h),
                        interpolation=cv2.INTER_CUBIC)
     texture = _value_noise(rng, h, w)[..., None] - 0.5
-    img = field + rng.uniform(20, 70) * texture * rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    img = field + rng.uniform(15, 45) * texture * rng.uniform(0.5, 1.5, 3).astype(np.float32)
     if rng.random() < 0.5:  # a grating (fabric, blinds, tiles)
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         a, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
         wave = np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period)
-        img += rng.uniform(6, 20) * wave[..., None]
+        img += rng.uniform(4, 12) * wave[..., None]
     return img
 
 
@@ -202,16 +202,18 @@ def _lighting(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _distractors(rng: np.random.Generator, img: np.ndarray, n: int) -> None:
-    """Shapes of no class: irregular blobs, strokes and arcs (in place)."""
+    """Shapes of no class: splats, strokes and arcs (in place). A splat has many vertices at random radii,
+    so it never passes for a class (a polygon with few vertices would look like a triangle or a rhombus
+    and teach the detector to ignore those)."""
     h, w = img.shape[:2]
     short = min(h, w)
     for _ in range(n):
         colour = rng.uniform(0, 255, 3).tolist()
         kind = rng.integers(0, 3)
-        if kind == 0:  # an irregular polygon: radii vary a lot, so it matches no class
-            k = int(rng.integers(5, 10))
-            a = np.sort(rng.uniform(0, 2 * np.pi, k))
-            r = rng.uniform(0.2, 1.0, k) * rng.uniform(0.03, 0.2) * short
+        if kind == 0:  # a splat
+            k = int(rng.integers(14, 23))
+            a = (np.arange(k) + rng.uniform(-0.3, 0.3, k)) * 2 * np.pi / k
+            r = rng.uniform(0.35, 1.0, k) * rng.uniform(0.03, 0.2) * short
             c = rng.uniform((0, 0), (w, h))
             pts = np.stack((c[0] + r * np.cos(a), c[1] + r * np.sin(a)), 1)
             cv2.fillPoly(img, [np.round(pts * 16).astype(np.int32)], colour, cv2.LINE_AA, shift=4)
