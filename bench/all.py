@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.common import BENCH_DATA
 from utils.cli import COUNT, EPOCHS, Parser
 from utils.errors import UserError
 from utils.files import new_run_dir
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, str, float]]:
 
         print(f"{run} has no finished pipeline: running compress.py (the default recipe) first")
         compress(CompressOptions())
-    img, data = "224", "datasets/shapes/shapes.data"
+    img, data = "224", BENCH_DATA
     if needs_pipeline:
         report = json.loads((run / "report" / "report.json").read_text())
         img, data = str(report["img_size"]), report["data_file"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import BENCH_DATA
 from engine.options import REPO
 from models.cfg import ModelCfg, read_cfg, save_cfg
 from models.kinds import kind_of
@@ -83,7 +84,7 @@ def markdown(rows: list[dict], data: str, epochs: int, img_size: int) -> tuple[s
 
 def build_parser() -> Parser:
     ap = Parser(prog="python -m bench.capacity", description=__doc__)
-    ap.add_argument("--data", default="shapes-hard")
+    ap.add_argument("--data", default=BENCH_DATA, help="default: %(default)s")
     ap.add_argument("--models", nargs="+", default=["yolo-small", "yolo-small-w0.25", "yolov3-tiny"])
     ap.add_argument("--epochs", type=EPOCHS, default=16)
     ap.add_argument("--img-size", type=IMG_SIZE, default=224)

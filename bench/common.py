@@ -7,6 +7,10 @@ from pathlib import Path
 from utils.cli import COUNT, COUNT0, IMG_SIZE, Parser
 from utils.evaluate import EvalResult
 
+# the benchmarks' data unless --data says otherwise: the built-in benchmark hard enough to show what
+# each method costs (the easy `shapes` saturates: every method looks lossless on it)
+BENCH_DATA = "shapes-hard"
+
 
 def evaluate_pt(weights: str | Path, data: str, img_size: int, out: Path, name: str) -> tuple[float, float]:
     """``test.py --weights W`` → (mAP@0.5, mAP@0.5:0.95); the run folder goes under ``out``."""

@@ -4,11 +4,12 @@ Every run starts from the same student checkpoint with the same seed, epochs and
 hyperparameters (``data/hyp.finetune.yaml``); only the distillation strategy differs. The teacher
 and the student before fine-tuning are evaluated too, so the table shows what there was to recover.
 
-    .venv/bin/python train.py -sr --s 0.005 --prune 1 --sr-schedule global --epochs 24 --name sparse
-    .venv/bin/python train.py --weights runs/train/sparse/weights/last.pt --hyp data/hyp.finetune.yaml \\
-        --epochs 4 --name teacher                                      # the unpruned model, penalty off
+    .venv/bin/python train.py --data shapes-hard -sr --s 0.005 --prune 1 --sr-schedule global --epochs 24 \\
+        --name sparse
+    .venv/bin/python train.py --data shapes-hard --weights runs/train/sparse/weights/last.pt \\
+        --hyp data/hyp.finetune.yaml --epochs 4 --name teacher        # the unpruned model, penalty off
     .venv/bin/python prune/normal_prune.py --weights runs/train/sparse/weights/last.pt --percent 0.52 \\
-        --recalibrate 20 --output runs/kd/student
+        --data shapes-hard --recalibrate 20 --output runs/kd/student
     .venv/bin/python -m bench.distill --student runs/kd/student/pruned.pt \\
         --teacher runs/train/teacher/weights/last.pt --epochs 4
 """
@@ -20,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import evaluate_pt, finetune
+from bench.common import BENCH_DATA, evaluate_pt, finetune
 from distill.hook import STRATEGIES, DistillOptions
 from utils.cli import EPOCHS, IMG_SIZE, NONNEGATIVE, POSITIVE, SEED, Parser
 from utils.files import new_run_dir
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description=__doc__)
     ap.add_argument("--student", required=True, help="pruned .pt to fine-tune")
     ap.add_argument("--teacher", required=True, help="unpruned .pt")
-    ap.add_argument("--data", default="datasets/shapes/shapes.data")
+    ap.add_argument("--data", default=BENCH_DATA, help="default: %(default)s")
     ap.add_argument("--epochs", type=EPOCHS, default=4)
     ap.add_argument("--img-size", type=IMG_SIZE, default=224)
     ap.add_argument("--seed", type=SEED, default=0)

@@ -1,9 +1,9 @@
 """Every pruning method on one sparse-trained checkpoint: size, accuracy before/after pruning and after
 fine-tuning, and ONNX Runtime CPU latency, in one table; then the wall time of pruning yolov4.
 
-    .venv/bin/python train.py -sr --s 0.002 --prune 1 --name sparse            # the sparse model first
+    .venv/bin/python train.py --data shapes-hard -sr --s 0.002 --prune 1 --name sparse  # sparse model first
     .venv/bin/python -m bench.prune_methods --weights runs/train/sparse/weights/last.pt \\
-        --data datasets/shapes/shapes.data --finetune-epochs 4
+        --finetune-epochs 4                                            # --data: shapes-hard by default
 
 Each channel method gets the smallest ``--percent`` on a 0.05 grid that removes at least
 ``--target`` of the parameters (layer pruning: the fewest residual blocks, all of them if even that is
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import finetune
+from bench.common import BENCH_DATA, finetune
 from models.darknet import Darknet
 from models.io import load_checkpoint, load_model
 from models.onnx import export_onnx, ort_session
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m bench.prune_methods",
                 description=__doc__)
     ap.add_argument("--weights", help="sparse-trained .pt (omit to time yolov4 pruning only)")
-    ap.add_argument("--data", default="datasets/shapes/shapes.data")
+    ap.add_argument("--data", default=BENCH_DATA, help="default: %(default)s")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--target", type=SHARE_BELOW_1, default=0.5, help="share of parameters to remove")
     ap.add_argument("--finetune-epochs", type=COUNT0, default=4)

@@ -5,7 +5,7 @@ hyperparameters (``data/hyp.finetune.yaml``); only the quantization flags differ
 the same recipe separates what fine-tuning itself does from what quantization costs. PTQ calibrates
 the float checkpoint on ``--calib-images`` training images. Every row is evaluated by ``test.py``.
 
-    .venv/bin/python train.py --img-size 224 --epochs 17 --name float      # or any trained yolo-small
+    .venv/bin/python train.py --data shapes-hard --name float      # or any yolo-small trained on it
     .venv/bin/python -m bench.quant --weights runs/train/float/weights/last.pt --epochs 4
 """
 
@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import evaluate_pt, finetune
+from bench.common import BENCH_DATA, evaluate_pt, finetune
 from quant import ptq
 from utils.cli import COUNT, EPOCH_OR_NEVER, EPOCHS, IMG_SIZE, POSITIVE, SEED, Parser
 from utils.files import new_run_dir
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m bench.quant",
                 description=__doc__)
     ap.add_argument("--weights", required=True, help="trained float .pt")
-    ap.add_argument("--data", default="datasets/shapes/shapes.data")
+    ap.add_argument("--data", default=BENCH_DATA, help="default: %(default)s")
     ap.add_argument("--epochs", type=EPOCHS, default=4, help="QAT fine-tuning epochs")
     ap.add_argument("--freeze-bn-epoch", type=EPOCH_OR_NEVER, default=None, help="default: epochs // 2")
     ap.add_argument("--freeze-observer-epoch", type=EPOCH_OR_NEVER, default=None, help="default: epochs - 1")
