@@ -63,7 +63,9 @@ def train_row(name: str, data: str, epochs: int, img_size: int, out: Path) -> di
 
 
 def markdown(rows: list[dict], data: str, epochs: int, img_size: int) -> tuple[str, str]:
-    head = (f"`python -m bench.capacity --data {data} --epochs {epochs} --img-size {img_size}`\n\n"
+    models = " ".join(r["model"] for r in rows)
+    head = (f"`python -m bench.capacity --data {data} --models {models} --epochs {epochs} "
+            f"--img-size {img_size}`\n\n"
             "| model | mAP@0.5 | mAP@0.5:0.95 | per-class AP@0.5 (min–max) | weakest classes (AP@0.5) "
             "| minutes |\n"
             "| --- | ---: | ---: | --- | --- | ---: |\n")
