@@ -54,6 +54,17 @@ def test_straight_through_gradient_is_one_inside_and_zero_outside(scheme):
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_every_weight_inside_its_own_range_gets_the_gradient(scheme):
+    """A weight at its channel's extreme defines the range, so it is on the grid and must train: x / s
+    can exceed qmax there by a float rounding error, which must not zero its gradient."""
+    torch.manual_seed(0)
+    w = (torch.randn(64, 27) * torch.rand(64, 1)).requires_grad_()
+    scale, zp = scale_zero_point(w.detach().amin(1), w.detach().amax(1), scheme)
+    fake_quantize(w, scale, zp, scheme, axis=0).sum().backward()
+    assert (w.grad == 1).all()
+
+
 def test_power_of_two_scales_are_exact_and_never_smaller():
     s = torch.tensor([1e-5, 0.0123, 0.25, 0.3, 3.0, 1024.0, 1500.0])
     p = pow2_ceil(s)
@@ -211,8 +222,14 @@ def test_folded_training_forward_matches_conv_bn_on_the_batch():
     assert rel_err(y_q.detach().numpy(), y_ref.detach().numpy()) < 1e-3
     torch.testing.assert_close(q.bn.running_mean, ref.bn.running_mean)
     torch.testing.assert_close(q.bn.running_var, ref.bn.running_var)
-    y_q.sum().backward()
-    assert q.conv.weight.grad is not None and q.bn.weight.grad is not None and q.bn.bias.grad is not None
+    # and it back-propagates as conv + BN does: through the batch statistics too, or the weights drift
+    # along directions the batch normalization cancels in training and the running statistics do not
+    g = torch.randn_like(y_ref)
+    (y_ref * g).sum().backward()
+    (y_q * g).sum().backward()
+    pairs = ((q.conv.weight, ref.conv.weight), (q.bn.weight, ref.bn.weight), (q.bn.bias, ref.bn.bias))
+    for mine, theirs in pairs:
+        assert rel_err(mine.grad.numpy(), theirs.grad.numpy()) < 1e-3
     q.freeze_bn()
     mean = q.bn.running_mean.clone()
     q(x)

@@ -230,12 +230,17 @@ class QConvBN(nn.Module):
 
     def _folded_train(self, x: torch.Tensor) -> torch.Tensor:
         """Jacob et al.'s training graph: batch statistics from a float conv, weights folded with the
-        running σ and quantized, the output corrected by σ/σ_B, the running statistics updated."""
+        running σ and quantized, the output corrected by σ/σ_B, the running statistics updated.
+
+        The gradient flows through the batch statistics as it does through batch normalization. Taken
+        as constants, they would let every step move the weights along directions that the next batch's
+        statistics cancel in training but the running ones do not: an INT8 model that trains well and
+        evaluates near zero (seen after one QAT epoch with BN not yet frozen)."""
         bn = self.bn
+        y_float = self._conv(x, self.conv.weight, None)
+        mean_b = y_float.mean((0, 2, 3))
+        var_b = y_float.var((0, 2, 3), unbiased=False)
         with torch.no_grad():
-            y_float = self._conv(x, self.conv.weight, None)
-            mean_b = y_float.mean((0, 2, 3))
-            var_b = y_float.var((0, 2, 3), unbiased=False)
             n = y_float.numel() / y_float.shape[1]
             bn.running_mean.mul_(1 - bn.momentum).add_(bn.momentum * mean_b)
             bn.running_var.mul_(1 - bn.momentum).add_(bn.momentum * var_b * n / max(n - 1, 1))

@@ -73,10 +73,12 @@ def scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, scheme: Scheme) -> tupl
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
-        r = x / scale
-        inside = (r + zero_point >= qmin) & (r + zero_point <= qmax)
+        q = torch.round(x / scale) + zero_point  # ONNX's QuantizeLinear: round, then z
+        # the gradient passes where the rounded code is on the grid (PyTorch's rule): a weight at its
+        # channel's maximum lands on qmax exactly, though x / scale may exceed it by a rounding error
+        inside = (q >= qmin) & (q <= qmax)
         ctx.save_for_backward(inside)
-        q = torch.clamp(torch.round(r) + zero_point, qmin, qmax)  # ONNX's QuantizeLinear: round, then z
+        q = torch.clamp(q, qmin, qmax)
         return (q - zero_point) * scale
 
     @staticmethod
