@@ -70,6 +70,17 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _share_the_cores():
+    """Under ``pytest -n N`` the workers split the cores instead of each running as many threads as
+    there are cores (which would make every worker slower than running alone)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _label_cache(tmp_path_factory):
     """Label caches of the test datasets go to a session folder, not the user's ~/.cache."""
     os.environ["YOLO_COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("label-cache"))
