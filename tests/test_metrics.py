@@ -198,3 +198,21 @@ def test_trained_detector_output_agrees_with_pycocotools():
     ours, ref = compare_with_pycocotools(labels, dets, names=[str(i) for i in range(6)])
     assert ref[1] > 0.05
     assert ours == pytest.approx(ref, abs=1e-9)
+
+
+def test_pycocotools_breakdown_by_size_and_with_classes_ignored():
+    # every box found exactly, but the large objects named with the wrong class
+    small = np.array([[0, 10, 10, 30, 30], [1, 100, 100, 120, 125]], float)  # 400 and 500 px²
+    large = np.array([[2, 50, 50, 250, 250]], float)  # 40000 px²
+    labels = [small, large]
+    dets = [np.c_[small[:, 1:], np.full(2, 0.9), small[:, 0]],
+            np.c_[large[:, 1:], np.full(1, 0.9), np.full(1, 3.0)]]
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 400, "height": 400} for i in range(2)]
+    rows = [r for i, d in enumerate(dets) for r in coco_detections(i, d)]
+    coco = pycocotools_eval(coco_ground_truth(images, labels, NAMES), rows)
+    assert coco["map_small"] == pytest.approx(1.0)
+    assert coco["map_medium"] == -1  # no object between 32² and 96² px
+    assert coco["map_large"] == pytest.approx(0.0)
+    assert coco["map"] == pytest.approx(2 / 3)  # a and b found, c missed (d has no ground truth)
+    assert coco["map_any_class"] == pytest.approx(1.0)
+    assert coco["map50_any_class"] == pytest.approx(1.0)

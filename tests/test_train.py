@@ -158,11 +158,15 @@ def test_bad_hyp_key_and_bad_img_size_are_clear_errors(shapes_data, tmp_path):
         trainer(tiny_opts(shapes_data, tmp_path, img_size=[72])).fit()
 
 
-def test_test_py_on_pt_and_on_cfg_plus_weights_agree(shapes_data, tmp_path):
+def test_test_py_on_pt_and_on_cfg_plus_weights_agree(shapes_data, tmp_path, capsys):
     trainer(tiny_opts(shapes_data, tmp_path, epochs=1)).fit()
     pt = tmp_path / "exp" / "weights" / "last.pt"
+    capsys.readouterr()
     r1 = test_script.main(["--weights", str(pt), "--data", str(shapes_data), "--img-size", "64",
                            "--project", str(tmp_path / "t"), "--workers", "0", "--save-json"])
+    printed = capsys.readouterr().out
+    assert f"classes ignored: mAP@0.5 {r1.coco['map50_any_class']:.4f}" in printed
+    assert "mAP@0.5:0.95 by box area: small (< 32² px)" in printed
     from models.io import load_model
 
     model = load_model(pt)

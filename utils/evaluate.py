@@ -31,7 +31,7 @@ class EvalResult:
     speed_ms: dict[str, float]  # per image: pre, inference, nms
     n_images: int
     confusion: ConfusionMatrix
-    coco: dict[str, float] = field(default_factory=dict)  # pycocotools' map/map50 when asked
+    coco: dict[str, float] = field(default_factory=dict)  # pycocotools_eval's numbers when asked
 
     @property
     def mp(self) -> float:
@@ -145,7 +145,10 @@ def _coco_eval(json_path: Path, images, labels, dets, names) -> dict[str, float]
     gt_path = json_path.with_name(json_path.stem + "_gt.json")
     atomic_write(gt_path, json.dumps(gt))
     atomic_write(json_path, json.dumps(dets))
-    return pycocotools_eval(gt, dets) if dets else {"map": 0.0, "map50": 0.0}
+    if dets:
+        return pycocotools_eval(gt, dets)
+    return dict.fromkeys(("map", "map50", "map_small", "map_medium", "map_large", "map_any_class",
+                          "map50_any_class"), 0.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -182,12 +185,23 @@ class TestOptions:
     max_det: int = option(300, "--max-det", type=COUNT, help="detections per image after NMS")
     save_json: bool = option(False, "--save-json",
                              help="write COCO-format detections and ground truth, and score them with "
-                                  "pycocotools")
+                                  "pycocotools: also mAP by object size and with classes ignored")
     device: str = option("", "--device")
     half: bool = option(False, "--half", help="float16 inference (CUDA only)")
     workers: int = option(2, "--workers", type=WORKERS)
     name: str = option("exp", "--name")
     project: str = option("runs/test", "--project")
+
+
+def format_coco(coco: dict[str, float]) -> str:
+    """pycocotools' numbers as ``test.py --save-json`` prints them: the mAPs, mAP@0.5:0.95 by object size,
+    and the mAPs with classes ignored (how much is lost finding objects, how much naming them)."""
+    size = lambda k: "none" if coco[k] < 0 else f"{coco[k]:.4f}"  # noqa: E731 - -1: no such object
+    return (f"pycocotools: mAP@0.5 {coco['map50']:.4f} mAP@0.5:0.95 {coco['map']:.4f}\n"
+            f"  mAP@0.5:0.95 by box area: small (< 32² px) {size('map_small')}, medium {size('map_medium')}, "
+            f"large (> 96² px) {size('map_large')}\n"
+            f"  classes ignored: mAP@0.5 {coco['map50_any_class']:.4f} "
+            f"mAP@0.5:0.95 {coco['map_any_class']:.4f}")
 
 
 def evaluate_weights(o: TestOptions) -> EvalResult:
@@ -236,7 +250,7 @@ def evaluate_weights(o: TestOptions) -> EvalResult:
     print(f"speed per image at {img_size}: {sp['pre']:.1f} ms pre, {sp['inference']:.1f} ms inference, "
           f"{sp['nms']:.1f} ms NMS ({device}, batch {o.batch_size})")
     if result.coco:
-        print(f"pycocotools: mAP@0.5 {result.coco['map50']:.4f} mAP@0.5:0.95 {result.coco['map']:.4f}")
+        print(format_coco(result.coco))
     plot_pr_curve(result.stats, out_dir / "pr_curve.png")
     plot_confusion_matrix(result.confusion, data.names, out_dir / "confusion_matrix.png")
     print(f"results in {out_dir}")

@@ -229,7 +229,11 @@ def coco_detections(image_id: int, dets: np.ndarray) -> list[dict]:
 
 
 def pycocotools_eval(gt: dict, dets: list[dict]) -> dict[str, float]:
-    """pycocotools' bbox mAP@0.5:0.95 and mAP@0.5 for a ground-truth dict and result rows."""
+    """pycocotools' bbox mAP@0.5:0.95 (``map``) and mAP@0.5 (``map50``); mAP@0.5:0.95 by object size
+    (``map_small`` under 32² px of box area in the original image, ``map_medium`` to 96², ``map_large``
+    above; -1 where the split has no such object); and both mAPs with classes ignored (``map_any_class``,
+    ``map50_any_class``: a box counts whatever class it names), which separates finding objects from
+    naming them."""
     import contextlib
     import io
 
@@ -241,8 +245,14 @@ def pycocotools_eval(gt: dict, dets: list[dict]) -> dict[str, float]:
         coco_gt.dataset = gt
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {"map": float(ev.stats[0]), "map50": float(ev.stats[1])}
+        stats = []
+        for use_cats in (1, 0):
+            ev = COCOeval(coco_gt, coco_dt, "bbox")
+            ev.params.useCats = use_cats
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            stats.append([float(v) for v in ev.stats])
+    (s, a) = stats
+    return {"map": s[0], "map50": s[1], "map_small": s[3], "map_medium": s[4], "map_large": s[5],
+            "map_any_class": a[0], "map50_any_class": a[1]}
