@@ -216,3 +216,11 @@ def test_pycocotools_breakdown_by_size_and_with_classes_ignored():
     assert coco["map"] == pytest.approx(2 / 3)  # a and b found, c missed (d has no ground truth)
     assert coco["map_any_class"] == pytest.approx(1.0)
     assert coco["map50_any_class"] == pytest.approx(1.0)
+
+
+def test_pycocotools_without_detections_scores_zero_under_every_key():
+    images = [{"id": 0, "file_name": "0.jpg", "width": 400, "height": 400}]
+    gt = coco_ground_truth(images, [np.array([[0, 10, 10, 60, 60]], float)], NAMES)
+    some = pycocotools_eval(gt, coco_detections(0, np.array([[10, 10, 60, 60, 0.9, 0]], float)))
+    none = pycocotools_eval(gt, [])
+    assert set(none) == set(some) and all(v == 0.0 for v in none.values())

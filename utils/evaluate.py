@@ -145,10 +145,7 @@ def _coco_eval(json_path: Path, images, labels, dets, names) -> dict[str, float]
     gt_path = json_path.with_name(json_path.stem + "_gt.json")
     atomic_write(gt_path, json.dumps(gt))
     atomic_write(json_path, json.dumps(dets))
-    if dets:
-        return pycocotools_eval(gt, dets)
-    return dict.fromkeys(("map", "map50", "map_small", "map_medium", "map_large", "map_any_class",
-                          "map50_any_class"), 0.0)
+    return pycocotools_eval(gt, dets)
 
 
 def _sync(device: torch.device) -> None:

@@ -233,7 +233,10 @@ def pycocotools_eval(gt: dict, dets: list[dict]) -> dict[str, float]:
     (``map_small`` under 32² px of box area in the original image, ``map_medium`` to 96², ``map_large``
     above; -1 where the split has no such object); and both mAPs with classes ignored (``map_any_class``,
     ``map50_any_class``: a box counts whatever class it names), which separates finding objects from
-    naming them."""
+    naming them. No detections score 0 everywhere (pycocotools cannot load an empty result list)."""
+    if not dets:
+        return dict.fromkeys(("map", "map50", "map_small", "map_medium", "map_large", "map_any_class",
+                              "map50_any_class"), 0.0)
     import contextlib
     import io
 
@@ -253,6 +256,6 @@ def pycocotools_eval(gt: dict, dets: list[dict]) -> dict[str, float]:
             ev.accumulate()
             ev.summarize()
             stats.append([float(v) for v in ev.stats])
-    (s, a) = stats
+    s, a = stats
     return {"map": s[0], "map50": s[1], "map_small": s[3], "map_medium": s[4], "map_large": s[5],
             "map_any_class": a[0], "map50_any_class": a[1]}
