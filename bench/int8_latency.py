@@ -1,11 +1,12 @@
-"""onnxruntime CPU latency of the float ONNX against the INT8 (Q/DQ) ONNX of the same model, in one run.
+"""onnxruntime CPU latency of the float ONNX against the INT8 (Q/DQ) ONNX files of the same model, in one run.
 
-The model has tame random weights (latency does not depend on their values), is quantized with
-symmetric 8-bit activations and calibrated on random images (``quant.ptq.calibrate``), and both files
-come from ``export.py``'s writers. onnxruntime's own quantizer (QOperator layout, uint8 activations)
-is timed beside them as the reference for its integer kernels. All are timed alternately, batch 1,
-so drift hits each; the ops onnxruntime actually ran after its graph optimisations are listed, which
-says whether a graph ran integer kernels.
+The model has tame random weights (latency does not depend on their values), is quantized in both
+layouts and calibrated on random images (``quant.ptq.calibrate``): TensorRT's (symmetric activations)
+and onnxruntime's (uint8 activations, a quantizer after every conv); every file comes from
+``export.py``'s writers. onnxruntime's own quantizer (QOperator layout, uint8 activations) is timed
+beside them as the reference for its integer kernels. All are timed alternately, batch 1, so drift
+hits each; the ops onnxruntime actually ran after its graph optimisations are listed, which says
+whether a graph ran integer kernels, and the file sizes are given.
 
     .venv/bin/python -m bench.int8_latency                       # yolo-small and yolov3-tiny at 416
     .venv/bin/python -m bench.int8_latency --cfgs cfg/yolov4-tiny.cfg --img-size 320 --runs 50
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +28,8 @@ from models.quantized.convert import QuantConfig, quantize_model
 from models.quantized.modules import QuantSpec
 from models.summary import latencies
 from quant.ptq import calibrate
-from quant.qdq import export_int8_onnx
+from quant.qdq import export_int8_onnx, float_kernels, ort_kernels
 from utils.torch_utils import tame_random_weights
-
-
-def _ops(path: Path) -> Counter:
-    import onnx
-
-    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
 def _ort_quantize(src: Path, dst: Path, size: int) -> None:
@@ -57,26 +51,33 @@ def _ort_quantize(src: Path, dst: Path, size: int) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
 
 
+def _quantized(cfg: str, size: int, target: str) -> Darknet:
+    model = tame_random_weights(Darknet(cfg), seed=0, img_size=64)
+    quantize_model(model, QuantConfig(QuantSpec(a_symmetric=target == "trt"), target=target))
+    g = torch.Generator().manual_seed(0)
+    calibrate(model, (torch.rand(2, 3, size, size, generator=g) for _ in range(4)))
+    return model
+
+
+FILES = {"float": "float ONNX", "trt": "INT8, TensorRT layout", "ort": "INT8, onnxruntime layout (ours)",
+         "ort_qop": "onnxruntime's own QOperator"}
+
+
 def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
     model = tame_random_weights(Darknet(cfg), seed=0, img_size=64).eval()
-    qmodel = tame_random_weights(Darknet(cfg), seed=0, img_size=64)
-    quantize_model(qmodel, QuantConfig(QuantSpec(a_symmetric=True)))
-    g = torch.Generator().manual_seed(0)
-    calibrate(qmodel, (torch.rand(2, 3, size, size, generator=g) for _ in range(4)))
     x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        files = {"float": tmp / "float.onnx", "int8": tmp / "int8.onnx", "ort_qop": tmp / "ort_qop.onnx"}
+        files = {k: Path(tmp) / f"{k}.onnx" for k in FILES}
         export_onnx(model.fuse(), files["float"], size)
-        export_int8_onnx(qmodel, files["int8"], size)
+        for target in ("trt", "ort"):
+            export_int8_onnx(_quantized(cfg, size, target), files[target], size)
         _ort_quantize(files["float"], files["ort_qop"], size)
-        # optimized_path: what onnxruntime turned each graph into (the kernels it runs)
-        sessions = {k: ort_session(f, optimized_path=f.with_suffix(".opt.onnx")) for k, f in files.items()}
-        ops = {k: _ops(f.with_suffix(".opt.onnx")) for k, f in files.items()}
+        ops = {k: ort_kernels(f) for k, f in files.items()}
+        mb = {k: f.stat().st_size / 1e6 for k, f in files.items()}
+        sessions = {k: ort_session(f) for k, f in files.items()}
         calls = [lambda s=sess: s.run(None, {"images": x}) for sess in sessions.values()]
         med = dict(zip(sessions, latencies(calls, runs, warmup)))
-    return {"cfg": cfg, "float_ms": med["float"], "int8_ms": med["int8"], "ratio": med["int8"] / med["float"],
-            "ort_ms": med["ort_qop"], "ort_ratio": med["ort_qop"] / med["float"], "ops": ops}
+    return {"cfg": cfg, "ms": med, "mb": mb, "ops": ops}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,15 +91,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = build_parser().parse_args(argv)
     rows = [bench_cfg(c, a.img_size, a.runs, a.warmup) for c in a.cfgs]
     print(f"\nonnxruntime {ort.__version__} CPU, batch 1, {a.img_size}x{a.img_size}, median of {a.runs} "
-          f"alternating runs\n")
-    print("| cfg | float ms | INT8 Q/DQ ms (ours) | ours / float | onnxruntime QOperator ms "
-          "| QOperator / float |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+          f"alternating runs; ratios to the float file's time and size\n")
+    print("| cfg | file | ms | × float | MB | × float | float convs run |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {Path(r['cfg']).name} | {r['float_ms']:.1f} | {r['int8_ms']:.1f} | {r['ratio']:.2f} | "
-              f"{r['ort_ms']:.1f} | {r['ort_ratio']:.2f} |")
+        ms, mb = r["ms"], r["mb"]
+        for k, label in FILES.items():
+            print(f"| {Path(r['cfg']).name} | {label} | {ms[k]:.1f} | {ms[k] / ms['float']:.2f} | "
+                  f"{mb[k]:.2f} | {mb[k] / mb['float']:.2f} | {float_kernels(r['ops'][k])} |")
     for r in rows:
-        for k in ("int8", "ort_qop"):
+        for k in ("trt", "ort", "ort_qop"):
             top = ", ".join(f"{op} {n}" for op, n in r["ops"][k].most_common(6))
             print(f"\n{Path(r['cfg']).name}, {k}: the ops onnxruntime ran: {top}")
     return rows

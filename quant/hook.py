@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from engine.hooks import TrainContext, TrainHook
-from models.quantized.convert import QuantConfig, freeze_bn, freeze_observers, quantize_model
+from models.quantized.convert import (
+    TARGETS,
+    QuantConfig,
+    freeze_bn,
+    freeze_observers,
+    quant_config,
+    quantize_model,
+)
 from models.quantized.modules import QuantSpec
 from utils.cli import BITS, EPOCH_OR_NEVER, POSITIVE, option, refuse_unused
 from utils.errors import UserError
@@ -48,6 +55,9 @@ class QuantOptions:
     a_symmetric: bool = option(False, "--a-symmetric",
                                help="google: symmetric signed activations with zero point 0 (what TensorRT "
                                     "runs) instead of affine uint8-style ones")
+    int8_target: str = option("trt", "--int8-target", choices=TARGETS,
+                              help="google: the INT8 runtime the model is laid out for: trt (TensorRT, with "
+                                   "--a-symmetric) or ort (onnxruntime's CPU integer kernels)")
     dorefa_range: float = option(8.0, "--dorefa-range", type=POSITIVE,
                                  help="DoReFa: activations are clamped to [-r, r] (the paper's r is 1)")
     freeze_bn_epoch: int = option(-1, "--freeze-bn-epoch", type=EPOCH_OR_NEVER,
@@ -93,4 +103,5 @@ def hook_from_options(opts: QuantOptions) -> QuantHook:
         flags = " --BN_Fold" * opts.bn_fold + " --FPGA" * opts.fpga
         raise UserError(f"--quantized {opts.quantized} --w-bit {opts.w_bit} --a-bit {opts.a_bit}{flags}: {e}"
                         ) from None
-    return QuantHook(QuantConfig(spec, fpga=opts.fpga), opts.freeze_bn_epoch, opts.freeze_observer_epoch)
+    return QuantHook(quant_config(spec, opts.fpga, opts.int8_target), opts.freeze_bn_epoch,
+                     opts.freeze_observer_epoch)

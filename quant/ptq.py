@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from models.io import open_checkpoint, resolve_img_size, save_checkpoint
-from models.quantized.convert import QuantConfig, freeze_observers, quantize_model
+from models.quantized.convert import TARGETS, freeze_observers, quant_config, quantize_model
 from models.quantized.modules import ActQuant, QuantSpec
 from utils.cli import (
     BATCH,
@@ -68,6 +68,10 @@ class PtqOptions:
     a_symmetric: bool = option(False, "--a-symmetric",
                                help="symmetric signed activations with zero point 0 (TensorRT) instead of "
                                     "affine")
+    int8_target: str = option("trt", "--int8-target", choices=TARGETS,
+                              help="the INT8 runtime the model is laid out for: trt (TensorRT, with "
+                                   "--a-symmetric) or ort (onnxruntime's CPU integer kernels, uint8 "
+                                   "activations)")
     name: str = option("exp", "--name")
     output: str = option("", "--output", help="output folder (default: a new runs/ptq/<name>)")
     exist_ok: bool = option(False, "--exist-ok", help="replace the outputs in an existing --output")
@@ -128,7 +132,7 @@ def run(o: PtqOptions) -> StageResult:
                          a_symmetric=o.a_symmetric)
     except ValueError as e:
         raise UserError(f"--w-bit {o.w_bit} --a-bit {o.a_bit}: {e}") from None
-    config = QuantConfig(spec, fpga=o.fpga, observer=o.calib, percentile=o.percentile)
+    config = quant_config(spec, o.fpga, o.int8_target, observer=o.calib, percentile=o.percentile)
     out = Path(o.output) if o.output else next_run_dir("runs/ptq", o.name)
     plan = OutputPlan([weights, o.data, o.cfg], o.exist_ok)
     outputs = [plan.add(out / "quantized.pt"), plan.add(out / "report.json")]

@@ -1,24 +1,32 @@
-"""INT8 ONNX with explicit quantization (QuantizeLinear/DequantizeLinear), the form TensorRT builds from.
+"""INT8 ONNX with explicit quantization (QuantizeLinear/DequantizeLinear), in two layouts.
 
 The graph is the fake-quant model itself: while ``torch.onnx.export`` traces, every activation
 quantizer is a Q/DQ pair with constant scales (:func:`models.quantized.quantizers.fake_quantize`) and
 every quantized conv has constant folded weights and its bias on the ``s_in·s_w`` grid
-(:meth:`models.quantized.modules.QConvBN.inference_params`). The exporter folds constant arithmetic, the
-weights' Q/DQ included, so :func:`weight_qdq` puts a per-channel pair back in front of every quantized conv's
-weights. The result follows TensorRT's rules for explicit quantization, which
-:func:`tensorrt_rule_violations` checks by walking the graph:
+(:meth:`models.quantized.modules.QConvBN.inference_params`). The exporter folds that constant
+arithmetic into float initializers, so :func:`int8_initializers` replaces each quantized conv's float
+weights by their int8 codes and a per-channel DequantizeLinear (a quarter of the bytes). Which layout
+the file has is the model's (``QuantConfig.target``), because the fake-quant model must compute what
+the file computes:
 
-- opset ≥ 13; int8 codes with zero point 0 everywhere (symmetric);
-- weights: a per-channel Q/DQ pair on axis 0, one scale per output channel;
-- activations: Q/DQ at the *input* of each quantized conv (after the producer's activation), never
-  between a conv and its activation, so TensorRT fuses conv + bias + activation;
-- the inputs of every Concat and residual Add carry one scale (through max-pools, resizes, slices);
-- the head decode stays float.
+- ``trt`` (TensorRT, :func:`tensorrt_rule_violations` checks it): opset ≥ 13; int8 codes with zero
+  point 0 everywhere (symmetric); weights per channel on axis 0; activations quantized at the *input*
+  of each quantized conv, never between a conv and its activation (TensorRT fuses conv + bias +
+  activation); the inputs of every Concat and residual Add carry one scale; the head decode stays
+  float;
+- ``ort`` (onnxruntime's CPU integer kernels, :func:`float_kernels` checks what it ran): uint8
+  activations with zero points and int8 per-channel weights (U8S8: the pair onnxruntime fuses on x86
+  without extra session options), the bias as int32 codes on the ``s_in·s_w`` grid, a Q/DQ pair
+  directly after every conv (QLinearConv) and around every activation (QLinearLeakyRelu), add
+  (QLinearAdd), concat (QLinearConcat), maxpool and resize (run on uint8), so that no conv runs in
+  float; the image and the heads are quantized too, the decode stays float.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +36,7 @@ import torch
 from torch import nn
 
 from models.darknet import Darknet
+from models.layers import MaxPool
 from models.quantized.convert import QOutput
 from models.quantized.modules import ActQuant, QConvBN
 from utils.errors import CheckError, UserError
@@ -39,22 +48,25 @@ ACTIVATIONS = {"LeakyRelu", "Relu", "Sigmoid", "Mul", "Tanh", "Softplus", "HardS
 
 
 def int8_problems(model: Darknet) -> list[str]:
-    """Why ``model`` has no TensorRT INT8 form (empty when it has one)."""
+    """Why ``model`` has no INT8 ONNX form in its layout (empty when it has one)."""
     config = model.quant_config
     if config is None:
-        return ["the checkpoint is float; quantize it first (train.py --quantized google --a-symmetric, "
-                "or python -m quant.ptq --a-symmetric)"]
+        return ["the checkpoint is float; quantize it first (python -m quant.ptq, or train.py --quantized "
+                "google), with --int8-target trt (and --a-symmetric) or ort"]
     spec = config.spec
     problems = []
     if spec.method != "google":
-        problems.append(f"its method is {spec.method}; TensorRT's int8 grid is the google method's "
+        problems.append(f"its method is {spec.method}; the int8 grid is the google method's "
                         f"(DoReFa's weights have 2^k odd levels)")
     if spec.w_bits != 8 or spec.a_bits != 8:
         problems.append(f"it has {spec.w_bits}-bit weights and {spec.a_bits}-bit activations; "
                         f"QuantizeLinear is 8-bit")
-    if not spec.a_symmetric:
+    if config.target == "trt" and not spec.a_symmetric:
         problems.append("its activations are affine (uint8-style zero points); TensorRT needs symmetric "
-                        "ones: quantize with --a-symmetric")
+                        "ones: quantize with --a-symmetric (or for onnxruntime with --int8-target ort)")
+    if config.target == "ort" and spec.a_symmetric:
+        problems.append("it is laid out for onnxruntime with symmetric activations; onnxruntime's x86 "
+                        "integer kernels take uint8 ones: quantize without --a-symmetric")
     return problems
 
 
@@ -81,15 +93,77 @@ def _constant(proto, name: str) -> np.ndarray:
     raise RuntimeError(f"{name}: not a constant of the exported graph")
 
 
-def weight_qdq(model: Darknet) -> Callable:
-    """A ``rewrite`` for :func:`models.onnx.export_onnx`: per-channel QuantizeLinear/DequantizeLinear on
-    axis 0 in front of every quantized conv's (already quantized) float weights. A conv on a float
-    input (the image, unless ``--FPGA``) keeps plain weights, already rounded to their grid:
-    TensorRT runs a conv in int8 only when its input and its weights both have Q/DQ."""
+def _initializer(proto, name: str, array: np.ndarray) -> str:
+    from onnx import numpy_helper
+
+    proto.graph.initializer.append(numpy_helper.from_array(array, name))
+    return name
+
+
+def _drop_unused(proto) -> None:
+    """Remove the nodes and initializers that nothing reads any more (replaced weights, folded pads)."""
+    while True:
+        used = {t for n in proto.graph.node for t in n.input} | {o.name for o in proto.graph.output}
+        dead = [n for n in proto.graph.node if not any(o in used for o in n.output)]
+        for n in dead:
+            proto.graph.node.remove(n)
+        if not dead:
+            break
+    keep = [init for init in proto.graph.initializer if init.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+
+
+def _pads_into_maxpools(proto, model: Darknet) -> None:
+    """Darknet's uneven maxpool padding, ``Pad(-inf) → MaxPool``, becomes one MaxPool with ``pads``:
+    the same maximum, and a MaxPool directly between a DQ and a Q runs on uint8 in onnxruntime."""
+    from onnx import helper
+
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    for pad in [n for n in proto.graph.node if n.op_type == "Pad"]:
+        m = re.fullmatch(r"/model/layers\.(\d+)/(layer/)?Pad", pad.name)
+        users = consumers.get(pad.output[0], [])
+        if not m or len(users) != 1 or users[0].op_type != "MaxPool":
+            continue
+        layer = model.layers[int(m.group(1))]
+        pool = getattr(layer, "layer", layer)
+        attrs = {a.name: a for a in users[0].attribute}
+        padded = "auto_pad" in attrs or ("pads" in attrs and any(attrs["pads"].ints))
+        if not isinstance(pool, MaxPool) or padded:
+            continue
+        left, right, top, bottom = pool.pad  # F.pad's order: last dimension first
+        if "pads" in attrs:
+            users[0].attribute.remove(attrs["pads"])
+        users[0].attribute.append(helper.make_attribute("pads", [top, left, bottom, right]))
+        users[0].input[0] = pad.input[0]
+        proto.graph.node.remove(pad)
+
+
+def int8_initializers(model: Darknet) -> Callable:
+    """A ``rewrite`` for :func:`models.onnx.export_onnx`: every quantized conv's weights become int8
+    codes with a per-channel DequantizeLinear on axis 0 (checked to be the exported float weights);
+    in onnxruntime's layout its bias becomes int32 codes on the ``s_in·s_w`` grid with a
+    DequantizeLinear too, which QLinearConv takes as its bias. A conv on a float input (the image in
+    TensorRT's layout, unless ``--FPGA``) keeps plain weights, already rounded to their grid: TensorRT
+    runs a conv in int8 only when its input and its weights both have Q/DQ."""
+    ort = model.quant_config.target == "ort"
+
+    def dequantized(proto, i: int, what: str, codes: np.ndarray, scale: np.ndarray, dtype) -> str:
+        prefix = f"layers.{i}.{what}_quant"
+        inputs = [_initializer(proto, f"{prefix}.codes", codes.astype(dtype)),
+                  _initializer(proto, f"{prefix}.scale", scale.astype(np.float32)),
+                  _initializer(proto, f"{prefix}.zero_point", np.zeros(scale.shape, dtype))]
+        from onnx import helper
+
+        node = helper.make_node("DequantizeLinear", inputs, [f"{prefix}.dq"], axis=0,
+                                name=f"/model/layers.{i}/{what}_quant/DequantizeLinear")
+        proto.graph.node.insert(0, node)
+        return node.output[0]
 
     def rewrite(proto) -> None:
-        from onnx import helper, numpy_helper
-
         convs = _conv_nodes(proto)
         for i, layer in enumerate(model.layers):
             if not isinstance(layer, QConvBN) or layer.input_quant[0] is None:
@@ -97,24 +171,25 @@ def weight_qdq(model: Darknet) -> Callable:
             if i not in convs:
                 raise RuntimeError(f"layer {i}: no Conv node /model/layers.{i}/Conv in the exported graph")
             node = convs[i]
+            codes, s_w, b_codes = (t.cpu().numpy() if t is not None else None for t in layer.integer_params())
+            s_w = s_w.astype(np.float32).reshape(-1)
             w = _constant(proto, node.input[1])
-            scale = layer.integer_params()[1].cpu().numpy().astype(np.float32).reshape(-1)
-            codes = w / scale.reshape(-1, *([1] * (w.ndim - 1)))
-            if scale.shape[0] != w.shape[0] or np.abs(codes - np.round(codes)).max(initial=0) > 1e-3:
-                raise RuntimeError(f"layer {i}: the exported weights are not on their int8 grid")
-            prefix = f"layers.{i}.weight_quant"
-            proto.graph.initializer.extend([
-                numpy_helper.from_array(scale, f"{prefix}.scale"),
-                numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{prefix}.zero_point")])
-            q, dq, qparams = f"{prefix}.q", f"{prefix}.dq", [f"{prefix}.scale", f"{prefix}.zero_point"]
-            qdq = [helper.make_node("QuantizeLinear", [node.input[1], *qparams], [q], axis=0,
-                                    name=f"/model/layers.{i}/weight_quant/QuantizeLinear"),
-                   helper.make_node("DequantizeLinear", [q, *qparams], [dq], axis=0,
-                                    name=f"/model/layers.{i}/weight_quant/DequantizeLinear")]
-            at = list(proto.graph.node).index(node)
-            for k, n in enumerate(qdq):
-                proto.graph.node.insert(at + k, n)
-            node.input[1] = dq
+            # the codes are the model's own (PyTorch's traced fake-quant op rounds x·(1/s), not x/s, and
+            # may break a rounding tie the other way): one step apart at most, else it is another tensor
+            if s_w.shape[0] != w.shape[0] or np.any(np.abs(codes * s_w.reshape(-1, 1, 1, 1) - w)
+                                                    > 1.01 * s_w.reshape(-1, 1, 1, 1)):
+                raise RuntimeError(f"layer {i}: the exported weights are not this conv's int8 weights")
+            node.input[1] = dequantized(proto, i, "weight", codes, s_w, np.int8)
+            if ort and len(node.input) > 2 and b_codes is not None:
+                step = (layer.input_quant[0].qparams()[0] * layer.integer_params()[1]).cpu().numpy()
+                step = step.astype(np.float32).reshape(-1)
+                b = _constant(proto, node.input[2])
+                if np.abs(b_codes * step - b).max(initial=0) > 1e-6 * np.abs(b).max(initial=1):
+                    raise RuntimeError(f"layer {i}: the exported bias is not on its s_in*s_w grid")
+                node.input[2] = dequantized(proto, i, "bias", b_codes, step, np.int32)
+        if ort:
+            _pads_into_maxpools(proto, model)
+        _drop_unused(proto)
 
     return rewrite
 
@@ -163,7 +238,7 @@ def tensorrt_rule_violations(proto) -> list[str]:
             if quantized:
                 scale = _constant(proto, w.input[1])
                 axis = next((a.i for a in w.attribute if a.name == "axis"), 1)
-                out_channels = _constant(proto, producers[w.input[0]].input[0]).shape[0]
+                out_channels = _constant(proto, w.input[0]).shape[0]
                 if axis != 0 or scale.size != out_channels:
                     bad.append(f"{n.name}: weights need per-channel scales on axis 0 ({scale.size} scales, "
                                f"axis {axis}, {out_channels} channels)")
@@ -185,15 +260,42 @@ def tensorrt_rule_violations(proto) -> list[str]:
     return bad
 
 
+# ---------------------------------------------------------------- what onnxruntime ran
+FLOAT_CONVS = {"Conv", "FusedConv", "NchwcConv"}  # onnxruntime's float conv kernels (after its fusions)
+
+
+def ort_kernels(path: str | Path) -> Counter:
+    """The ops onnxruntime runs for ``path`` after its graph optimisations (CPU), by type."""
+    import onnx
+
+    from models.onnx import ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        ort_session(path, optimized_path=optimized)
+        return Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+
+
+def float_kernels(kernels: Counter) -> int:
+    """How many convs of an optimized graph run in float."""
+    return sum(kernels[op] for op in FLOAT_CONVS)
+
+
+def _kernel_summary(kernels: Counter) -> str:
+    return ", ".join(f"{op} {n}" for op, n in kernels.most_common(8))
+
+
 # ---------------------------------------------------------------- onnxruntime against the fake-quant model
 @dataclass
 class StepReport:
     """onnxruntime vs the PyTorch fake-quant model at every quantized tensor, in quantization steps.
 
-    The comparison is teacher-forced: each quantized layer of the PyTorch model gets onnxruntime's
-    values of its inputs (its own output is compared, then replaced by onnxruntime's), so every
-    difference is that layer's own, not one inherited from upstream. The detections are compared
-    free-running.
+    The comparison is teacher-forced: each quantized tensor of the PyTorch model gets onnxruntime's
+    values of its inputs (its own value is compared, then replaced by onnxruntime's), so every
+    difference is that tensor's own, not one inherited from upstream. onnxruntime's values are the
+    codes of the QuantizeLinear nodes, read as extra outputs of the graph onnxruntime optimized as
+    usual, so in onnxruntime's layout they come from the integer kernels. The detections are
+    compared free-running.
     """
 
     tensors: int
@@ -211,38 +313,44 @@ class StepReport:
                 f"diff {self.box_px:.2e} px, {self.score:.2e} in scores")
 
 
-def _quantized_outputs(model: Darknet) -> dict[str, tuple[nn.Module, ActQuant]]:
-    """ONNX scope of each quantized tensor's DequantizeLinear → (module whose output it is, its quantizer)."""
+def _quantized_tensors(model: Darknet) -> dict[str, tuple[nn.Module, ActQuant]]:
+    """ONNX scope of each quantized tensor's QuantizeLinear → (module whose output it is, its quantizer)."""
     found = {}
     if model.input_quant is not None:
-        found["/model/input_quant/DequantizeLinear"] = (model.input_quant, model.input_quant)
+        found["/model/input_quant/QuantizeLinear"] = (model.input_quant, model.input_quant)
     for i, layer in enumerate(model.layers):
+        if isinstance(layer, QConvBN) and layer.preact_quant is not None:
+            found[f"/model/layers.{i}/preact_quant/QuantizeLinear"] = (layer.preact_quant, layer.preact_quant)
         if isinstance(layer, (QConvBN, QOutput)) and layer.output_quant is not None:
-            found[f"/model/layers.{i}/output_quant/DequantizeLinear"] = (layer, layer.output_quant)
+            found[f"/model/layers.{i}/output_quant/QuantizeLinear"] = (layer, layer.output_quant)
     return found
 
 
 @torch.no_grad()
 def compare_steps(path: str | Path, module: nn.Module, model: Darknet, x: torch.Tensor) -> StepReport:
-    """Run ``path`` in onnxruntime with every quantized tensor as an extra output, and ``module`` (the
-    exported wrapper of ``model``) in PyTorch, free-running and teacher-forced (:class:`StepReport`);
-    differences are in units of each tensor's scale."""
+    """Run ``path`` in onnxruntime with every quantized tensor's codes as extra outputs, and ``module``
+    (the exported wrapper of ``model``) in PyTorch, free-running and teacher-forced
+    (:class:`StepReport`); differences are in units of each tensor's scale."""
     import onnx
 
     from models.onnx import ort_session
 
     proto = onnx.load(str(path))
-    wanted = _quantized_outputs(model)
+    wanted = _quantized_tensors(model)
     nodes = {n.name: n for n in proto.graph.node if n.name in wanted}
     missing = sorted(set(wanted) - set(nodes))
     if missing:
-        raise RuntimeError(f"{path}: no DequantizeLinear {missing[0]} for a quantized tensor")
+        raise RuntimeError(f"{path}: no QuantizeLinear {missing[0]} for a quantized tensor")
     order = sorted(nodes)
     for name in order:
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(nodes[name].output[0]))
     sess = ort_session(proto.SerializeToString())
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    ort_values = {name: torch.from_numpy(g) for name, g in zip(order, got[1:])}
+    ort_values = {}
+    for name, codes in zip(order, got[1:]):
+        q = nodes[name]
+        scale, zp = _constant(proto, q.input[1]), _constant(proto, q.input[2])
+        ort_values[name] = torch.from_numpy((codes.astype(np.float32) - zp.astype(np.float32)) * scale)
     steps: dict[str, np.ndarray] = {}
 
     def force(name: str):
@@ -269,29 +377,39 @@ def compare_steps(path: str | Path, module: nn.Module, model: Darknet, x: torch.
 
 
 def int8_check(model: Darknet, max_ties: float = 1e-3) -> Callable:
-    """A ``check`` for :func:`models.onnx.export_onnx`: the graph follows TensorRT's rules, and, given
-    the same inputs, every quantized tensor of onnxruntime is within one step of the PyTorch
-    fake-quant model's, with at most ``max_ties`` of the values one step apart.
+    """A ``check`` for :func:`models.onnx.export_onnx`: the graph follows its runtime's rules
+    (TensorRT's Q/DQ rules, or onnxruntime running no conv in float), and, given the same inputs, every
+    quantized tensor of onnxruntime is within one step of the PyTorch fake-quant model's, with at
+    most ``max_ties`` of the values one step apart.
 
     Exact agreement is not expected with arbitrary scales: the two runtimes sum a conv in different
-    orders, so a value on a rounding tie can go either way. Power-of-two scales make every product
-    and sum exact in float32, and the two agree exactly. A wrong scale, zero point or placement moves
-    many values of a tensor by more than a step.
+    orders (and onnxruntime's integer kernels requantize with a float multiplier), so a value on a
+    rounding tie can go either way. Power-of-two scales make every product and sum exact in float32,
+    and the two agree exactly. A wrong scale, zero point or placement moves many values of a tensor by
+    more than a step.
     """
 
     def check(path: Path, module: nn.Module, x: torch.Tensor) -> None:
         import onnx
 
-        bad = tensorrt_rule_violations(onnx.load(str(path)))
-        if bad:
-            raise CheckError(f"{display_name(path)}: breaks TensorRT's Q/DQ rules: " + "; ".join(bad[:3]))
+        name = display_name(path)
+        if model.quant_config.target == "trt":
+            bad = tensorrt_rule_violations(onnx.load(str(path)))
+            if bad:
+                raise CheckError(f"{name}: breaks TensorRT's Q/DQ rules: " + "; ".join(bad[:3]))
+        else:
+            kernels = ort_kernels(path)
+            if float_kernels(kernels):
+                raise CheckError(f"{name}: onnxruntime runs {float_kernels(kernels)} conv(s) in float, not "
+                                 f"as integer kernels (it ran: {_kernel_summary(kernels)})")
+            print(f"{name}: onnxruntime runs {kernels['QLinearConv']} QLinearConv and no float conv "
+                  f"({_kernel_summary(kernels)})")
         report = compare_steps(path, module, model, x)
-        print(f"{display_name(path)}: onnxruntime vs PyTorch fake-quant at {tuple(x.shape)}: "
-              f"{report}")
+        print(f"{name}: onnxruntime vs PyTorch fake-quant at {tuple(x.shape)}: {report}")
         if report.worse or report.off_by_one > max_ties * report.values:
-            raise CheckError(f"{display_name(path)}: onnxruntime and the fake-quant model differ by up to "
-                               f"{report.max_steps:g} steps at {report.worst} ({report.off_by_one} values "
-                               f"one step apart, {report.worse} more, of {report.values})")
+            raise CheckError(f"{name}: onnxruntime and the fake-quant model differ by up to "
+                             f"{report.max_steps:g} steps at {report.worst} ({report.off_by_one} values "
+                             f"one step apart, {report.worse} more, of {report.values})")
 
     return check
 
@@ -299,7 +417,7 @@ def int8_check(model: Darknet, max_ties: float = 1e-3) -> Callable:
 def export_int8_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int, int], opset: int = 17,
                      dynamic: bool = False, names: list[str] | None = None, source: str = "--weights"
                      ) -> Path:
-    """Write the Q/DQ ONNX of a quantized ``model``; checked by :func:`int8_check`."""
+    """Write the Q/DQ ONNX of a quantized ``model`` in its layout; checked by :func:`int8_check`."""
     from models.onnx import export_onnx
 
     problems = int8_problems(model)
@@ -308,5 +426,5 @@ def export_int8_onnx(model: Darknet, path: str | Path, img_size: int | tuple[int
     if opset < MIN_OPSET:
         raise UserError(f"--opset {opset}: INT8 ONNX with per-channel weights needs opset {MIN_OPSET} "
                         f"or later")
-    return export_onnx(model, path, img_size, opset, dynamic, names=names, rewrite=weight_qdq(model),
+    return export_onnx(model, path, img_size, opset, dynamic, names=names, rewrite=int8_initializers(model),
                        check=int8_check(model))

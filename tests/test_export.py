@@ -13,12 +13,13 @@ from models.darknet import Darknet
 from models.io import save_checkpoint
 from models.onnx import DetectionsOnly
 from models.quantized.convert import QuantConfig, quantize_model
-from models.quantized.modules import QuantSpec
-from quant.qdq import compare_steps, tensorrt_rule_violations
+from models.quantized.modules import QConvBN, QuantSpec
+from quant.qdq import compare_steps, float_kernels, int8_check, ort_kernels, tensorrt_rule_violations
 from tests.conftest import REPO, rel_err, tame_model
 from tests.test_opencv_parity import assert_matches_opencv
 from tests.test_prune import method_prune, spread_gammas
 from utils.cli import run_cli
+from utils.errors import CheckError
 
 SIZE = 64
 
@@ -70,10 +71,11 @@ def test_raw_heads_onnx_matches_pytorch_at_a_second_size(tmp_path):
     assert max(rel_err(g, r.numpy()) for g, r in zip(got, ref)) < 1e-4
 
 
-def _quantized(name: str, fpga: bool) -> Darknet:
+def _quantized(name: str, fpga: bool, target: str = "trt") -> Darknet:
     torch.manual_seed(0)
     model = tame_model(REPO / "cfg" / f"{name}.cfg")
-    quantize_model(model, QuantConfig(QuantSpec(a_symmetric=True, pow2=fpga), fpga=fpga))
+    spec = QuantSpec(a_symmetric=target == "trt", pow2=fpga)
+    quantize_model(model, QuantConfig(spec, fpga=fpga, target=target))
     model.train()
     with torch.no_grad():
         for _ in range(2):  # the activation ranges
@@ -93,7 +95,7 @@ def test_int8_onnx_follows_tensorrt_rules_and_matches_fake_quant(name, fpga, tmp
     weight_dq = [n for n in proto.graph.node if n.name.endswith("weight_quant/DequantizeLinear")]
     quantized_convs = sum(1 for m in model.layers if getattr(m, "input_quant", [None])[0] is not None)
     assert len(weight_dq) == quantized_convs > 0
-    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear")
+    assert ops.count("QuantizeLinear") + len(weight_dq) == ops.count("DequantizeLinear")  # weights: int8 + DQ
     from models.io import load_model
 
     reloaded = load_model(tmp_path / "q.pt").eval()  # what export.py read
@@ -103,6 +105,70 @@ def test_int8_onnx_follows_tensorrt_rules_and_matches_fake_quant(name, fpga, tmp
     assert report.off_by_one <= 1e-3 * report.values
     if fpga:  # power-of-two scales: every product and sum is exact in float32, so they agree exactly
         assert report.max_steps == 0 and report.box_px < 1e-3
+
+
+def _int8_initializers(proto) -> dict[str, np.ndarray]:
+    return {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer
+            if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT32) and i.name.endswith(".codes")}
+
+
+@pytest.mark.parametrize("name", ["yolov3-tiny", "yolov4-tiny", "yolo-small"])
+def test_int8_onnx_for_onnxruntime_runs_every_conv_as_an_integer_kernel(name, tmp_path, capsys):
+    model = _quantized(name, False, target="ort")
+    out = export.main(["--weights", _pt(model, tmp_path / "q.pt"), "--include", "onnx-int8"])[0]
+    printed = capsys.readouterr().out
+    convs = sum(isinstance(m, QConvBN) for m in model.layers)
+    assert f"onnxruntime runs {convs} QLinearConv and no float conv" in printed
+    kernels = ort_kernels(out)
+    assert convs == sum(b.type == "convolutional" for b in model.cfg.layers)  # the heads too
+    assert kernels["QLinearConv"] == convs and float_kernels(kernels) == 0
+    assert kernels["QLinearLeakyRelu"] > 0 and kernels["LeakyRelu"] == 0
+    proto = onnx.load(str(out))
+    codes = _int8_initializers(proto)  # weights int8, biases int32, no float copy left
+    assert sum(k.endswith("weight_quant.codes") for k in codes) == convs
+    assert sum(k.endswith("bias_quant.codes") for k in codes) == convs
+    floats = sum(i.dims[0] * np.prod(i.dims[1:]) for i in proto.graph.initializer
+                 if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4)
+    assert floats == 0
+    from models.io import load_model
+
+    reloaded = load_model(tmp_path / "q.pt").eval()
+    assert reloaded.quant_config.target == "ort"
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    report = compare_steps(out, DetectionsOnly(reloaded), reloaded, x)
+    preacts = sum(m.preact_quant is not None for m in reloaded.layers if isinstance(m, QConvBN))
+    assert preacts > 0 and report.tensors > preacts  # the pre-activation tensors are compared too
+    assert report.worse == 0 and report.max_steps <= 1 and report.off_by_one <= 1e-3 * report.values
+
+
+def test_onnxruntime_layout_check_fails_when_a_conv_runs_in_float(tmp_path):
+    model = _quantized("yolov3-tiny", False, target="ort")
+    out = export.main(["--weights", _pt(model, tmp_path / "q.pt"), "--include", "onnx-int8"])[0]
+    proto = onnx.load(str(out))
+    # bypass one conv's output quantizer: its Conv now feeds the float LeakyRelu's DequantizeLinear input
+    q = next(n for n in proto.graph.node if n.name == "/model/layers.2/preact_quant/QuantizeLinear")
+    dq = next(n for n in proto.graph.node if n.input and n.input[0] == q.output[0])
+    for n in proto.graph.node:
+        n.input[:] = [q.input[0] if t == dq.output[0] else t for t in n.input]
+    onnx.save(proto, str(tmp_path / "broken.onnx"))
+    assert float_kernels(ort_kernels(tmp_path / "broken.onnx")) == 1
+    with pytest.raises(CheckError, match=r"runs 1 conv\(s\) in float"):
+        int8_check(model)(tmp_path / "broken.onnx", DetectionsOnly(model), torch.rand(1, 3, SIZE, SIZE))
+    # TensorRT's layout leaves every conv in float in onnxruntime: it is not the CPU file
+    trt = export.main(["--weights", _pt(_quantized("yolov3-tiny", False), tmp_path / "t.pt"),
+                       "--include", "onnx-int8"])[0]
+    assert float_kernels(ort_kernels(trt)) > 0
+
+
+def test_int8_onnx_stores_int8_weights(tmp_path):
+    model = _quantized("yolov3-tiny", False)
+    out = export.main(["--weights", _pt(model, tmp_path / "q.pt"), "--include", "onnx-int8"])[0]
+    float_pt = _pt(tame_model(REPO / "cfg" / "yolov3-tiny.cfg"), tmp_path / "f.pt")
+    float_out = export.main(["--weights", float_pt, "--include", "onnx"])[0]
+    codes = _int8_initializers(onnx.load(str(out)))
+    assert len(codes) == sum(isinstance(m, QConvBN) and m.input_quant[0] is not None for m in model.layers)
+    assert all(c.dtype == np.int8 and np.abs(c).max() <= 127 for c in codes.values())
+    assert out.stat().st_size < 0.3 * float_out.stat().st_size
 
 
 def test_tensorrt_rules_catch_broken_graphs(tmp_path):

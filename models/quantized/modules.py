@@ -14,6 +14,7 @@ parameters (so checkpoints keep their keys) and computes, with ``s_in`` the scal
   ``σ/σ_B`` and the batch mean, so the forward pass matches conv + BN on the batch; after
   :meth:`freeze_bn` the running statistics are used alone, which is what inference computes;
 - **bias**: ``round(b_f / (s_in·s_w))`` as int32, so the accumulator adds it with no rescale;
+- then, in onnxruntime's layout only, the pre-activation :class:`ActQuant` (``preact_quant``);
 - then the activation, then the output :class:`ActQuant` (when this layer's output is quantized).
 """
 
@@ -125,12 +126,16 @@ class ActQuant(nn.Module):
 
 class QConvBN(nn.Module):
     def __init__(self, layer: ConvBN, spec: QuantSpec, input_quant: ActQuant | None,
-                 output_quant: ActQuant | None):
+                 output_quant: ActQuant | None, preact_quant: ActQuant | None = None):
         super().__init__()
         self.conv, self.bn, self.act = layer.conv, layer.bn, layer.act
         self.stop_gradient = layer.stop_gradient
         self.spec = spec
         self.input_quant = [input_quant]  # a reference, not a submodule: the producer owns it
+        # onnxruntime's layout: the conv's output is requantized before the activation (its own scale)
+        self.preact_quant = preact_quant
+        if preact_quant is not None:
+            preact_quant.claim_site()
         self.output_quant = output_quant
         self.output_site = output_quant.claim_site() if output_quant is not None else 0
         self.bn_frozen = False
@@ -223,6 +228,8 @@ class QConvBN(nn.Module):
             y = self._conv(x, *self.inference_params())
             if not self.fold:
                 y = self.bn(y)
+        if self.preact_quant is not None:
+            y = self.preact_quant(y)
         y = self.act(y)
         if self.output_quant is not None:
             y = self.output_quant(y, self.output_site)
