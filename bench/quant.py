@@ -25,6 +25,8 @@ from utils.outputs import atomic_write
 QAT_RUNS = {  # name → (description, train options)
     "float": ("float fine-tuned, same recipe", {}),
     "google8": ("QAT 8/8 Google + BN fold", {"quantized": "google", "bn_fold": True}),
+    "google8_ort": ("QAT 8/8 Google + BN fold, onnxruntime layout (--int8-target ort)",
+                    {"quantized": "google", "bn_fold": True, "int8_target": "ort"}),
     "google8_pow2": ("QAT 8/8 Google + BN fold + power of two (--FPGA)",
                      {"quantized": "google", "bn_fold": True, "fpga": True}),
     "dorefa8": ("QAT 8/8 DoReFa", {"quantized": "dorefa"}),
@@ -36,6 +38,7 @@ PTQ_RUNS = {  # name → (description, quant.ptq arguments)
     "ptq8": ("PTQ 8/8 (mse)", ["--calib", "mse"]),
     "ptq8_pow2": ("PTQ 8/8 (mse) --FPGA", ["--calib", "mse", "--FPGA"]),
     "ptq8_sym": ("PTQ 8/8 (mse) --a-symmetric (TensorRT)", ["--calib", "mse", "--a-symmetric"]),
+    "ptq8_ort": ("PTQ 8/8 (mse) --int8-target ort (onnxruntime)", ["--calib", "mse", "--int8-target", "ort"]),
     "ptq4": ("PTQ 4/4 (mse)", ["--calib", "mse", "--w-bit", "4", "--a-bit", "4"]),
 }
 

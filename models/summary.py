@@ -139,3 +139,30 @@ def measure(models: list[Darknet], img_size: int, runs: int, warmup: int = 3) ->
         s = summarize(m, img_size)
         out.append(Measurement(s.params, s.gflops, statistics.median(times), tuple(times)))
     return out
+
+
+def cpu_description() -> str:
+    """The processor a latency was measured on: its model name and the vector extensions that decide
+    integer kernels' speed (VNNI: int8 dot products in one instruction; AVX2 alone: emulated)."""
+    import platform
+    from pathlib import Path
+
+    name, flags = platform.processor() or platform.machine(), set()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    if "avx512_vnni" in flags:
+        simd = "AVX512-VNNI"
+    elif "avx_vnni" in flags:
+        simd = "AVX-VNNI"
+    elif "avx2" in flags:
+        simd = "AVX2, no VNNI"
+    else:
+        simd = "no AVX2" if flags else "extensions unknown"
+    return f"{name} ({simd})"

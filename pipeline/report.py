@@ -20,7 +20,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -32,7 +31,7 @@ import torch
 from engine.options import REPO
 from models.darknet import Darknet
 from models.io import load_model
-from models.summary import latencies, torch_call
+from models.summary import cpu_description, latencies, torch_call
 from pipeline.recipe import Recipe
 from pipeline.runner import StageRecord
 from prune.methods import PruneMethod
@@ -78,6 +77,7 @@ class Row:
     torch_ms: float | None = None
     ort_ms: float | None = None
     ort_file: str = ""  # the ONNX that was timed, or why there is none
+    float_source: str | None = None  # a quantized stage: the float stage it came from
     seconds: float = 0.0  # the stage's wall time
 
     @property
@@ -150,6 +150,13 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
         rows.append(row)
         print(f"{rec.name}: mAP@0.5 {row.map50:.4f} mAP@0.5:0.95 {row.map:.4f}, {row.params / 1e6:.3f} M "
               f"parameters, {row.gflops:.3f} GFLOPs")
+    sources = {rec.name: rec.source for rec in records}
+    floats = {row.stage for row in rows if row.bits == 32}
+    for row in rows:
+        src = sources.get(row.stage)
+        while row.bits != 32 and src is not None and src not in floats:
+            src = sources.get(src)
+        row.float_source = src if row.bits != 32 else None
     # one runtime at a time (their thread pools would compete), its models in alternation
     for row, ms in zip(rows, latencies(torch_calls, runs, warmup)):
         row.torch_ms = ms
@@ -357,17 +364,26 @@ def markdown(doc: dict) -> str:
              "deployed weights MB | "
              "PyTorch ms | onnxruntime ms | stage time s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    by_stage = {r.stage: r for r in rows}
     for r in rows:
         cells = [f"{r.stage} ({r.run})"]
         for key, spec, scale in COLUMNS:
             v, b = getattr(r, key), getattr(base, key)
-            bits = f" at {r.bits} bits" if key == "deployed_mb" else ""
-            cells.append(f"{_fmt(v and v / scale, spec)}{_ratio(v, b)}{bits}")
+            note = f" at {r.bits} bits" if key == "deployed_mb" else ""
+            if r.bits != 32 and key == "torch_ms":
+                note = " (simulated)"
+            src = by_stage.get(r.float_source)
+            if key == "ort_ms" and src is not None and v is not None and src.ort_ms:
+                note = f"; {v / src.ort_ms:.2f}× {src.stage}"
+            cells.append(f"{_fmt(v and v / scale, spec)}{_ratio(v, b)}{note}")
         cells.append(f"{r.seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "- checkpoint MB: the model as cfg + tensors, without training state (a quantized one "
                   "keeps "
                   "float weights and its scales); deployed weights MB: parameters × weight bits / 8.",
+              "- PyTorch ms of an INT8 stage is its fake-quant graph (float kernels that simulate the "
+              "integer ones), not a deployment figure; onnxruntime ms of an INT8 stage is the INT8 ONNX "
+              "as deployed, also as a ratio to the float stage it came from.",
               "- onnxruntime times the float ONNX, or the INT8 Q/DQ ONNX of a quantized checkpoint: "]
     lines += [f"  - {r.stage}: {r.ort_file}" for r in rows]
     if doc.get("records"):
@@ -383,6 +399,12 @@ def markdown(doc: dict) -> str:
     if doc.get("figures"):
         lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in doc["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _megabytes(p: Path) -> float:
@@ -407,7 +429,8 @@ def write(records: list[StageRecord], recipe: Recipe, root: Path, seconds: float
            "data_file": show(resolve_data(recipe.data)),
            "img_size": recipe.img_size, "runs": runs, "seconds": round(seconds, 1),
            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+           "machine": f"{cpu_description()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                      f"onnxruntime {_ort_version()}",
            "stages": [{**asdict(r), "deployed_mb": r.deployed_mb} for r in rows],
            "ratios": {r.stage: {k: _ratio_value(getattr(r, k), getattr(rows[0], k)) for k, _, _ in COLUMNS}
                       for r in rows},

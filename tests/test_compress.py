@@ -7,11 +7,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import pytest
 import yaml
 
 import compress
 from pipeline.recipe import load_recipe
+from quant.qdq import float_kernels, ort_kernels, tensorrt_rule_violations
 from tests.conftest import REPO
 from utils.errors import UserError
 
@@ -24,10 +26,12 @@ MINI = {
         "prune": {"run": "prune", "method": "slim", "percent": 0.5, "recalibrate": 1, "batch-size": 4},
         "finetune": {"run": "train", "hyp": "data/hyp.finetune.yaml", "t_weights": "baseline",
                      "KDstr": 3, **TRAIN},
-        "ptq": {"run": "ptq", "a-symmetric": True, "images": 8, "batch-size": 4},
-        "qat": {"run": "train", "quantized": "google", "BN_Fold": True, "a-symmetric": True,
+        "ptq": {"run": "ptq", "int8-target": "ort", "images": 8, "batch-size": 4},
+        "qat": {"run": "train", "quantized": "google", "BN_Fold": True, "int8-target": "ort",
                 "freeze-observer-epoch": 0, **TRAIN},
         "export": {"run": "export", "include": ["onnx-int8"]},
+        "ptq_trt": {"run": "ptq", "from": "finetune", "a-symmetric": True, "images": 8, "batch-size": 4},
+        "export_trt": {"run": "export", "include": ["onnx-int8"]},
         "export_float": {"run": "export", "from": "finetune", "include": ["onnx", "weights"]},
     },
 }
@@ -55,7 +59,7 @@ def test_miniature_recipe_report_is_consistent(mini_run):
     md = mini_run[2]
     report = json.loads((md.parent / "report.json").read_text())
     rows = {r["stage"]: r for r in report["stages"]}
-    assert list(rows) == ["baseline", "sparse", "prune", "finetune", "ptq", "qat"]  # exports add files
+    assert list(rows) == ["baseline", "sparse", "prune", "finetune", "ptq", "qat", "ptq_trt"]  # not exports
     assert rows["sparse"]["params"] == rows["baseline"]["params"]
     assert rows["prune"]["params"] < 0.8 * rows["sparse"]["params"]
     assert rows["prune"]["gflops"] < rows["sparse"]["gflops"]
@@ -69,6 +73,12 @@ def test_miniature_recipe_report_is_consistent(mini_run):
         assert r["torch_ms"] > 0 and r["ort_ms"] > 0
         assert r["file_mb"] == pytest.approx(r["params"] * 4 / 1e6, rel=0.1)
     assert rows["qat"]["ort_file"].endswith("qat.int8.onnx")
+    # each INT8 stage is timed as deployed and compared with the float model it came from
+    assert rows["qat"]["float_source"] == rows["ptq_trt"]["float_source"] == "finetune"
+    assert rows["finetune"]["float_source"] is None
+    qat_line = next(line for line in md.read_text().splitlines() if line.startswith("| qat ("))
+    assert f"{rows['qat']['ort_ms'] / rows['finetune']['ort_ms']:.2f}× finetune" in qat_line
+    assert "(simulated)" in qat_line
     for fig in ("accuracy_vs_gflops.png", "accuracy_vs_latency.png", "gamma.png", "channels.png"):
         assert fig in report["figures"] and cv2.imread(str(md.parent / fig)) is not None
     text = md.read_text()
@@ -105,10 +115,15 @@ def test_miniature_recipe_exports_load(mini_run):
     project, md = mini_run[1:]
     exports = [md.parent.parent / p for p in json.loads((md.parent / "report.json").read_text())["exports"]]
     by_suffix = {"".join(p.suffixes): p for p in exports}
-    assert set(by_suffix) == {".int8.onnx", ".onnx", ".cfg", ".weights"}
+    assert sorted("".join(p.suffixes) for p in exports) == [".cfg", ".int8.onnx", ".int8.onnx", ".onnx",
+                                                              ".weights"]
+    int8 = {p.parent.name: p for p in exports if p.name.endswith(".int8.onnx")}
+    assert sorted(int8) == ["export", "export_trt"]  # each in its export stage's folder
+    assert float_kernels(ort_kernels(int8["export"])) == 0  # the CPU file: every conv on integer kernels
+    assert tensorrt_rule_violations(onnx.load(str(int8["export_trt"]))) == []  # the Jetson file
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-    for key in (".int8.onnx", ".onnx"):
-        sess = ort.InferenceSession(str(by_suffix[key]), providers=["CPUExecutionProvider"])
+    for path in [*int8.values(), by_suffix[".onnx"]]:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (dets,) = sess.run(None, {sess.get_inputs()[0].name: x})
         assert dets.shape[0] == 1 and dets.shape[2] == 5 + 6
     net = cv2.dnn.readNetFromDarknet(str(by_suffix[".cfg"]), str(by_suffix[".weights"]))
