@@ -324,12 +324,14 @@ def test_fpga_package_refuses_what_has_no_integer_form(tmp_path, capsys):
     assert not (tmp_path / "m_fpga").exists()
 
 
-def test_test_py_runs_a_dynamic_int8_onnx(shapes_data, tmp_path):
-    """test.py --weights x.int8.onnx runs it in onnxruntime on rectangular batches. (An untrained model
-    scores near zero either way: the agreement that matters is measured on the benchmark, README.)"""
+@pytest.mark.parametrize("target", ["trt", "ort"])
+def test_test_py_runs_a_dynamic_int8_onnx(target, shapes_data, tmp_path):
+    """test.py --weights x.int8.onnx runs it in onnxruntime on rectangular batches, in either layout. (An
+    untrained model scores near zero either way: the agreement that matters is measured on the
+    benchmark, README.)"""
     import test as test_script
 
-    model = _quantized("yolo-small", False)
+    model = _quantized("yolo-small", False, target)
     pt = _pt(model, tmp_path / "q.pt")
     out = export.main(["--weights", pt, "--include", "onnx-int8", "--dynamic"])[0]
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
