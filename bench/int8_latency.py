@@ -2,9 +2,11 @@
 
 The model has tame random weights (latency does not depend on their values), is quantized in both
 layouts and calibrated on random images (``quant.ptq.calibrate``): TensorRT's (symmetric activations)
-and onnxruntime's (uint8 activations, a quantizer after every conv); every file comes from
-``export.py``'s writers. onnxruntime's own quantizer (QOperator layout, uint8 activations) is timed
-beside them as the reference for its integer kernels. All are timed alternately, batch 1, so drift
+and onnxruntime's (uint8 activations, a quantizer after every conv); those files come from
+``export.py``'s writers. Beside them: onnxruntime's layout with int8 activations (S8S8, the
+measurement behind the uint8 choice), and onnxruntime's own quantizer (uint8 activations) in its
+QOperator layout (the reference for its integer kernels) and its QDQ layout. All are timed
+alternately, batch 1, so drift
 hits each; the ops onnxruntime actually ran after its graph optimisations are listed, which says
 whether a graph ran integer kernels, and the file sizes are given.
 
@@ -32,10 +34,10 @@ from quant.qdq import export_int8_onnx, float_kernels, ort_kernels
 from utils.torch_utils import tame_random_weights
 
 
-def _ort_quantize(src: Path, dst: Path, size: int) -> None:
-    """onnxruntime's own static quantizer, in the layout its CPU kernels run fastest (QOperator:
-    QLinearConv, QLinearLeakyRelu..., uint8 activations, int8 per-channel weights): the reference
-    for what integer kernels reach here, not a model this project exports."""
+def _ort_quantize(src: Path, dst: Path, size: int, fmt: str = "QOperator") -> None:
+    """onnxruntime's own static quantizer (uint8 activations, int8 per-channel weights), in its
+    QOperator layout (QLinearConv, QLinearLeakyRelu...: the reference for what integer kernels reach
+    here) or its QDQ layout; not a model this project exports."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Images(CalibrationDataReader):
@@ -47,20 +49,33 @@ def _ort_quantize(src: Path, dst: Path, size: int) -> None:
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(str(src), str(dst), Images(), quant_format=QuantFormat.QOperator,
+    quantize_static(str(src), str(dst), Images(), quant_format=getattr(QuantFormat, fmt),
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
 
 
-def _quantized(cfg: str, size: int, target: str) -> Darknet:
+def _quantized(cfg: str, size: int, target: str, symmetric: bool) -> Darknet:
     model = tame_random_weights(Darknet(cfg), seed=0, img_size=64)
-    quantize_model(model, QuantConfig(QuantSpec(a_symmetric=target == "trt"), target=target))
+    quantize_model(model, QuantConfig(QuantSpec(a_symmetric=symmetric), target=target))
     g = torch.Generator().manual_seed(0)
     calibrate(model, (torch.rand(2, 3, size, size, generator=g) for _ in range(4)))
     return model
 
 
-FILES = {"float": "float ONNX", "trt": "INT8, TensorRT layout", "ort": "INT8, onnxruntime layout (ours)",
-         "ort_qop": "onnxruntime's own QOperator"}
+FILES = {"float": "float ONNX", "trt": "INT8, TensorRT layout",
+         "ort": "INT8, onnxruntime layout (ours, U8S8)",
+         "ort_s8s8": "the same with int8 activations (S8S8, session.qdqisint8allowed)",
+         "ort_qop": "onnxruntime's own QOperator", "ort_qdq": "onnxruntime's own QDQ"}
+S8S8 = {"session.qdqisint8allowed": "1"}  # without it onnxruntime fuses no int8-activation conv on x86
+
+
+def _export_s8s8(cfg: str, size: int, path: Path) -> None:
+    """Our onnxruntime layout with symmetric int8 activations: not a format export.py writes (its
+    check refuses it), only the measurement that chose uint8."""
+    from models.onnx import export_onnx
+    from quant.qdq import int8_initializers
+
+    model = _quantized(cfg, size, "ort", symmetric=True)
+    export_onnx(model, path, size, rewrite=int8_initializers(model), check=lambda *args: None)
 
 
 def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
@@ -70,11 +85,14 @@ def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
         files = {k: Path(tmp) / f"{k}.onnx" for k in FILES}
         export_onnx(model.fuse(), files["float"], size)
         for target in ("trt", "ort"):
-            export_int8_onnx(_quantized(cfg, size, target), files[target], size)
+            export_int8_onnx(_quantized(cfg, size, target, target == "trt"), files[target], size)
+        _export_s8s8(cfg, size, files["ort_s8s8"])
         _ort_quantize(files["float"], files["ort_qop"], size)
-        ops = {k: ort_kernels(f) for k, f in files.items()}
+        _ort_quantize(files["float"], files["ort_qdq"], size, "QDQ")
+        configs = {"ort_s8s8": S8S8}
+        ops = {k: ort_kernels(f, configs.get(k)) for k, f in files.items()}
         mb = {k: f.stat().st_size / 1e6 for k, f in files.items()}
-        sessions = {k: ort_session(f) for k, f in files.items()}
+        sessions = {k: ort_session(f, config=configs.get(k)) for k, f in files.items()}
         calls = [lambda s=sess: s.run(None, {"images": x}) for sess in sessions.values()]
         med = dict(zip(sessions, latencies(calls, runs, warmup)))
     return {"cfg": cfg, "ms": med, "mb": mb, "ops": ops}
@@ -100,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"| {Path(r['cfg']).name} | {label} | {ms[k]:.1f} | {ms[k] / ms['float']:.2f} | "
                   f"{mb[k]:.2f} | {mb[k] / mb['float']:.2f} | {float_kernels(r['ops'][k])} |")
     for r in rows:
-        for k in ("trt", "ort", "ort_qop"):
+        for k in FILES:
             top = ", ".join(f"{op} {n}" for op, n in r["ops"][k].most_common(6))
             print(f"\n{Path(r['cfg']).name}, {k}: the ops onnxruntime ran: {top}")
     return rows

@@ -7,9 +7,10 @@ before it is kept.
 
 - ``onnx``: float ONNX (batch norms folded, decode in the graph), checked against PyTorch in
   onnxruntime; ``--dynamic`` for any batch and image size.
-- ``onnx-int8``: QuantizeLinear/DequantizeLinear ONNX of a QAT or PTQ checkpoint with symmetric 8-bit
-  activations (``--a-symmetric``), laid out for TensorRT (``quant/qdq.py``); checked against the
-  PyTorch fake-quant model in onnxruntime, step by step.
+- ``onnx-int8``: QuantizeLinear/DequantizeLinear ONNX of an 8-bit QAT or PTQ checkpoint with int8
+  weights, in the layout the checkpoint was quantized for (``--int8-target``): TensorRT's (symmetric
+  activations, ``--a-symmetric``) or onnxruntime's CPU integer kernels (``quant/qdq.py``); checked
+  against the runtime's rules and against the PyTorch fake-quant model in onnxruntime, step by step.
 - ``engine``: a TensorRT engine from that ONNX (INT8 for a quantized checkpoint, else FP16 with
   ``--half`` or FP32), when ``tensorrt`` is importable; otherwise the ``trtexec`` command to run on
   the Jetson.
@@ -125,7 +126,9 @@ def export_onnx_int8(job: Job) -> list[Path]:
     a = job.args
     out = export_int8_onnx(job.model, job.path(".int8.onnx"), job.hw, a.opset, a.dynamic, job.names,
                            source=f"--weights {a.weights}")
-    return [_report(out, "Q/DQ ONNX, TensorRT's rules checked, onnxruntime matches the fake-quant model")]
+    layout = {"trt": "TensorRT's layout, its rules checked",
+              "ort": "onnxruntime's layout, every conv an integer kernel"}[job.model.quant_config.target]
+    return [_report(out, f"Q/DQ ONNX in {layout}, onnxruntime matches the fake-quant model")]
 
 
 def export_engine(job: Job) -> list[Path]:

@@ -55,17 +55,21 @@ class RawHeads(nn.Module):
 Check = Callable[[Path, nn.Module, torch.Tensor], None]
 
 
-def ort_session(model: str | Path | bytes, optimize: str | None = None, optimized_path: Path | None = None):
+def ort_session(model: str | Path | bytes, optimize: str | None = None, optimized_path: Path | None = None,
+                config: dict[str, str] | None = None):
     """The one way the suite opens an onnxruntime session (CPU): idle threads do not spin (a spinning
     session slows whatever runs next: measured 3-6x on PyTorch timed after it) and denormals are
     flushed to zero, as the report's timing needs; ``optimize`` ("basic") with ``optimized_path`` writes
-    the optimized graph there. A model onnxruntime cannot load is a UserError."""
+    the optimized graph there; ``config`` adds session config entries. A model onnxruntime cannot
+    load is a UserError."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     if optimize == "basic":
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if optimized_path is not None:

@@ -78,6 +78,7 @@ class Row:
     ort_ms: float | None = None
     ort_file: str = ""  # the ONNX that was timed, or why there is none
     float_source: str | None = None  # a quantized stage: the float stage it came from
+    int8_target: str | None = None  # a quantized stage: the runtime its INT8 layout is for (trt, ort)
     seconds: float = 0.0  # the stage's wall time
 
     @property
@@ -145,6 +146,7 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
         onnx = out / "onnx" / f"{rec.name}.onnx"
         run_torch, run_ort, ort = _timers(load_model(rec.checkpoint).eval(), onnx, size)
         row.ort_file = show(ort) if run_ort is not None else ort  # the ONNX, or why there is none
+        row.int8_target = model.quant_config.target if model.quant_config is not None else None
         torch_calls.append(run_torch)
         ort_calls.append(run_ort)
         rows.append(row)
@@ -328,6 +330,10 @@ COLUMNS = (("map50", ".3f", 1), ("map", ".3f", 1), ("params", ".3f", 1e6), ("gfl
            ("file_mb", ".2f", 1), ("deployed_mb", ".2f", 1), ("torch_ms", ".1f", 1), ("ort_ms", ".1f", 1))
 
 
+LAYOUT_NOTES = {"ort": " (onnxruntime's layout: integer kernels)",
+                "trt": " (TensorRT's layout, for a Jetson: onnxruntime runs its convs in float)"}
+
+
 def _ratio_value(v: float | None, base: float | None) -> float | None:
     return None if v is None or not base else v / base
 
@@ -385,7 +391,7 @@ def markdown(doc: dict) -> str:
               "integer ones), not a deployment figure; onnxruntime ms of an INT8 stage is the INT8 ONNX "
               "as deployed, also as a ratio to the float stage it came from.",
               "- onnxruntime times the float ONNX, or the INT8 Q/DQ ONNX of a quantized checkpoint: "]
-    lines += [f"  - {r.stage}: {r.ort_file}" for r in rows]
+    lines += [f"  - {r.stage}: {r.ort_file}{LAYOUT_NOTES.get(r.int8_target, '')}" for r in rows]
     if doc.get("records"):
         lines += ["", "## Stages", ""]
         for rec in doc["records"]:

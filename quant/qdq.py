@@ -264,15 +264,16 @@ def tensorrt_rule_violations(proto) -> list[str]:
 FLOAT_CONVS = {"Conv", "FusedConv", "NchwcConv"}  # onnxruntime's float conv kernels (after its fusions)
 
 
-def ort_kernels(path: str | Path) -> Counter:
-    """The ops onnxruntime runs for ``path`` after its graph optimisations (CPU), by type."""
+def ort_kernels(path: str | Path, config: dict[str, str] | None = None) -> Counter:
+    """The ops onnxruntime runs for ``path`` (with session ``config``) after its graph optimisations
+    (CPU), by type."""
     import onnx
 
     from models.onnx import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        ort_session(path, optimized_path=optimized)
+        ort_session(path, optimized_path=optimized, config=config)
         return Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
 
 

@@ -79,6 +79,8 @@ def test_miniature_recipe_report_is_consistent(mini_run):
     qat_line = next(line for line in md.read_text().splitlines() if line.startswith("| qat ("))
     assert f"{rows['qat']['ort_ms'] / rows['finetune']['ort_ms']:.2f}× finetune" in qat_line
     assert "(simulated)" in qat_line
+    assert rows["qat"]["int8_target"] == "ort" and rows["ptq_trt"]["int8_target"] == "trt"
+    assert "qat.int8.onnx (onnxruntime's layout: integer kernels)" in md.read_text()
     for fig in ("accuracy_vs_gflops.png", "accuracy_vs_latency.png", "gamma.png", "channels.png"):
         assert fig in report["figures"] and cv2.imread(str(md.parent / fig)) is not None
     text = md.read_text()

@@ -378,6 +378,14 @@ def test_quantization_flags():
         hook_from_options(train_script.parse_args(["--quantized", "dorefa", "--BN_Fold"]).quant)
     spec = train_script.parse_args(["--quantized", "google", "--a-symmetric"]).quant.hook().config.spec
     assert spec.a_symmetric and spec.a_scheme.qmin == -127
+    config = train_script.parse_args(["--quantized", "google", "--int8-target", "ort"]).quant.hook().config
+    assert config.target == "ort" and not config.spec.a_symmetric
+    for flags, named in ((["--a-symmetric"], "--int8-target ort --a-symmetric"),
+                         (["--FPGA"], "--int8-target ort: needs the google method without --FPGA")):
+        with pytest.raises(UserError, match=named):
+            train_script.parse_args(["--quantized", "google", "--int8-target", "ort", *flags]).quant.hook()
+    with pytest.raises(UserError, match="dorefa"):
+        train_script.parse_args(["--quantized", "dorefa", "--int8-target", "ort"]).quant.hook()
     spec = train_script.parse_args(["--quantized", "2", "--dorefa-range", "4"]).quant.hook().config.spec
     assert spec.a_symmetric and spec.a_range == 4.0  # DoReFa keeps leaky negatives
 
@@ -427,6 +435,10 @@ def test_ptq_refuses_bad_input(shapes_data, float_pt, tmp_path):
               "--img-size", "64", "--output", str(tmp_path / "q")])
     with pytest.raises(UserError, match="already quantized"):
         ptq.main(["--weights", str(tmp_path / "q" / "quantized.pt"), "--data", str(shapes_data)])
+    with pytest.raises(UserError, match="--int8-target ort --a-symmetric"):
+        ptq.main(["--weights", str(float_pt), "--data", str(shapes_data), "--int8-target", "ort",
+                  "--a-symmetric", "--output", str(tmp_path / "y")])
+    assert not (tmp_path / "y").exists()
 
 
 def test_a_shared_scale_clips_none_of_the_joined_tensors():
