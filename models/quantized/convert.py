@@ -77,12 +77,12 @@ class QuantConfig:
 def quant_config(spec: QuantSpec, fpga: bool, target: str, **kw) -> QuantConfig:
     """A :class:`QuantConfig` from command-line choices; a combination that has no layout is a UserError
     naming the flags."""
-    if target == "ort" and spec.a_symmetric:
-        raise UserError("--int8-target ort --a-symmetric: onnxruntime's x86 integer kernels take uint8 "
-                        "activations; leave out --a-symmetric")
     if target == "ort" and (fpga or spec.method != "google"):
         raise UserError(f"--int8-target ort: needs the google method without --FPGA (got "
                         f"{spec.method}{' --FPGA' if fpga else ''})")
+    if target == "ort" and spec.a_symmetric:
+        raise UserError("--int8-target ort --a-symmetric: onnxruntime's x86 integer kernels run uint8 "
+                        "activations fastest; leave out --a-symmetric")
     return QuantConfig(spec, fpga=fpga, target=target, **kw)
 
 
