@@ -152,12 +152,12 @@ def int8_initializers(model: Darknet) -> Callable:
     ort = model.quant_config.target == "ort"
 
     def dequantized(proto, i: int, what: str, codes: np.ndarray, scale: np.ndarray, dtype) -> str:
+        from onnx import helper
+
         prefix = f"layers.{i}.{what}_quant"
         inputs = [_initializer(proto, f"{prefix}.codes", codes.astype(dtype)),
                   _initializer(proto, f"{prefix}.scale", scale.astype(np.float32)),
                   _initializer(proto, f"{prefix}.zero_point", np.zeros(scale.shape, dtype))]
-        from onnx import helper
-
         node = helper.make_node("DequantizeLinear", inputs, [f"{prefix}.dq"], axis=0,
                                 name=f"/model/layers.{i}/{what}_quant/DequantizeLinear")
         proto.graph.node.insert(0, node)
@@ -181,8 +181,8 @@ def int8_initializers(model: Darknet) -> Callable:
                 raise RuntimeError(f"layer {i}: the exported weights are not this conv's int8 weights")
             node.input[1] = dequantized(proto, i, "weight", codes, s_w, np.int8)
             if ort and len(node.input) > 2 and b_codes is not None:
-                step = (layer.input_quant[0].qparams()[0] * layer.integer_params()[1]).cpu().numpy()
-                step = step.astype(np.float32).reshape(-1)
+                s_in = layer.input_quant[0].qparams()[0].cpu().numpy().astype(np.float32)
+                step = (s_in * s_w).astype(np.float32)  # float32 as the model's own s_in·s_w
                 b = _constant(proto, node.input[2])
                 if np.abs(b_codes * step - b).max(initial=0) > 1e-6 * np.abs(b).max(initial=1):
                     raise RuntimeError(f"layer {i}: the exported bias is not on its s_in*s_w grid")
