@@ -134,6 +134,11 @@ def export_onnx_int8(job: Job) -> list[Path]:
 def export_engine(job: Job) -> list[Path]:
     from deploy.tensorrt import build_engine
 
+    if job.quantized and job.model.quant_config.target != "trt":
+        raise UserError(f"--weights {job.args.weights}: laid out for onnxruntime (--int8-target ort, uint8 "
+                        f"activations), which TensorRT cannot build; quantize for it with --int8-target trt "
+                        f"--a-symmetric")
+
     onnx_path = (export_onnx_int8 if job.quantized else export_onnx_float)(job)[0]
     precision = "int8" if job.quantized else "fp16" if job.args.half else "fp32"
     out = build_engine(onnx_path, job.path(".engine"), precision, job.args.batch_size, job.hw)

@@ -247,11 +247,15 @@ def test_engine_without_tensorrt_keeps_the_onnx_and_prints_trtexec(tmp_path, cap
 
 
 @pytest.mark.parametrize("case", ["int8 of float", "int8 of affine", "weights of quantized",
-                                  "onnx of quantized"])
+                                  "onnx of quantized", "engine of ort"])
 def test_export_refuses_what_it_cannot_write(case, tmp_path, capsys):
     if case == "int8 of float":
         model = tame_model(REPO / "cfg" / "yolov3-tiny.cfg")
         include, named = "onnx-int8", "the checkpoint is float"
+    elif case == "engine of ort":
+        model = tame_model(REPO / "cfg" / "yolov3-tiny.cfg")
+        quantize_model(model, QuantConfig(QuantSpec(), target="ort"))
+        include, named = "engine", "--int8-target trt --a-symmetric"
     else:
         model = tame_model(REPO / "cfg" / "yolov3-tiny.cfg")
         quantize_model(model, QuantConfig(QuantSpec(a_symmetric=case != "int8 of affine")))
