@@ -327,14 +327,11 @@ def _quantized_tensors(model: Darknet) -> dict[str, tuple[nn.Module, ActQuant]]:
     return found
 
 
-@torch.no_grad()
-def compare_steps(path: str | Path, module: nn.Module, model: Darknet, x: torch.Tensor) -> StepReport:
-    """Run ``path`` in onnxruntime with every quantized tensor's codes as extra outputs, and ``module``
-    (the exported wrapper of ``model``) in PyTorch, free-running and teacher-forced
-    (:class:`StepReport`); differences are in units of each tensor's scale."""
+def with_codes_as_outputs(path: str | Path, model: Darknet) -> tuple[object, dict[str, object]]:
+    """The graph of ``path`` with the codes of every quantized tensor (its QuantizeLinear's output) as
+    extra outputs, and those nodes by name. onnxruntime still fuses it into the same integer kernels:
+    a fused node keeps its Q's output name (tested)."""
     import onnx
-
-    from models.onnx import ort_session
 
     proto = onnx.load(str(path))
     wanted = _quantized_tensors(model)
@@ -342,9 +339,21 @@ def compare_steps(path: str | Path, module: nn.Module, model: Darknet, x: torch.
     missing = sorted(set(wanted) - set(nodes))
     if missing:
         raise RuntimeError(f"{path}: no QuantizeLinear {missing[0]} for a quantized tensor")
-    order = sorted(nodes)
-    for name in order:
+    for name in sorted(nodes):
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(nodes[name].output[0]))
+    return proto, nodes
+
+
+@torch.no_grad()
+def compare_steps(path: str | Path, module: nn.Module, model: Darknet, x: torch.Tensor) -> StepReport:
+    """Run ``path`` in onnxruntime with every quantized tensor's codes as extra outputs, and ``module``
+    (the exported wrapper of ``model``) in PyTorch, free-running and teacher-forced
+    (:class:`StepReport`); differences are in units of each tensor's scale."""
+    from models.onnx import ort_session
+
+    wanted = _quantized_tensors(model)
+    proto, nodes = with_codes_as_outputs(path, model)
+    order = sorted(nodes)
     sess = ort_session(proto.SerializeToString())
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     ort_values = {}

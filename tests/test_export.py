@@ -14,7 +14,14 @@ from models.io import save_checkpoint
 from models.onnx import DetectionsOnly
 from models.quantized.convert import QuantConfig, quantize_model
 from models.quantized.modules import QConvBN, QuantSpec
-from quant.qdq import compare_steps, float_kernels, int8_check, ort_kernels, tensorrt_rule_violations
+from quant.qdq import (
+    compare_steps,
+    float_kernels,
+    int8_check,
+    ort_kernels,
+    tensorrt_rule_violations,
+    with_codes_as_outputs,
+)
 from tests.conftest import REPO, rel_err, tame_model
 from tests.test_opencv_parity import assert_matches_opencv
 from tests.test_prune import method_prune, spread_gammas
@@ -136,6 +143,9 @@ def test_int8_onnx_for_onnxruntime_runs_every_conv_as_an_integer_kernel(name, tm
     assert reloaded.quant_config.target == "ort"
     x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     report = compare_steps(out, DetectionsOnly(reloaded), reloaded, x)
+    probed, _ = with_codes_as_outputs(out, reloaded)  # what the comparison runs: still integer kernels
+    onnx.save(probed, str(tmp_path / "probed.onnx"))
+    assert ort_kernels(tmp_path / "probed.onnx")["QLinearConv"] == convs
     preacts = sum(m.preact_quant is not None for m in reloaded.layers if isinstance(m, QConvBN))
     assert preacts > 0 and report.tensors > preacts  # the pre-activation tensors are compared too
     assert report.worse == 0 and report.max_steps <= 1 and report.off_by_one <= 1e-3 * report.values
