@@ -6,9 +6,9 @@ and onnxruntime's (uint8 activations, a quantizer after every conv); those files
 ``export.py``'s writers. Beside them: onnxruntime's layout with int8 activations (S8S8, the
 measurement behind the uint8 choice), and onnxruntime's own quantizer (uint8 activations) in its
 QOperator layout (the reference for its integer kernels) and its QDQ layout. All are timed
-alternately, batch 1, so drift
-hits each; the ops onnxruntime actually ran after its graph optimisations are listed, which says
-whether a graph ran integer kernels, and the file sizes are given.
+alternately, batch 1, so drift hits each; the ops onnxruntime actually ran after its graph
+optimisations are listed, which says whether a graph ran integer kernels, and the file sizes are
+given.
 
     .venv/bin/python -m bench.int8_latency                       # yolo-small and yolov3-tiny at 416
     .venv/bin/python -m bench.int8_latency --cfgs cfg/yolov4-tiny.cfg --img-size 320 --runs 50
@@ -30,7 +30,7 @@ from models.quantized.convert import QuantConfig, quantize_model
 from models.quantized.modules import QuantSpec
 from models.summary import latencies
 from quant.ptq import calibrate
-from quant.qdq import export_int8_onnx, float_kernels, ort_kernels
+from quant.qdq import export_int8_onnx, float_kernels, kernel_summary, ort_kernels
 from utils.torch_utils import tame_random_weights
 
 
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{mb[k]:.2f} | {mb[k] / mb['float']:.2f} | {float_kernels(r['ops'][k])} |")
     for r in rows:
         for k in FILES:
-            top = ", ".join(f"{op} {n}" for op, n in r["ops"][k].most_common(6))
-            print(f"\n{Path(r['cfg']).name}, {k}: the ops onnxruntime ran: {top}")
+            print(f"\n{Path(r['cfg']).name}, {k}: the ops onnxruntime ran: {kernel_summary(r['ops'][k], 6)}")
     return rows
 
 

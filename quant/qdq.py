@@ -100,6 +100,19 @@ def _initializer(proto, name: str, array: np.ndarray) -> str:
     return name
 
 
+def _producers(proto) -> dict[str, object]:
+    return {o: n for n in proto.graph.node for o in n.output}
+
+
+def _consumers(proto) -> dict[str, list]:
+    """Tensor name → the nodes that read it."""
+    found: dict[str, list] = {}
+    for n in proto.graph.node:
+        for t in n.input:
+            found.setdefault(t, []).append(n)
+    return found
+
+
 def _drop_unused(proto) -> None:
     """Remove the nodes and initializers that nothing reads any more (replaced weights, folded pads)."""
     while True:
@@ -119,10 +132,7 @@ def _pads_into_maxpools(proto, model: Darknet) -> None:
     the same maximum, and a MaxPool directly between a DQ and a Q runs on uint8 in onnxruntime."""
     from onnx import helper
 
-    consumers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    consumers = _consumers(proto)
     for pad in [n for n in proto.graph.node if n.op_type == "Pad"]:
         m = re.fullmatch(r"/model/layers\.(\d+)/(layer/)?Pad", pad.name)
         users = consumers.get(pad.output[0], [])
@@ -195,8 +205,6 @@ def int8_initializers(model: Darknet) -> Callable:
 
 
 # ---------------------------------------------------------------- TensorRT's rules
-def _producers(proto) -> dict[str, object]:
-    return {o: n for n in proto.graph.node for o in n.output}
 
 
 def _scale_of(proto, producers: dict, tensor: str, depth: int = 0) -> np.ndarray | None:
@@ -223,10 +231,7 @@ def tensorrt_rule_violations(proto) -> list[str]:
     if opset < MIN_OPSET:
         bad.append(f"opset {opset} < {MIN_OPSET} (per-channel Q/DQ)")
     producers = _producers(proto)
-    consumers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    consumers = _consumers(proto)
     for n in proto.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             zp = _constant(proto, n.input[2]) if len(n.input) > 2 else None
@@ -282,8 +287,9 @@ def float_kernels(kernels: Counter) -> int:
     return sum(kernels[op] for op in FLOAT_CONVS)
 
 
-def _kernel_summary(kernels: Counter) -> str:
-    return ", ".join(f"{op} {n}" for op, n in kernels.most_common(8))
+def kernel_summary(kernels: Counter, top: int = 8) -> str:
+    """The ``top`` most frequent ops onnxruntime ran, with their counts."""
+    return ", ".join(f"{op} {n}" for op, n in kernels.most_common(top))
 
 
 # ---------------------------------------------------------------- onnxruntime against the fake-quant model
@@ -329,8 +335,8 @@ def _quantized_tensors(model: Darknet) -> dict[str, tuple[nn.Module, ActQuant]]:
 
 def with_codes_as_outputs(path: str | Path, model: Darknet) -> tuple[object, dict[str, object]]:
     """The graph of ``path`` with the codes of every quantized tensor (its QuantizeLinear's output) as
-    extra outputs, and those nodes by name. onnxruntime still fuses it into the same integer kernels:
-    a fused node keeps its Q's output name (tested)."""
+    extra outputs, and those nodes by name (the names of :func:`_quantized_tensors`). onnxruntime
+    still fuses it into the same integer kernels: a fused node keeps its Q's output name (tested)."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -411,9 +417,9 @@ def int8_check(model: Darknet, max_ties: float = 1e-3) -> Callable:
             kernels = ort_kernels(path)
             if float_kernels(kernels):
                 raise CheckError(f"{name}: onnxruntime runs {float_kernels(kernels)} conv(s) in float, not "
-                                 f"as integer kernels (it ran: {_kernel_summary(kernels)})")
+                                 f"as integer kernels (it ran: {kernel_summary(kernels)})")
             print(f"{name}: onnxruntime runs {kernels['QLinearConv']} QLinearConv and no float conv "
-                  f"({_kernel_summary(kernels)})")
+                  f"({kernel_summary(kernels)})")
         report = compare_steps(path, module, model, x)
         print(f"{name}: onnxruntime vs PyTorch fake-quant at {tuple(x.shape)}: {report}")
         if report.worse or report.off_by_one > max_ties * report.values:
