@@ -130,6 +130,7 @@ def test_int8_onnx_for_onnxruntime_runs_every_conv_as_an_integer_kernel(name, tm
     assert convs == sum(b.type == "convolutional" for b in model.cfg.layers)  # the heads too
     assert kernels["QLinearConv"] == convs and float_kernels(kernels) == 0
     assert kernels["QLinearLeakyRelu"] > 0 and kernels["LeakyRelu"] == 0
+    assert kernels["Pad"] == 0 and kernels["MaxPool"] == 0  # darknet's padding folded: uint8 max-pools
     proto = onnx.load(str(out))
     codes = _int8_initializers(proto)  # weights int8, biases int32, no float copy left
     assert sum(k.endswith("weight_quant.codes") for k in codes) == convs
