@@ -9,7 +9,9 @@ A hook can
 - ``extra_losses``: add loss terms (distillation) given the batch, the raw predictions and the
   detection loss with its matched positions;
 - ``after_backward``: touch gradients once per optimizer step, after AMP unscaling and before the step
-  (the BN-L1 regulariser);
+  (the older tools' BN-L1 sub-gradient);
+- ``after_step``: touch weights once per optimizer step that was taken, before the EMA copies them (the
+  BN-L1 proximal step);
 - ``on_epoch_end``: see the epoch's metrics.
 
 It reads the run only through the context: the model, the device, the epoch count and image sizes,
@@ -49,6 +51,9 @@ class TrainContext:
     main: bool  # the process that writes files and prints (rank 0, or the only one)
     run_dir: Path | None = None  # None on the other processes
     writer: Any = None  # TensorBoard SummaryWriter while the run is fitting (main process only)
+    # hyp lr0 times the learning-rate schedule (warm-up, cosine) at the current optimizer step: the step
+    # SGD takes, the same number whichever optimizer runs (Adam runs at a tenth of it)
+    schedule_lr: float = 0.0
 
 
 class TrainHook:
@@ -69,6 +74,9 @@ class TrainHook:
         return {}
 
     def after_backward(self, ctx: TrainContext) -> None:
+        pass
+
+    def after_step(self, ctx: TrainContext) -> None:
         pass
 
     def on_epoch_end(self, ctx: TrainContext, epoch: int, result: EvalResult | None) -> None:

@@ -370,9 +370,14 @@ class Trainer:
         for h in self.hooks:
             h.after_backward(self.ctx)
         nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
+        if scale is None or self.scaler.get_scale() >= scale:  # AMP lowers its scale when it skips a step
+            self.ctx.schedule_lr = self.hyp["lr0"] * self.optimizer.param_groups[0]["lr"] / self.lr0
+            for h in self.hooks:
+                h.after_step(self.ctx)
         if self.ema:
             self.ema.update(self.model)
 

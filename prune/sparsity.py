@@ -1,11 +1,22 @@
 """BN-L1 sparse training (Liu et al., 2017, "network slimming"): a trainer hook.
 
-With ``train.py -sr --s S`` the sub-gradient of ``S · Σ|γ|`` is added to the batch-norm scales γ of
-the selected convs once per optimizer step, after AMP unscaling and before gradient clipping::
+With ``train.py -sr --s S`` the batch-norm scales γ of the selected convs are pulled towards zero by
+``S · Σ|γ|``, in one of two ways (``--sr-mode``):
 
-    γ.grad += s_c · sign(γ)
+- ``proximal`` (the default): after each optimizer step, a soft threshold::
 
-so neither gradient accumulation nor the AMP loss scale changes its strength. ``--prune-method M``
+      γ ← sign(γ) · max(|γ| − η · s_c, 0)
+
+  with ``η`` = hyp ``lr0`` times the learning-rate schedule at that step (warm-up and cosine): the
+  step SGD takes, the same number with Adam (which itself runs at a tenth of it). So ``--s`` pulls
+  equally hard with either optimizer, and a channel whose data gradient cannot hold it lands on
+  exactly zero instead of oscillating around it;
+- ``subgradient`` (the older tools'): ``γ.grad += s_c · sign(γ)`` once per optimizer step, after AMP
+  unscaling and before gradient clipping. Adam normalises it like every gradient, so there ``--s``
+  barely sets the strength; kept to reproduce old runs.
+
+Either is applied once per optimizer step, so neither gradient accumulation nor the AMP loss scale
+changes its strength (a step AMP skips is not thresholded either). ``--prune-method M``
 penalizes exactly the batch norms pruning method M ranks (:meth:`prune.methods.PruneMethod.
 penalized_convs`), so one sparse run prepares channel and layer pruning together for
 ``layer_channel``. The older tools' ``--prune 0|1|2`` still works: 0 the convs normal/regular pruning
@@ -21,8 +32,9 @@ local share ``K = --sr-keep``):
   selected channels with the largest |γ| gets ``S · 0.01`` and the rest keep ``S``, so the important
   channels recover while the others keep shrinking.
 
-Every epoch the hook logs a histogram of the selected γ to TensorBoard (``bn_gamma``), the share of
-|γ| < 0.01 (``sparsity/share_below_0.01``), and redraws ``gamma.png`` in the run folder.
+Every epoch the hook prints and logs to TensorBoard the share of selected γ that are exactly zero
+(``sparsity/share_zero``) and below 0.01 (``sparsity/share_below_0.01``), a histogram (``bn_gamma``),
+and redraws ``gamma.png`` in the run folder.
 """
 
 from __future__ import annotations
@@ -39,15 +51,23 @@ from utils.cli import FRACTION, SPARSITY, option, refuse_unused
 from utils.errors import UserError
 
 SCHEDULES = ("constant", "global", "local")
+MODES = ("proximal", "subgradient")
 DECAY = 0.01  # the factor of the decayed penalty
 SMALL = 0.01  # |γ| below this counts as pruned in the logged share
+DEFAULT_S = {"proximal": 0.1, "subgradient": 0.001}
 
 
 @dataclass
 class SparsityOptions:
     """``train.py``'s sparse-training flags; :meth:`hook` is the hook they ask for (None: off)."""
-    sr: bool = option(False, "-sr", "--sr", help="add s*sign(gamma) to the penalized BN gradients")
-    s: float = option(0.001, "--s", type=SPARSITY, help="sparsity rate")
+    sr: bool = option(False, "-sr", "--sr", help="sparse training: pull the penalized BN gammas to zero")
+    s: float | None = option(None, "--s", type=SPARSITY,
+                      help=f"sparsity rate (default {DEFAULT_S['proximal']} proximal, "
+                           f"{DEFAULT_S['subgradient']} subgradient)")
+    sr_mode: str = option("proximal", "--sr-mode", choices=MODES,
+                          help="proximal: soft-threshold gamma by lr*s after each step (exact zeros, "
+                               "the same with Adam and SGD); subgradient: the older tools' s*sign(gamma) "
+                               "gradient")
     prune_method: str = option("", "--prune-method", choices=list(METHODS),
                                help="the pruning method to come: the batch norms it ranks are penalized")
     prune: int = option(0, "--prune", type=int, choices=tuple(SPARSITY_ALIASES),
@@ -72,7 +92,9 @@ class SparsityOptions:
     def hook(self) -> SparsityHook | None:
         if not self.sr:
             return None
-        return SparsityHook(self.s, self.method, self.sr_schedule, self.sr_decay_at, self.sr_keep)
+        s = DEFAULT_S[self.sr_mode] if self.s is None else self.s
+        return SparsityHook(s, self.method, self.sr_schedule, self.sr_decay_at, self.sr_keep,
+                            self.sr_mode)
 
 
 def sparse_convs(model: nn.Module, m: PruneMethod | str) -> list[int]:
@@ -98,16 +120,20 @@ def sparsity_scale(schedule: str, s: float, epoch: int, epochs: int, decay_at: f
 
 
 class SparsityHook(TrainHook):
-    """Adds ``s_c · sign(γ)`` to the γ gradients of the selected batch norms once per optimizer step."""
+    """Pulls the γ of the selected batch norms towards zero once per optimizer step: a soft threshold
+    after the step (``proximal``) or ``s_c · sign(γ)`` added to the gradient (``subgradient``)."""
 
     def __init__(self, s: float, prune_method: PruneMethod | str = "normal", schedule: str = "constant",
-                 decay_at: float = 0.5, keep: float = 0.15):
+                 decay_at: float = 0.5, keep: float = 0.15, mode: str = "proximal"):
         if s < 0:
             raise UserError(f"--s {s}: the sparsity rate must be >= 0")
         if not 0 <= decay_at <= 1 or not 0 <= keep <= 1:
             raise UserError(f"--sr-decay-at {decay_at} and --sr-keep {keep} must be in [0, 1]")
         if schedule not in SCHEDULES:
             raise UserError(f"--sr-schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        if mode not in MODES:
+            raise UserError(f"--sr-mode {mode!r}: expected one of {', '.join(MODES)}")
+        self.mode = mode
         self.method = method(prune_method) if isinstance(prune_method, str) else prune_method
         self.s, self.schedule, self.decay_at, self.keep = s, schedule, decay_at, keep
         self.bns: list[nn.BatchNorm2d] = []
@@ -130,6 +156,8 @@ class SparsityHook(TrainHook):
 
     @torch.no_grad()
     def after_backward(self, ctx: TrainContext) -> None:
+        if self.mode != "subgradient":
+            return
         for bn, scale in zip(self.bns, self.scales):
             penalty = scale.to(bn.weight) * torch.sign(bn.weight)
             if bn.weight.grad is None:
@@ -137,16 +165,25 @@ class SparsityHook(TrainHook):
             else:
                 bn.weight.grad.add_(penalty)
 
+    @torch.no_grad()
+    def after_step(self, ctx: TrainContext) -> None:
+        if self.mode != "proximal":
+            return
+        for bn, scale in zip(self.bns, self.scales):
+            w = bn.weight
+            w.copy_(torch.sign(w) * (w.abs() - scale.to(w) * ctx.schedule_lr).clamp_(min=0))
+
     def on_epoch_end(self, ctx: TrainContext, epoch: int, result) -> None:
         if not ctx.main:
             return
         g = self._gammas().abs().cpu()
-        share = float((g < SMALL).float().mean())
+        share, zero = float((g < SMALL).float().mean()), float((g == 0).float().mean())
         self.history.append((epoch, g))
-        print(f"sparsity: {len(self.bns)} batch norms, {g.numel()} channels, share |gamma| < {SMALL}: "
-              f"{share:.1%}, median |gamma| {g.median():.4f}")
+        print(f"sparsity ({self.mode}): {len(self.bns)} batch norms, {g.numel()} channels, exactly zero "
+              f"{zero:.1%}, |gamma| < {SMALL}: {share:.1%}, median |gamma| {g.median():.4f}")
         if ctx.writer is not None:
             ctx.writer.add_histogram("bn_gamma", g, epoch)
+            ctx.writer.add_scalar("sparsity/share_zero", zero, epoch)
             ctx.writer.add_scalar("sparsity/share_below_0.01", share, epoch)
         if ctx.run_dir is not None:
             from utils.plots import plot_gamma_histograms

@@ -70,7 +70,7 @@ def penalty_per_step(data, project, batch_size: int, nbs: int, amp_scale: float 
 
     hyp = project / f"hyp{nbs}.yaml"
     hyp.write_text(yaml.safe_dump({"nbs": nbs}))
-    hook = SparsityHook(0.003, "slim")
+    hook = SparsityHook(0.003, "slim", mode="subgradient")
     before, after = GradProbe(hook, amp_scale), GradProbe(hook)
     gammas = []
 
@@ -85,9 +85,10 @@ def penalty_per_step(data, project, batch_size: int, nbs: int, amp_scale: float 
     return before.seen, [a - b for a, b in zip(after.seen, before.seen)], gammas
 
 
-def test_penalty_is_the_same_with_accumulation_and_amp(shapes_data, tmp_path):
-    """s·sign(γ) is added once per optimizer step to the unscaled gradient: 8 steps of batch 1 and
-    2 steps of 4 accumulated batches add the same per step, and a loss scale of 4096 changes nothing."""
+def test_subgradient_is_the_same_with_accumulation_and_amp(shapes_data, tmp_path):
+    """--sr-mode subgradient: s·sign(γ) is added once per optimizer step to the unscaled gradient: 8 steps
+    of batch 1 and 2 steps of 4 accumulated batches add the same per step, and a loss scale of 4096
+    changes nothing."""
     for batch, nbs in ((1, 1), (1, 4)):
         _, added, gammas = penalty_per_step(shapes_data, tmp_path, batch, nbs)
         assert len(added) == 8 // nbs  # one penalty per optimizer step, not per batch
@@ -97,6 +98,108 @@ def test_penalty_is_the_same_with_accumulation_and_amp(shapes_data, tmp_path):
     scaled, added_scaled, _ = penalty_per_step(shapes_data, tmp_path, 4, 4, amp_scale=4096.0)
     torch.testing.assert_close(scaled[0], plain[0], rtol=1e-4, atol=1e-7)  # hooks see unscaled grads
     torch.testing.assert_close(added_scaled[0], added_plain[0])
+
+
+class StepProbe(TrainHook):
+    """Records the selected γ and ``ctx.schedule_lr`` in ``after_step``; with ``freeze`` it first zeroes
+    the data gradient of the first selected batch norm in ``after_backward`` (place it before the
+    sparsity hook) and sets that γ to ``freeze`` at the start."""
+
+    def __init__(self, sparsity: SparsityHook, freeze: torch.Tensor | None = None, amp_scale=None):
+        self.sparsity, self.freeze, self.amp_scale, self.owner = sparsity, freeze, amp_scale, None
+        self.gammas: list[torch.Tensor] = []
+        self.lrs: list[float] = []
+
+    def on_epoch_start(self, ctx, epoch):
+        if epoch == 0 and self.amp_scale:
+            self.owner.scaler = torch.amp.GradScaler("cpu", init_scale=self.amp_scale)
+        if epoch == 0 and self.freeze is not None:
+            self.sparsity.on_epoch_start(ctx, epoch)  # selects the batch norms (idempotent)
+            with torch.no_grad():
+                self.sparsity.bns[0].weight.copy_(self.freeze)
+
+    def after_backward(self, ctx):
+        if self.freeze is not None:
+            self.sparsity.bns[0].weight.grad.zero_()
+
+    def after_step(self, ctx):
+        self.lrs.append(ctx.schedule_lr)
+        self.gammas.append(torch.cat([bn.weight.detach().flatten() for bn in self.sparsity.bns]).clone())
+
+
+@pytest.mark.parametrize("adam", [True, False])
+def test_proximal_step_zeroes_a_gamma_without_data_gradient_in_the_predicted_steps(shapes_data,
+                                                                                     tmp_path, adam):
+    """γ ← sign(γ)·max(|γ| − η·s, 0) after every step, η = lr0 × the schedule whichever optimizer runs: a
+    γ whose data gradient is zero reaches exactly zero at the first step where Σ η·s ≥ |γ₀|, and not
+    before, with Adam and with SGD alike."""
+    s = 0.5
+    hook = SparsityHook(s, "slim")
+    n = 4
+    start = torch.tensor([0.0004, -0.0015, 0.003, 0.02])
+    import yaml
+
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text(yaml.safe_dump({"nbs": 4, "warmup_epochs": 0.5}))
+    job = tiny_opts(shapes_data, tmp_path, epochs=4, batch_size=4, hyp=str(hyp), adam=adam, ema=False,
+                    name=f"adam{adam}")
+    width = None
+
+    class Freeze(StepProbe):
+        def on_epoch_start(self, ctx, epoch):
+            nonlocal width
+            if epoch == 0:
+                self.sparsity.on_epoch_start(ctx, epoch)
+                width = self.sparsity.bns[0].num_features
+                self.freeze = start.repeat(width // n + 1)[:width]
+            super().on_epoch_start(ctx, epoch)
+
+    probe = Freeze(hook)
+    probe.owner = Trainer(job.core, [probe, hook, probe_after := StepProbe(hook)])
+    probe.owner.fit()
+    lrs = torch.tensor(probe_after.lrs, dtype=torch.float64)
+    assert len(lrs) == 4 * 2 and 0 < lrs.max() <= 0.01  # 2 steps an epoch; lr0 0.01, warm-up and cosine
+    shrink = (lrs * s).cumsum(0)
+    frozen = torch.stack([g[:width] for g in probe_after.gammas])[:, :n]  # (steps, n)
+    for c, g0 in enumerate(start.tolist()):
+        k = int((shrink >= abs(g0) - 1e-7).nonzero()[0]) if shrink[-1] >= abs(g0) else None
+        if k is None:
+            assert frozen[-1, c] != 0 and frozen[-1, c].sign() == torch.sign(torch.tensor(g0))
+            continue
+        assert frozen[k, c] == 0 and (frozen[k:, c] == 0).all()
+        if k:
+            assert abs(frozen[k - 1, c] - (abs(g0) - shrink[k - 1]) * (1 if g0 > 0 else -1)) < 1e-6
+    assert (frozen[-1] == 0).sum() == 3  # the three small γ end at zero, 0.02 keeps its sign
+
+
+def test_proximal_step_is_the_same_with_adam_and_sgd_accumulation_and_amp(shapes_data, tmp_path):
+    """One threshold per optimizer step at η·s, whatever the optimizer, the accumulation or the AMP
+    loss scale: with the data gradient frozen, the γ sequence depends on the steps' η only."""
+    import yaml
+
+    runs = {}
+    for adam, batch, nbs, amp in ((True, 4, 4, None), (False, 4, 4, None), (True, 1, 4, None),
+                                  (True, 4, 4, 4096.0)):
+        hyp = tmp_path / f"hyp{nbs}.yaml"
+        hyp.write_text(yaml.safe_dump({"nbs": nbs}))
+        hook = SparsityHook(0.5, "slim")
+        job = tiny_opts(shapes_data, tmp_path, epochs=2, batch_size=batch, hyp=str(hyp), adam=adam,
+                        ema=False, name=f"a{adam}b{batch}n{nbs}s{amp}")
+        probe = StepProbe(hook, freeze=torch.tensor(0.002), amp_scale=amp)
+        after = StepProbe(hook)
+        probe.owner = Trainer(job.core, [probe, hook, after])
+        probe.owner.fit()
+        first = torch.stack([g[:hook.bns[0].num_features] for g in after.gammas])
+        runs[(adam, batch, amp)] = (after.lrs, first)
+    lrs, gammas = runs[(True, 4, None)]
+    for key, (other_lrs, other) in runs.items():
+        assert len(other_lrs) == 4, key  # 2 epochs of 2 optimizer steps: one threshold per step, not batch
+        expected = (0.002 - 0.5 * torch.tensor(other_lrs, dtype=torch.float64).cumsum(0)).clamp(min=0)
+        torch.testing.assert_close(other[:, 0].double(), expected, rtol=0, atol=1e-7, msg=str(key))
+        if key[1] == 4:  # same batches: the same η (warm-up counts batches), so the same γ
+            assert other_lrs == pytest.approx(lrs), key
+            torch.testing.assert_close(other, gammas, rtol=0, atol=1e-7, msg=str(key))
+    assert gammas[-1, 0] == 0 and gammas[0, 0] > 0
 
 
 class SmallGammas(TrainHook):

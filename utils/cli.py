@@ -135,7 +135,7 @@ SHARE_BELOW_1 = float_range(0.0, 1.0, hi_open=True)  # a share that must leave s
 PERCENTILE = float_range(50.0, 100.0)
 POSITIVE = float_range(0.0, 1e6, lo_open=True)  # temperatures, ranges
 NONNEGATIVE = float_range(0.0, 1e6)  # loss weights, margins, rates
-SPARSITY = float_range(0.0, 1.0)  # BN-L1 rate s
+SPARSITY = float_range(0.0, 100.0)  # BN-L1 rate s (proximal: a multiple of lr0 per step)
 RATIO_ABOVE_1 = float_range(1.0, 1e3, lo_open=True)  # anchor/box size ratio threshold
 
 
