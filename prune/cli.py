@@ -59,7 +59,9 @@ class PruneOptions:
                                  "(0..1)")
     layer_keep: float = option(0.01, "--layer-keep", "--layer_keep", type=FRACTION,
                                help="each layer (residual chain) keeps at least this share of its channels")
-    round_to: int = option(8, "--round-to", type=MULTIPLE, help="kept widths are multiples of this")
+    round_to: int | None = option(None, "--round-to", type=MULTIPLE,
+                                  help="kept widths are rounded up to multiples of this (default: 8 for "
+                                       "regular, 1 (none) for the other methods)")
     shortcuts: int = option(2, "--shortcuts", "--shortcut", type=COUNT, help="residual blocks to remove")
     img_size: int | None = option(None, "--img-size", type=IMG_SIZE,
                                   help="evaluation, GFLOPs and latency size (default: the checkpoint's, else "
@@ -77,10 +79,10 @@ class PruneOptions:
 
 
 def applies(name: str) -> Callable[[str], bool]:
-    """Which flags method ``name`` has: the channel settings only for methods that cut channels, the
-    rounding only for ``regular``, ``--shortcuts`` only for block removal."""
+    """Which flags method ``name`` has: the channel settings (``--percent``, ``--layer-keep``,
+    ``--round-to``) only for methods that cut channels, ``--shortcuts`` only for block removal."""
     m = method(name)
-    needs = {"percent": m.channels, "layer_keep": m.channels, "round_to": m.round_widths,
+    needs = {"percent": m.channels, "layer_keep": m.channels, "round_to": m.channels,
              "shortcuts": m.blocks}
     return lambda field_name: needs.get(field_name, True)
 
@@ -112,7 +114,7 @@ class Measure:
 
 
 def apply_method(model: Darknet, name: str, percent: float = 0.5, layer_keep: float = 0.01,
-                 round_to: int = 8, shortcuts: int = 2, compensate: bool = True
+                 round_to: int | None = None, shortcuts: int = 2, compensate: bool = True
                  ) -> tuple[Darknet, list[str]]:
     """Prune ``model`` with the registered method ``name``: the pruned model and lines saying what went."""
     p = plan(model, name, percent, layer_keep, round_to, shortcuts)

@@ -6,7 +6,7 @@ A :class:`PruneMethod` declares
 - whether it cuts channels, and then which convs are candidates (``include_tied``: residual chains
   and convs split by a grouped route too) and how a group of tied channels is scored (``max`` over its
   members, or the γ of the chain's ``first`` conv), and whether kept widths are rounded
-  (``round_widths``, a multiple of ``--round-to``);
+  by default (``round_to``, the default of ``--round-to``, which every channel method accepts);
 - whether it removes whole residual blocks (``--shortcuts`` of them);
 - from these, :meth:`PruneMethod.penalized_convs`: the batch norms sparse training
   (``train.py -sr --prune-method M``) must push towards zero so that M can cut them later.
@@ -37,7 +37,7 @@ class PruneMethod:
     channels: bool = True  # cuts output channels of convs
     include_tied: bool = False  # residual chains and grouped-route splits are candidates too
     group_score: str = "max"  # "max" over a group's members, or the chain's "first" conv
-    round_widths: bool = False  # kept widths rounded up to a multiple of --round-to
+    round_to: int = 1  # default --round-to: kept widths rounded up to a multiple of it (1: none)
     blocks: bool = False  # removes whole residual blocks (--shortcuts of them)
 
     def channel_convs(self, graph: ChannelGraph) -> list[int]:
@@ -62,8 +62,8 @@ METHODS: dict[str, PruneMethod] = {m.name: m for m in (
                 include_tied=True, group_score="first"),
     PruneMethod("slim", "global threshold with a per-layer floor; a chain keeps the union of its members' "
                         "masks", include_tied=True),
-    PruneMethod("regular", "normal's convs, kept widths rounded up to a multiple of --round-to",
-                round_widths=True),
+    PruneMethod("regular", "normal's convs, kept widths rounded up to a multiple of --round-to (8)",
+                round_to=8),
     PruneMethod("layer", "remove the --shortcuts residual blocks with the lowest mean |gamma|",
                 channels=False, blocks=True),
     PruneMethod("layer_channel", "slim channel pruning, then layer pruning", include_tied=True, blocks=True),
@@ -101,8 +101,9 @@ class PrunePlan:
 
 
 def plan(model: Darknet, m: PruneMethod | str, percent: float = 0.5, layer_keep: float = 0.01,
-         round_to: int = 8, shortcuts: int = 2) -> PrunePlan:
-    """What method ``m`` removes from ``model`` at these settings (nothing is changed yet)."""
+         round_to: int | None = None, shortcuts: int = 2) -> PrunePlan:
+    """What method ``m`` removes from ``model`` at these settings (nothing is changed yet); ``round_to``
+    None: the method's default."""
     m = method(m) if isinstance(m, str) else m
     channels = channel_plan(model, m, percent, layer_keep, round_to) if m.channels else None
     blocks = lowest_blocks(model, shortcuts) if m.blocks else []

@@ -8,7 +8,8 @@ method declares (:mod:`prune.methods`) sets the rest:
 - its group score: the best member's |γ| (a group stays when any member is above the threshold: the
   union of the members' masks, ``slim``), or the γ of the chain's first conv (``shortcut``);
 - whether kept widths are rounded: each conv keeps its top channels by |γ|, their count rounded up
-  to a multiple of ``round_to`` (hardware-friendly widths, ``regular``).
+  to a multiple of ``round_to`` (widths the CPU kernels like; ``regular`` by default, any channel method
+  with ``--round-to``).
 
 The global threshold is the ``percent`` quantile of |γ| over all candidate channels. Every unit keeps
 at least ``max(1, ceil(layer_keep · groups))`` groups, its best by score: a ``percent`` that would
@@ -54,14 +55,16 @@ def _gamma(model: Darknet, conv: int) -> torch.Tensor:
 
 
 def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep: float = 0.01,
-                 round_to: int = 8) -> ChannelPlan:
-    """The masks ``method`` chooses at ``percent`` (0..1) of the candidate channels' |γ|."""
+                 round_to: int | None = None) -> ChannelPlan:
+    """The masks ``method`` chooses at ``percent`` (0..1) of the candidate channels' |γ|; kept widths
+    rounded up to a multiple of ``round_to`` (None: the method's default)."""
     if not method.channels:
         raise UserError(f"{method.name} pruning removes no channels")
     if not 0 <= percent < 1:
         raise UserError(f"--percent {percent}: must be in [0, 1)")
     if not 0 <= layer_keep <= 1:
         raise UserError(f"--layer-keep {layer_keep}: must be in [0, 1]")
+    round_to = method.round_to if round_to is None else round_to
     if round_to < 1:
         raise UserError(f"--round-to {round_to}: must be >= 1")
     graph = ChannelGraph(model.cfg)
@@ -101,7 +104,7 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
         if n_keep < floor:
             n_keep = floor
             floored.append(model.cfg.layers[min(unit)].where())
-        if method.round_widths:
+        if round_to > 1:
             n_keep = min(len(ranked), math.ceil(n_keep / round_to) * round_to)
         for k, r in enumerate(ranked):
             keep_group[r] = k < n_keep

@@ -161,10 +161,27 @@ def test_a_percent_too_high_keeps_a_floor_in_every_layer(spread_models, method):
 
 def test_regular_widths_are_multiples_of_round_to(spread_models):
     model = spread_models("yolov3-tiny")
-    plan = channel_plan(model, METHODS["regular"], 0.6, round_to=8)
+    plan = channel_plan(model, METHODS["regular"], 0.6)  # regular's default --round-to: 8
     for keep in plan.masks.values():
         kept = int(keep.sum())
         assert kept % 8 == 0 or kept == keep.numel()
+
+
+@pytest.mark.parametrize("cfg,name", [(c, m) for c in ("yolov3", "yolov4-tiny") for m in METHODS
+                                      if METHODS[m].channels])
+def test_every_channel_method_rounds_kept_widths_with_round_to(spread_models, cfg, name):
+    """--round-to R keeps, in every pruned conv (tied chains and grouped-route splits too), a multiple of
+    R channels or all of them, and never fewer channels than the unrounded plan."""
+    model = spread_models(cfg)
+    plain = channel_plan(model, METHODS[name], 0.6, round_to=1)
+    rounded = channel_plan(model, METHODS[name], 0.6, round_to=8)
+    assert any(int(k.sum()) % 8 for k in plain.masks.values())  # without rounding, odd widths exist
+    for conv, keep in rounded.masks.items():
+        kept = int(keep.sum())
+        assert kept % 8 == 0 or kept == keep.numel(), (conv, kept)
+        assert (keep | plain.masks[conv]).equal(keep)  # the rounded plan keeps what the plain one keeps
+    pruned = prune_channels(model, rounded.masks)
+    assert heads(pruned, torch.rand(1, 3, 64, 64))[0].isfinite().all()
 
 
 def test_shortcut_method_follows_the_first_conv_of_each_chain(spread_models):

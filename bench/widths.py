@@ -1,0 +1,100 @@
+"""Which channel counts the CPU kernels like: one conv layer timed at every width in a range.
+
+    .venv/bin/python -m bench.widths                         # 3x3 convs, c -> c channels, 28x28, c = 48..80
+    .venv/bin/python -m bench.widths --size 56 --widths 24 48 --kernel 1
+
+Each width ``c`` is a ``Conv(c, c, k) + bias + LeakyReLU(0.1)`` (a darknet conv with its batch norm
+folded) on a ``1 x c x size x size`` input, timed in onnxruntime (the float ONNX, the suite's session
+settings) and in PyTorch, batch 1, median of ``--runs`` alternating runs. The table gives milliseconds
+and nanoseconds per multiply-add: a width the kernels like has a lower cost per multiply-add than its
+neighbours. It decides the default ``--round-to`` of the channel-pruning methods (docs/pruning.md).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.onnx import ort_session
+from models.summary import cpu_description, latencies
+from utils.cli import COUNT, Parser
+from utils.files import new_run_dir
+from utils.outputs import atomic_write
+
+
+def conv_layer(c: int, k: int) -> nn.Module:
+    torch.manual_seed(c)
+    return nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2), nn.LeakyReLU(0.1)).eval()
+
+
+def time_width(c: int, k: int, size: int, runs: int, folder: Path) -> dict:
+    m = conv_layer(c, k)
+    x = torch.rand(1, c, size, size)
+    path = folder / f"c{c}.onnx"
+    torch.onnx.export(m, (x,), str(path), input_names=["x"], opset_version=13, dynamo=False)
+    sess = ort_session(path)
+    xn = x.numpy()
+    with torch.no_grad():
+        ort_ms, pt_ms = latencies([lambda: sess.run(None, {"x": xn}), lambda: m(x)], runs)
+    macs = c * c * k * k * size * size
+    return {"width": c, "macs": macs, "ort_ms": ort_ms, "pt_ms": pt_ms,
+            "ort_ns_per_mac": ort_ms * 1e6 / macs, "pt_ns_per_mac": pt_ms * 1e6 / macs}
+
+
+def markdown(rows: list[dict], k: int, size: int, runs: int) -> str:
+    best_ort = min(r["ort_ns_per_mac"] for r in rows)
+    best_pt = min(r["pt_ns_per_mac"] for r in rows)
+    lines = [f"{k}x{k} conv c -> c at {size}x{size}, batch 1, median of {runs} runs; {cpu_description()}",
+             "", "| width | mod 8 | onnxruntime ms | cost per multiply-add (× best) | PyTorch ms "
+             "| cost per multiply-add (× best) |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['width']} | {r['width'] % 8} | {r['ort_ms']:.3f} | "
+                     f"{r['ort_ns_per_mac'] / best_ort:.2f} | {r['pt_ms']:.3f} | "
+                     f"{r['pt_ns_per_mac'] / best_pt:.2f} |")
+    lines.append("")
+    for key, name in (("ort_ns_per_mac", "onnxruntime"), ("pt_ns_per_mac", "PyTorch")):
+        for m in (4, 8, 16):
+            on = [r[key] for r in rows if r["width"] % m == 0]
+            off = [r[key] for r in rows if r["width"] % m]
+            if on and off:
+                ratio = np.median(on) / np.median(off)
+                lines.append(f"- {name}: widths divisible by {m} cost {ratio:.2f}× the others per "
+                             f"multiply-add (medians)")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="python -m bench.widths", description=__doc__)
+    ap.add_argument("--widths", type=COUNT, nargs=2, default=[48, 80], metavar=("FIRST", "LAST"))
+    ap.add_argument("--kernel", type=int, choices=(1, 3), default=3)
+    ap.add_argument("--size", type=COUNT, default=28)
+    ap.add_argument("--runs", type=COUNT, default=50)
+    ap.add_argument("--project", default="runs/bench")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    a = build_parser().parse_args(argv)
+    lo, hi = sorted(a.widths)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [time_width(c, a.kernel, a.size, a.runs, Path(tmp)) for c in range(lo, hi + 1)]
+    out = new_run_dir(a.project, "widths")
+    table = markdown(rows, a.kernel, a.size, a.runs)
+    atomic_write(out / "widths.json", json.dumps(rows, indent=2))
+    atomic_write(out / "widths.md", table)
+    print(table)
+    print(f"results in {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    from utils.cli import run_cli
+
+    sys.exit(run_cli(main))
