@@ -56,12 +56,13 @@ Check = Callable[[Path, nn.Module, torch.Tensor], None]
 
 
 def ort_session(model: str | Path | bytes, optimize: str | None = None, optimized_path: Path | None = None,
-                config: dict[str, str] | None = None):
+                config: dict[str, str] | None = None, profile_prefix: Path | None = None):
     """The one way the suite opens an onnxruntime session (CPU): idle threads do not spin (a spinning
     session slows whatever runs next: measured 3-6x on PyTorch timed after it) and denormals are
     flushed to zero, as the report's timing needs; ``optimize`` ("basic") with ``optimized_path`` writes
-    the optimized graph there; ``config`` adds session config entries. A model onnxruntime cannot
-    load is a UserError."""
+    the optimized graph there; ``config`` adds session config entries; ``profile_prefix`` turns on
+    onnxruntime's profiler (its JSON is written there on ``end_profiling()``). A model onnxruntime
+    cannot load is a UserError."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -74,6 +75,9 @@ def ort_session(model: str | Path | bytes, optimize: str | None = None, optimize
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])

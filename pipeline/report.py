@@ -31,6 +31,7 @@ import torch
 from engine.options import REPO
 from models.darknet import Darknet
 from models.io import load_model
+from models.profile import OTHER, layer_times, plot_layer_times
 from models.summary import cpu_description, latencies, torch_call
 from pipeline.recipe import Recipe
 from pipeline.runner import StageRecord
@@ -42,6 +43,7 @@ from utils.outputs import atomic_write, save_figure
 
 GAMMA_PLOT, CHANNEL_PLOT = "gamma.png", "channels.png"
 GFLOPS_PLOT, LATENCY_PLOT = "accuracy_vs_gflops.png", "accuracy_vs_latency.png"
+LAYER_PLOT = "layer_latency.png"
 
 
 def shown_path(path: str | Path, *bases: str | Path) -> str:
@@ -325,6 +327,49 @@ def plots(rows: list[Row], records: list[StageRecord], out: Path) -> list[str]:
     return made
 
 
+def layer_profile(records: list[StageRecord], img_size: int, out: Path, runs: int = 20
+                  ) -> tuple[list[str], dict]:
+    """Where the time goes: per-layer CPU time of the model the first pruning stage started from and of
+    the last pruned model (:mod:`models.profile`), drawn into ``layer_latency.png``. Returns the figure
+    names and the data for report.json (empty without a pruning stage)."""
+    ckpt = {r.name: r.checkpoint for r in records if r.checkpoint is not None}
+    pruned = [r for r in records if r.run == "prune" and r.source in ckpt and r.checkpoint is not None]
+    if not pruned:
+        return [], {}
+    first, last = pruned[0], pruned[-1]
+    named = [(first.source, layer_times(load_model(ckpt[first.source]), img_size, runs)),
+             (last.name, layer_times(load_model(last.checkpoint), img_size, runs))]
+    plot_layer_times(named, out / LAYER_PLOT)
+    return [LAYER_PLOT], {"runs": runs, "models": [{"stage": name, "rows": t.rows()} for name, t in named]}
+
+
+def layer_markdown(profile: dict, top: int = 8) -> list[str]:
+    """The layers that take the most onnxruntime time before pruning, with their share of the time and
+    of the GFLOPs, before and after (the same layer index when pruning kept the layer count)."""
+    (b_name, before), (a_name, after) = ((m["stage"], m["rows"]) for m in profile["models"])
+    aligned = len(before) == len(after)
+    after_by = {r["layer"]: r for r in after}
+
+    def share(rows: list[dict], r: dict | None, key: str) -> str:
+        total = sum(x[key] for x in rows)
+        return "–" if r is None or not total else f"{r[key]:.2f} ({r[key] / total:.0%})"
+
+    heavy = sorted(before, key=lambda r: -r["ort_ms"])[:top]
+    lines = ["", "## Where the time goes", "",
+             f"Per layer, CPU batch 1, median of {profile['runs']} runs: onnxruntime kernel time from its "
+             f"profiler, PyTorch time from forward hooks on the fused model; `{b_name}` → `{a_name}`, the "
+             f"{top} layers that take the most onnxruntime time in `{b_name}` (share of the model's total "
+             f"in brackets; `other` is layout reorders and box decoding). A layer whose share of the time "
+             f"is well above its share of the GFLOPs is memory-bound or runs an unfavourable width.", "",
+             "| layer | type | GFLOPs | onnxruntime ms | PyTorch ms |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in heavy:
+        a = after_by.get(r["layer"]) if aligned else None
+        name = "other" if r["layer"] == OTHER else str(r["layer"])
+        cells = [share(before, r, k) + " → " + share(after, a, k) for k in ("gflops", "ort_ms", "torch_ms")]
+        lines.append(f"| {name} | {r['type']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 # -------------------------------------------------------------------- tables
 COLUMNS = (("map50", ".3f", 1), ("map", ".3f", 1), ("params", ".3f", 1e6), ("gflops", ".3f", 1),
            ("file_mb", ".2f", 1), ("deployed_mb", ".2f", 1), ("torch_ms", ".1f", 1), ("ort_ms", ".1f", 1))
@@ -402,6 +447,8 @@ def markdown(doc: dict) -> str:
         sizes = doc.get("export_mb", {})
         lines += ["", "## Exports", "", "| file | MB |", "| --- | ---: |"]
         lines += [f"| {p} | {_fmt(sizes.get(p), '.2f')} |" for p in doc["exports"]]
+    if doc.get("layers"):
+        lines += layer_markdown(doc["layers"])
     if doc.get("figures"):
         lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in doc["figures"]]
     return "\n".join(lines) + "\n"
@@ -429,6 +476,7 @@ def write(records: list[StageRecord], recipe: Recipe, root: Path, seconds: float
     out.mkdir(parents=True, exist_ok=True)
     rows = measure(records, recipe, out, runs, show=show)
     figures = plots(rows, records, out)
+    layer_figures, layers = layer_profile(records, recipe.img_size, out)
     exports = [p for rec in records for p in rec.outputs]
     doc = {"name": root.name, "run_folder": shown_path(root, REPO), "recipe": show(recipe.path),
            "data": show(recipe.data) if recipe.data else "the built-in shapes benchmark",
@@ -445,7 +493,8 @@ def write(records: list[StageRecord], recipe: Recipe, root: Path, seconds: float
                        for rec in records],
            "exports": [show(p) for p in exports],
            "export_mb": {show(p): round(_megabytes(p), 3) for p in exports},
-           "figures": figures}
+           "layers": layers,
+           "figures": figures + layer_figures}
     atomic_write(out / "report.json", json.dumps(doc, indent=2) + "\n")
     md = out / "report.md"
     atomic_write(md, markdown(doc))

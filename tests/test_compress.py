@@ -81,9 +81,19 @@ def test_miniature_recipe_report_is_consistent(mini_run):
     assert "(simulated)" in qat_line
     assert rows["qat"]["int8_target"] == "ort" and rows["ptq_trt"]["int8_target"] == "trt"
     assert "qat.int8.onnx (onnxruntime's layout: integer kernels)" in md.read_text()
-    for fig in ("accuracy_vs_gflops.png", "accuracy_vs_latency.png", "gamma.png", "channels.png"):
+    for fig in ("accuracy_vs_gflops.png", "accuracy_vs_latency.png", "gamma.png", "channels.png",
+                "layer_latency.png"):
         assert fig in report["figures"] and cv2.imread(str(md.parent / fig)) is not None
+    # where the time goes: every conv of the model before pruning and of the pruned one, timed
+    before, after = report["layers"]["models"]
+    assert (before["stage"], after["stage"]) == ("sparse", "prune")
+    for m in (before, after):
+        convs = [r for r in m["rows"] if r["type"] == "convolutional"]
+        assert convs and all(r["ort_ms"] > 0 and r["torch_ms"] > 0 and r["gflops"] > 0 for r in convs)
+    assert sum(r["gflops"] for r in after["rows"]) == pytest.approx(rows["prune"]["gflops"], rel=1e-6)
+    assert sum(r["gflops"] for r in before["rows"]) == pytest.approx(rows["sparse"]["gflops"], rel=1e-6)
     text = md.read_text()
+    assert "## Where the time goes" in text
     for stage in rows:
         assert f"| {stage} (" in text
 
