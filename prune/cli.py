@@ -61,7 +61,7 @@ class PruneOptions:
                                help="each layer (residual chain) keeps at least this share of its channels")
     round_to: int | None = option(None, "--round-to", type=MULTIPLE,
                                   help="kept widths are rounded up to multiples of this (default: 8 for "
-                                       "regular, 1 (none) for the other methods)")
+                                       "regular, 16 for the other channel methods; 1: no rounding)")
     shortcuts: int = option(2, "--shortcuts", "--shortcut", type=COUNT, help="residual blocks to remove")
     img_size: int | None = option(None, "--img-size", type=IMG_SIZE,
                                   help="evaluation, GFLOPs and latency size (default: the checkpoint's, else "
