@@ -4,8 +4,8 @@ Every run starts from the same student checkpoint with the same seed, epochs and
 hyperparameters (``data/hyp.finetune.yaml``); only the distillation strategy differs. The teacher
 and the student before fine-tuning are evaluated too, so the table shows what there was to recover.
 
-    .venv/bin/python train.py --data shapes-hard -sr --s 0.005 --prune 1 --sr-schedule global --epochs 24 \\
-        --name sparse
+    .venv/bin/python train.py --data shapes-hard -sr --sr-mode subgradient --s 0.005 --prune 1 \\
+        --sr-schedule global --epochs 24 --name sparse
     .venv/bin/python train.py --data shapes-hard --weights runs/train/sparse/weights/last.pt \\
         --hyp data/hyp.finetune.yaml --epochs 4 --name teacher        # the unpruned model, penalty off
     .venv/bin/python prune/normal_prune.py --weights runs/train/sparse/weights/last.pt --percent 0.52 \\

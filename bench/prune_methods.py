@@ -1,7 +1,8 @@
 """Every pruning method on one sparse-trained checkpoint: size, accuracy before/after pruning and after
 fine-tuning, and ONNX Runtime CPU latency, in one table; then the wall time of pruning yolov4.
 
-    .venv/bin/python train.py --data shapes-hard -sr --s 0.002 --prune 1 --name sparse  # sparse model first
+    .venv/bin/python train.py --data shapes-hard -sr --s 2 --prune 1 --sr-schedule local --sr-decay-at 0 \\
+        --sr-keep 0.4 --weights runs/train/exp/weights/last.pt --epochs 2 --name sparse
     .venv/bin/python -m bench.prune_methods --weights runs/train/sparse/weights/last.pt \\
         --finetune-epochs 4                                            # --data: shapes-hard by default
 

@@ -54,6 +54,9 @@ class TrainContext:
     # hyp lr0 times the learning-rate schedule (warm-up, cosine) at the current optimizer step: the step
     # SGD takes, the same number whichever optimizer runs (Adam runs at a tenth of it)
     schedule_lr: float = 0.0
+    # the exponential moving average of the weights (what is evaluated and saved), None without --ema;
+    # ``after_step`` runs before it takes the step's weights in
+    ema_model: nn.Module | None = None
 
 
 class TrainHook:

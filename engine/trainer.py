@@ -138,6 +138,7 @@ class Trainer:
         self.model.to(self.device, memory_format=torch.channels_last)
         self.optimizer = self._build_optimizer()
         self.ema = ModelEMA(self.model) if opts.ema else None
+        self.ctx.ema_model = self.ema.ema if self.ema else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.start_epoch, self.best_fitness = 0, -1.0
         self.run_dir = self.weights_dir = None
@@ -375,7 +376,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad()
         if scale is None or self.scaler.get_scale() >= scale:  # AMP lowers its scale when it skips a step
-            self.ctx.schedule_lr = self.hyp["lr0"] * self.optimizer.param_groups[0]["lr"] / self.lr0
+            group_lr = self.optimizer.param_groups[0]["lr"]
+            self.ctx.schedule_lr = self.hyp["lr0"] * group_lr / self.lr0 if self.lr0 else 0.0
             for h in self.hooks:
                 h.after_step(self.ctx)
         if self.ema:

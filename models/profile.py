@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from models.darknet import Darknet
-from models.summary import summarize
+from models.summary import as_deployed, summarize
 
 OTHER = -1  # the layer index of nodes that belong to no darknet layer
 _LAYER = re.compile(r"layers\.(\d+)[/.]")
@@ -64,7 +64,9 @@ def ort_layer_ms(path: Path, img_size: int, runs: int, warmup: int = 3) -> dict[
     x = np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)
     for _ in range(warmup + runs):
         sess.run(None, {name: x})
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    profile = Path(sess.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
     per_run: list[dict[int, float]] = []
     current: dict[int, float] = defaultdict(float)
     for e in events:
@@ -79,11 +81,9 @@ def ort_layer_ms(path: Path, img_size: int, runs: int, warmup: int = 3) -> dict[
 
 
 def torch_layer_ms(model: Darknet, img_size: int, runs: int, warmup: int = 3) -> dict[int, float]:
-    """Median milliseconds per layer of the fused float model's batch-1 forward (forward hooks; the
+    """Median milliseconds per layer of the model's batch-1 forward as deployed (forward hooks; the
     box decoding after the last layer counts as ``OTHER``)."""
-    fused = Darknet(model.cfg)
-    fused.load_state_dict(model.state_dict())
-    fused = fused.eval().fuse()
+    fused = as_deployed(model)
     starts: dict[int, float] = {}
     current: dict[int, float] = {}
     handles = []

@@ -65,14 +65,20 @@ def summarize(model: Darknet, img_size: int | None = None) -> Summary:
     return Summary(rows, sum(p.numel() for p in model.parameters()), size)
 
 
-def torch_call(model: Darknet, img_size: int) -> Callable[[], object]:
-    """One batch-1 CPU forward of ``model`` as deployed (a fused copy of a float model; a quantized
-    model runs its fake-quant graph as it is) on a fixed random image: what latency is measured on."""
+def as_deployed(model: Darknet) -> Darknet:
+    """``model`` as it runs in deployment, in eval mode: a fused copy of a float model (batch norms
+    folded into the convs); a quantized model as it is (its fake-quant graph)."""
     if model.quant_config is None:
         fused = Darknet(model.cfg)
         fused.load_state_dict(model.state_dict())
-        model = fused.eval().fuse()
-    model.eval()
+        model = fused.fuse()
+    return model.eval()
+
+
+def torch_call(model: Darknet, img_size: int) -> Callable[[], object]:
+    """One batch-1 CPU forward of ``model`` as deployed (:func:`as_deployed`) on a fixed random image:
+    what latency is measured on."""
+    model = as_deployed(model)
     x = torch.rand(1, model.cfg.net["channels"], img_size, img_size,
                    generator=torch.Generator().manual_seed(0))
 

@@ -476,7 +476,7 @@ def write(records: list[StageRecord], recipe: Recipe, root: Path, seconds: float
     out.mkdir(parents=True, exist_ok=True)
     rows = measure(records, recipe, out, runs, show=show)
     figures = plots(rows, records, out)
-    layer_figures, layers = layer_profile(records, recipe.img_size, out)
+    layer_figures, layers = layer_profile(records, recipe.img_size, out, runs)
     exports = [p for rec in records for p in rec.outputs]
     doc = {"name": root.name, "run_folder": shown_path(root, REPO), "recipe": show(recipe.path),
            "data": show(recipe.data) if recipe.data else "the built-in shapes benchmark",

@@ -173,6 +173,8 @@ def _loaders(data_path: str, img_size: int, batch: int, stride: int, need_train:
 
 def run(o: PruneOptions) -> StageResult:
     """Prune, measure before and after, write the outputs; the result's value is the report."""
+    if o.round_to is None and method(o.method).channels:  # recorded as used
+        o = dataclasses.replace(o, round_to=method(o.method).round_to)
     opened = open_checkpoint(o.weights, o.cfg or None)
     model, meta, weights = opened.model.eval(), opened.meta, opened.path
     img_size = resolve_img_size(o.img_size, opened.img_size, model)

@@ -40,10 +40,15 @@ class ChannelPlan:
     threshold: float
     safe_percent: float  # the largest percent at which no unit needs its floor to keep a channel
     floored: list[str] = field(default_factory=list)  # units whose floor kept more than the threshold
+    round_to: int = 1
+    rounded: int = 0  # channel groups at or below the threshold kept to round widths up to round_to
 
     def summary(self) -> str:
         lines = [f"threshold |gamma| <= {self.threshold:.4g}; the largest percent that leaves every layer "
                  f"a channel without a floor: {self.safe_percent:.1%}"]
+        if self.rounded:
+            lines.append(f"widths rounded up to multiples of {self.round_to}: {self.rounded} channel "
+                         f"group(s) at or below the threshold kept (--round-to 1: none)")
         if self.floored:
             lines.append(f"per-layer floor applied to {len(self.floored)} layer(s): "
                          f"{', '.join(self.floored)}")
@@ -95,6 +100,7 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
 
     keep_group: dict[tuple[int, int], bool] = {}
     floored = []
+    rounded = 0
     safe = float("inf")
     for unit, reps in units.items():
         ranked = sorted(reps, key=lambda r: -score[r])
@@ -105,13 +111,15 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
             n_keep = floor
             floored.append(model.cfg.layers[min(unit)].where())
         if round_to > 1:
-            n_keep = min(len(ranked), math.ceil(n_keep / round_to) * round_to)
+            wide = min(len(ranked), math.ceil(n_keep / round_to) * round_to)
+            rounded += wide - n_keep
+            n_keep = wide
         for k, r in enumerate(ranked):
             keep_group[r] = k < n_keep
     masks = {i: torch.tensor([keep_group[graph.group(i, c)] for c in range(len(gammas[i]))])
              for i in convs}
     safe_percent = float((everything < safe).double().mean())
-    return ChannelPlan(masks, threshold, safe_percent, floored)
+    return ChannelPlan(masks, threshold, safe_percent, floored, round_to, rounded)
 
 
 def block_score(model: Darknet, block: ResidualBlock) -> float:

@@ -32,7 +32,9 @@ local share ``K = --sr-keep``):
   selected channels with the largest |γ| gets ``S · 0.01`` and the rest keep ``S``, so the important
   channels recover while the others keep shrinking.
 
-Every epoch the hook prints and logs to TensorBoard the share of selected γ that are exactly zero
+A γ the threshold zeroes is zeroed in the weights' moving average too (what is evaluated and saved).
+Every epoch the hook prints and logs to TensorBoard, for the model the checkpoint keeps (the moving
+average with ``--ema``), the share of selected γ that are exactly zero
 (``sparsity/share_zero``) and below 0.01 (``sparsity/share_below_0.01``), a histogram (``bn_gamma``),
 and redraws ``gamma.png`` in the run folder.
 """
@@ -88,6 +90,8 @@ class SparsityOptions:
 
     def check(self) -> None:
         refuse_unused(self, self.sr, "-sr (sparse training)", exempt=("sr",))
+        if self.sr and self.s is None:  # recorded as used, so a later default cannot change a resumed run
+            self.s = DEFAULT_S[self.sr_mode]
 
     def hook(self) -> SparsityHook | None:
         if not self.sr:
@@ -136,6 +140,7 @@ class SparsityHook(TrainHook):
         self.mode = mode
         self.method = method(prune_method) if isinstance(prune_method, str) else prune_method
         self.s, self.schedule, self.decay_at, self.keep = s, schedule, decay_at, keep
+        self.convs: list[int] = []
         self.bns: list[nn.BatchNorm2d] = []
         self.scales: list[torch.Tensor] = []
         self.history: list[tuple[int, torch.Tensor]] = []  # (epoch, |γ|) for the plot
@@ -149,6 +154,7 @@ class SparsityHook(TrainHook):
             if not convs:
                 raise UserError(f"-sr --prune-method {self.method.name}: {ctx.model.cfg.source} has no conv "
                                 f"that {self.method.name} pruning ranks; choose another method")
+            self.convs = convs
             self.bns = [ctx.model.layers[i].bn for i in convs]
         flat = sparsity_scale(self.schedule, self.s, epoch, ctx.epochs, self.decay_at, self.keep,
                               self._gammas())
@@ -167,16 +173,21 @@ class SparsityHook(TrainHook):
 
     @torch.no_grad()
     def after_step(self, ctx: TrainContext) -> None:
+        """The soft threshold; a γ it leaves at zero is zeroed in the weights' moving average too (what
+        is evaluated and saved), which then stays zero while the γ does, instead of decaying towards it."""
         if self.mode != "proximal":
             return
-        for bn, scale in zip(self.bns, self.scales):
+        for conv, bn, scale in zip(self.convs, self.bns, self.scales):
             w = bn.weight
             w.copy_(torch.sign(w) * (w.abs() - scale.to(w) * ctx.schedule_lr).clamp_(min=0))
+            if ctx.ema_model is not None:
+                ctx.ema_model.layers[conv].bn.weight.masked_fill_(w == 0, 0.0)
 
     def on_epoch_end(self, ctx: TrainContext, epoch: int, result) -> None:
         if not ctx.main:
             return
-        g = self._gammas().abs().cpu()
+        saved = ctx.ema_model if ctx.ema_model is not None else ctx.model  # what the checkpoint keeps
+        g = torch.cat([saved.layers[i].bn.weight.detach().flatten() for i in self.convs]).abs().cpu()
         share, zero = float((g < SMALL).float().mean()), float((g == 0).float().mean())
         self.history.append((epoch, g))
         print(f"sparsity ({self.mode}): {len(self.bns)} batch norms, {g.numel()} channels, exactly zero "

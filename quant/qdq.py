@@ -194,6 +194,8 @@ def int8_initializers(model: Darknet) -> Callable:
                 s_in = layer.input_quant[0].qparams()[0].cpu().numpy().astype(np.float32)
                 step = (s_in * s_w).astype(np.float32)  # float32 as the model's own s_in·s_w
                 b = _constant(proto, node.input[2])
+                if np.abs(b_codes).max(initial=0) > np.iinfo(np.int32).max:
+                    raise RuntimeError(f"layer {i}: bias codes exceed int32 (a weight scale too small)")
                 if np.abs(b_codes * step - b).max(initial=0) > 1e-6 * np.abs(b).max(initial=1):
                     raise RuntimeError(f"layer {i}: the exported bias is not on its s_in*s_w grid")
                 node.input[2] = dequantized(proto, i, "bias", b_codes, step, np.int32)

@@ -117,7 +117,10 @@ def resumed(path: str | Path, project: str = "runs/train") -> TrainJob:
     if "opts" not in meta or "train_state" not in meta:
         raise UserError(f"--resume {p}: not a train.py last.pt (no optimizer state); start a new run "
                         f"with --weights {p} instead")
-    job = TrainJob.from_record(meta["opts"], strict=False)
+    record = dict(meta["opts"])
+    if record.get("sr") and "sr_mode" not in record:  # saved before --sr-mode existed: the sub-gradient
+        record["sr_mode"] = "subgradient"
+    job = TrainJob.from_record(record, strict=False)
     run_dir = run_dir_of(p)
     job = job.replace_core(resume=str(p), exist_ok=True, project=str(run_dir.parent), name=run_dir.name)
     if meta["epoch"] + 1 >= job.core.epochs:

@@ -152,6 +152,37 @@ def test_int8_onnx_for_onnxruntime_runs_every_conv_as_an_integer_kernel(name, tm
     assert report.worse == 0 and report.max_steps <= 1 and report.off_by_one <= 1e-3 * report.values
 
 
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_int8_export_of_channels_that_sparse_training_zeroed(target, tmp_path):
+    """γ = 0 (the proximal step's exact zeros, kept by rounded widths) folds into all-zero weights with a
+    constant bias: the channel takes the conv's largest weight scale, so its bias codes fit int32 and
+    onnxruntime matches the fake-quant model within a step."""
+    torch.manual_seed(0)
+    model = tame_model(REPO / "cfg" / "yolo-small.cfg")
+    with torch.no_grad():
+        for layer in model.layers:
+            bn = getattr(layer, "bn", None)
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.weight[:3] = 0.0
+                bn.bias[:3] = torch.linspace(-0.5, 0.5, 3)
+    quantize_model(model, QuantConfig(QuantSpec(a_symmetric=target == "trt"), target=target))
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(2, 3, SIZE, SIZE))
+    model.eval()
+    layer = next(m for m in model.layers if isinstance(m, QConvBN) and m.input_quant[0] is not None)
+    codes, s_w, _ = layer.integer_params()
+    assert (codes[:3] == 0).all() and torch.equal(s_w[:3], s_w.max().expand(3))
+    out = export.main(["--weights", _pt(model, tmp_path / "q.pt"), "--include", "onnx-int8"])[0]
+    from models.io import load_model
+
+    reloaded = load_model(tmp_path / "q.pt").eval()
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    report = compare_steps(out, DetectionsOnly(reloaded), reloaded, x)
+    assert report.max_steps <= 1
+
+
 def test_onnxruntime_layout_check_fails_when_a_conv_runs_in_float(tmp_path):
     model = _quantized("yolov3-tiny", False, target="ort")
     out = export.main(["--weights", _pt(model, tmp_path / "q.pt"), "--include", "onnx-int8"])[0]

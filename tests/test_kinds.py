@@ -81,7 +81,7 @@ def test_a_new_kind_is_one_table_entry_for_every_walker():
         assert dets.shape == (1, 3 * 16 * 16, 6)  # 3 anchors on the 16x16 map after two stride-2 convs
         graph = ChannelGraph(cfg)
         assert graph.consumers(0) == [2] and graph.consumers(2) == [4]  # through the toy layers
-        pruned, _ = apply_method(model, "normal", percent=0.3)
+        pruned, _ = apply_method(model, "normal", percent=0.3, round_to=1)
         assert pruned.cfg.layers[0]["filters"] < 16 and pruned.cfg.layers[1].type == "reorg3d_test"
         with torch.no_grad():
             pruned.eval()(torch.rand(1, 3, 64, 64))

@@ -9,6 +9,7 @@ from engine.hooks import TrainHook
 from engine.trainer import Trainer
 from models.darknet import Darknet
 from models.graph import ChannelGraph
+from models.io import load_checkpoint
 from prune.blocks import residual_blocks
 from prune.methods import METHODS, SPARSITY_ALIASES
 from prune.sparsity import SparsityHook, sparse_convs, sparsity_scale
@@ -109,6 +110,7 @@ class StepProbe(TrainHook):
         self.sparsity, self.freeze, self.amp_scale, self.owner = sparsity, freeze, amp_scale, None
         self.gammas: list[torch.Tensor] = []
         self.lrs: list[float] = []
+        self.optimizer_lrs: list[float] = []  # the optimizer's own lr of the batch norms (with owner)
 
     def on_epoch_start(self, ctx, epoch):
         if epoch == 0 and self.amp_scale:
@@ -124,6 +126,8 @@ class StepProbe(TrainHook):
 
     def after_step(self, ctx):
         self.lrs.append(ctx.schedule_lr)
+        if self.owner is not None:
+            self.optimizer_lrs.append(self.owner.optimizer.param_groups[0]["lr"])
         self.gammas.append(torch.cat([bn.weight.detach().flatten() for bn in self.sparsity.bns]).clone())
 
 
@@ -187,8 +191,10 @@ def test_proximal_step_is_the_same_with_adam_and_sgd_accumulation_and_amp(shapes
                         ema=False, name=f"a{adam}b{batch}n{nbs}s{amp}")
         probe = StepProbe(hook, freeze=torch.tensor(0.002), amp_scale=amp)
         after = StepProbe(hook)
-        probe.owner = Trainer(job.core, [probe, hook, after])
+        probe.owner = after.owner = Trainer(job.core, [probe, hook, after])
         probe.owner.fit()
+        # η is hyp lr0 × the schedule: SGD's own lr, ten times Adam's (which runs at lr0 / 10)
+        assert after.lrs == pytest.approx([lr * (10 if adam else 1) for lr in after.optimizer_lrs])
         first = torch.stack([g[:hook.bns[0].num_features] for g in after.gammas])
         runs[(adam, batch, amp)] = (after.lrs, first)
     lrs, gammas = runs[(True, 4, None)]
@@ -200,6 +206,64 @@ def test_proximal_step_is_the_same_with_adam_and_sgd_accumulation_and_amp(shapes
             assert other_lrs == pytest.approx(lrs), key
             torch.testing.assert_close(other, gammas, rtol=0, atol=1e-7, msg=str(key))
     assert gammas[-1, 0] == 0 and gammas[0, 0] > 0
+
+
+class InfOnce(TrainHook):
+    """Makes the first backward pass give one γ an inf gradient, as an AMP overflow would (during the
+    backward, so the loss scaler sees it when it unscales)."""
+
+    def __init__(self, sparsity: SparsityHook):
+        self.sparsity, self.done = sparsity, False
+
+    def on_epoch_start(self, ctx, epoch):
+        if epoch == 0:
+            self.sparsity.bns[0].weight.register_hook(self.overflow)
+
+    def overflow(self, grad):
+        if self.done:
+            return grad
+        self.done = True
+        grad = grad.clone()
+        grad[0] = float("inf")
+        return grad
+
+
+def test_proximal_step_skips_the_steps_amp_skips(shapes_data, tmp_path):
+    hook = SparsityHook(0.5, "slim")
+    probe = StepProbe(hook, amp_scale=1024.0)
+    after = StepProbe(hook)
+    import yaml
+
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text(yaml.safe_dump({"nbs": 4}))  # an optimizer step every batch: 2 an epoch
+    job = tiny_opts(shapes_data, tmp_path, epochs=1, batch_size=4, ema=False, hyp=str(hyp))
+    t = probe.owner = Trainer(job.core, [probe, hook, InfOnce(hook), after])
+    steps = []
+    t_step = t._optimizer_step
+
+    def counted():
+        steps.append(t.scaler.get_scale())
+        t_step()
+
+    t._optimizer_step = counted
+    t.fit()
+    assert len(steps) >= 2 and t.scaler.get_scale() < 1024.0  # the first step overflowed and was skipped
+    assert len(after.lrs) == len(steps) - 1  # no threshold on the skipped step
+
+
+def test_proximal_zeros_reach_the_saved_moving_average(shapes_data, tmp_path):
+    """With --ema (the default) the checkpoint holds the moving average: a γ the threshold zeroes is zero
+    there too, and the logged share is the saved model's."""
+    hook = SparsityHook(0.5, "slim")
+    probe = StepProbe(hook, freeze=torch.tensor(0.0005))
+    job = tiny_opts(shapes_data, tmp_path, epochs=2, batch_size=4, ema=True, name="ema")
+    Trainer(job.core, [probe, hook]).fit()
+    width = hook.bns[0].num_features
+    saved = load_checkpoint(tmp_path / "ema" / "weights" / "last.pt")
+    key = next(k for k in saved["model"] if k.startswith(f"layers.{hook.convs[0]}.") and
+               k.endswith("bn.weight"))
+    assert (saved["model"][key] == 0).all()  # the moving average, not only the live model
+    assert (hook.history[-1][1][:width] == 0).all()
 
 
 class SmallGammas(TrainHook):
@@ -245,6 +309,13 @@ def test_resume_keeps_the_sparsity_settings(shapes_data, tmp_path):
     assert isinstance(hook, SparsityHook)
     assert (hook.s, hook.method.name, hook.schedule, hook.decay_at, hook.keep) == (0.02, "layer", "local",
                                                                                     0.3, 0.4)
+    assert hook.mode == "proximal"
+    # a run saved before --sr-mode existed continues with the sub-gradient it started with
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["meta"]["opts"]["sr_mode"]
+    torch.save(ckpt, last)
+    assert resumed(str(last)).sparsity.sr_mode == "subgradient"
 
 
 def test_bad_sparsity_options_are_one_line_errors():

@@ -159,13 +159,22 @@ class QConvBN(nn.Module):
         return w_f, b_f, sigma
 
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
-        """From the weights' current range: per output channel, or one for the conv."""
+        """From the weights' current range: per output channel, or one for the conv.
+
+        A channel whose weights are all zero (a batch norm γ that sparse training zeroed, folded in)
+        has no range: it takes the conv's largest channel scale (1 if every channel is zero), so its
+        bias, a constant output, lands on the same ``s_in·s_w`` grid as the other channels' instead
+        of a grid so fine that its int32 codes overflow."""
         if self.spec.per_channel:
             flat = w.flatten(1)
             lo, hi = flat.amin(1), flat.amax(1)
         else:
             lo, hi = w.min(), w.max()
         scale, _ = scale_zero_point(lo, hi, self.spec.w_scheme)
+        empty = (lo == 0) & (hi == 0)
+        if empty.any():
+            fallback = scale[~empty].max() if (~empty).any() else torch.ones_like(scale).max()
+            scale = torch.where(empty, fallback, scale)
         return scale
 
     def quantized_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
