@@ -155,8 +155,8 @@ def test_int8_onnx_for_onnxruntime_runs_every_conv_as_an_integer_kernel(name, tm
 @pytest.mark.parametrize("target", ["ort", "trt"])
 def test_int8_export_of_channels_that_sparse_training_zeroed(target, tmp_path):
     """γ = 0 (the proximal step's exact zeros, kept by rounded widths) folds into all-zero weights with a
-    constant bias: the channel takes the conv's largest weight scale, so its bias codes fit int32 and
-    onnxruntime matches the fake-quant model within a step."""
+    constant bias: the channel takes the conv's largest weight scale; a γ near zero gets a scale its
+    bias codes fit int32 with. onnxruntime matches the fake-quant model within a step."""
     torch.manual_seed(0)
     model = tame_model(REPO / "cfg" / "yolo-small.cfg")
     with torch.no_grad():
@@ -164,7 +164,8 @@ def test_int8_export_of_channels_that_sparse_training_zeroed(target, tmp_path):
             bn = getattr(layer, "bn", None)
             if isinstance(bn, torch.nn.BatchNorm2d):
                 bn.weight[:3] = 0.0
-                bn.bias[:3] = torch.linspace(-0.5, 0.5, 3)
+                bn.weight[3] = 1e-20  # nearly zero: a scale from its range would overflow the bias codes
+                bn.bias[:4] = torch.linspace(-0.5, 0.5, 4)
     quantize_model(model, QuantConfig(QuantSpec(a_symmetric=target == "trt"), target=target))
     model.train()
     with torch.no_grad():
@@ -172,8 +173,9 @@ def test_int8_export_of_channels_that_sparse_training_zeroed(target, tmp_path):
             model(torch.rand(2, 3, SIZE, SIZE))
     model.eval()
     layer = next(m for m in model.layers if isinstance(m, QConvBN) and m.input_quant[0] is not None)
-    codes, s_w, _ = layer.integer_params()
+    codes, s_w, b_codes = layer.integer_params()
     assert (codes[:3] == 0).all() and torch.equal(s_w[:3], s_w.max().expand(3))
+    assert (codes[3] == 0).all() and b_codes.abs().max() <= 2 ** 31 - 1
     out = export.main(["--weights", _pt(model, tmp_path / "q.pt"), "--include", "onnx-int8"])[0]
     from models.io import load_model
 

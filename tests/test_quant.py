@@ -184,8 +184,8 @@ def test_folded_qat_conv_in_eval_equals_conv_bn_with_the_same_quantized_weights(
         x_q = q.input_quant[0](x)
         with torch.no_grad():
             got = q(x_q)
-            w_f, _, _ = q._folded()
-            w_q, s_w = q.quantized_weight(w_f)
+            w_f, b_f, _ = q._folded()
+            w_q, s_w = q.quantized_weight(w_f, b_f)  # as inference quantizes them (bias codes in int32)
             # the same quantized weights unfolded into the float conv + BN: equal up to the bias step
             ref.conv.weight.copy_(w_q / (ref.bn.weight / torch.sqrt(ref.bn.running_var + ref.bn.eps))
                                   .view(-1, 1, 1, 1))
@@ -203,7 +203,7 @@ def test_bias_is_an_integer_multiple_of_input_times_weight_scale():
         spec = QuantSpec(w_bits=8, a_bits=8, pow2=pow2)
         q = QConvBN(_conv_bn(), spec, _input_quant(x, spec), None).eval()
         w_f, b_f, _ = q._folded()
-        _, s_w = q.quantized_weight(w_f)
+        _, s_w = q.quantized_weight(w_f, b_f)
         b_q = q.quantized_bias(b_f, s_w)
         s_in = q.input_quant[0].qparams()[0]
         k = b_q / (s_in * s_w)
@@ -284,7 +284,7 @@ def test_every_conv_reads_integers_on_the_scale_it_claims(name):
         assert (codes - codes.round()).abs().max() < 1e-3
         assert inq.scheme.qmin <= codes.min().round() and codes.max().round() <= inq.scheme.qmax
         w_f, b_f, _ = conv._folded()
-        w_q, s_w = conv.quantized_weight(w_f)
+        w_q, s_w = conv.quantized_weight(w_f, b_f)
         w_codes = w_q.double() / s_w.double().view(-1, 1, 1, 1)
         assert (w_codes - w_codes.round()).abs().max() < 1e-4
         b_codes = conv.quantized_bias(b_f, s_w).double() / (s.double() * s_w.double())

@@ -34,11 +34,13 @@ from models.quantized.quantizers import (
     dorefa_weights,
     fake_quantize,
     integers,
+    pow2_ceil,
     round_ste,
     scale_zero_point,
 )
 
 WEIGHT_METHODS = ("google", "dorefa")
+BIAS_CODE_LIMIT = 2.0 ** 30  # the largest bias code a weight scale may lead to (int32, with a margin)
 
 
 @dataclass(frozen=True)
@@ -158,13 +160,13 @@ class QConvBN(nn.Module):
         b_f = bn.bias - bn.weight * bn.running_mean / sigma
         return w_f, b_f, sigma
 
-    def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
+    def weight_scale(self, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """From the weights' current range: per output channel, or one for the conv.
 
         A channel whose weights are all zero (a batch norm γ that sparse training zeroed, folded in)
-        has no range: it takes the conv's largest channel scale (1 if every channel is zero), so its
-        bias, a constant output, lands on the same ``s_in·s_w`` grid as the other channels' instead
-        of a grid so fine that its int32 codes overflow."""
+        has no range: it takes the conv's largest channel scale (1 if every channel is zero). With the
+        bias ``b`` of a conv on a quantized input, no scale is so small that the bias's codes on the
+        ``s_in·s_w`` grid leave int32's range (a γ near zero: its weights round to zero instead)."""
         if self.spec.per_channel:
             flat = w.flatten(1)
             lo, hi = flat.amin(1), flat.amax(1)
@@ -175,13 +177,23 @@ class QConvBN(nn.Module):
         if empty.any():
             fallback = scale[~empty].max() if (~empty).any() else torch.ones_like(scale).max()
             scale = torch.where(empty, fallback, scale)
+        inq = self.input_quant[0]
+        if b is not None and inq is not None:
+            floor = b.detach().abs() / (inq.qparams()[0] * BIAS_CODE_LIMIT)
+            floor = floor if self.spec.per_channel else floor.max()
+            if bool((floor > scale).any()):
+                scale = torch.maximum(scale, floor)
+                if self.spec.w_scheme.pow2:
+                    scale = pow2_ceil(scale)
         return scale
 
-    def quantized_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(fake-quantized weights, per-channel scale or None for DoReFa's fixed [−1, 1] grid)."""
+    def quantized_weight(self, w: torch.Tensor, b: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fake-quantized weights, per-channel scale or None for DoReFa's fixed [−1, 1] grid); ``b``:
+        the bias that will go on the ``s_in·s_w`` grid (:meth:`weight_scale`)."""
         if self.spec.method == "dorefa":
             return dorefa_weights(w, self.spec.w_bits), None
-        scale = self.weight_scale(w.detach())
+        scale = self.weight_scale(w.detach(), b)
         axis = 0 if self.spec.per_channel else None
         return fake_quantize(w, scale, torch.zeros_like(scale), self.spec.w_scheme, axis), scale
 
@@ -203,10 +215,10 @@ class QConvBN(nn.Module):
         w_f, b_f, _ = self._folded()
         if torch.onnx.is_in_onnx_export():
             with torch.no_grad():
-                s_w = self.quantized_weight(w_f)[1]
+                s_w = self.quantized_weight(w_f, b_f)[1]
                 b = constant(self.quantized_bias(b_f, s_w))
-            return self.quantized_weight(constant(w_f))[0], b
-        w_q, s_w = self.quantized_weight(w_f)
+            return self.quantized_weight(constant(w_f), constant(b_f))[0], b
+        w_q, s_w = self.quantized_weight(w_f, b_f)
         return w_q, self.quantized_bias(b_f, s_w)
 
     @torch.no_grad()
@@ -214,7 +226,7 @@ class QConvBN(nn.Module):
         """What an integer pipeline stores: (weight codes, weight scale ``s_w``, bias codes on the
         ``s_in·s_w`` grid, or None when the input is float), from the running statistics."""
         w_f, b_f, _ = self._folded()
-        _, s_w = self.quantized_weight(w_f)
+        _, s_w = self.quantized_weight(w_f, b_f)
         if s_w is None:
             raise ValueError("DoReFa weights have no integer scale of their own")
         axis = 0 if self.spec.per_channel else None
