@@ -12,9 +12,8 @@ neighbours. It decides the default ``--round-to`` of the channel-pruning methods
 
 from __future__ import annotations
 
+import io
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,12 +31,12 @@ def conv_layer(c: int, k: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2), nn.LeakyReLU(0.1)).eval()
 
 
-def time_width(c: int, k: int, size: int, runs: int, folder: Path) -> dict:
+def time_width(c: int, k: int, size: int, runs: int) -> dict:
     m = conv_layer(c, k)
     x = torch.rand(1, c, size, size)
-    path = folder / f"c{c}.onnx"
-    torch.onnx.export(m, (x,), str(path), input_names=["x"], opset_version=13, dynamo=False)
-    sess = ort_session(path)
+    buffer = io.BytesIO()  # into a temporary in memory: no file is written
+    torch.onnx.export(m, (x,), buffer, input_names=["x"], opset_version=13, dynamo=False)
+    sess = ort_session(buffer.getvalue())
     xn = x.numpy()
     with torch.no_grad():
         ort_ms, pt_ms = latencies([lambda: sess.run(None, {"x": xn}), lambda: m(x)], runs)
@@ -81,8 +80,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> list[dict]:
     a = build_parser().parse_args(argv)
     lo, hi = sorted(a.widths)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [time_width(c, a.kernel, a.size, a.runs, Path(tmp)) for c in range(lo, hi + 1)]
+    rows = [time_width(c, a.kernel, a.size, a.runs) for c in range(lo, hi + 1)]
     out = new_run_dir(a.project, "widths")
     table = markdown(rows, a.kernel, a.size, a.runs)
     atomic_write(out / "widths.json", json.dumps(rows, indent=2))

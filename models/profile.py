@@ -136,7 +136,7 @@ def plot_layer_times(named: list[tuple[str, LayerTimes]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.outputs import atomic_path
+    from utils.outputs import save_figure
 
     layers = sorted({k for _, t in named for k in (*t.ort_ms, *t.torch_ms)})
     xs = np.arange(len(layers))
@@ -157,7 +157,6 @@ def plot_layer_times(named: list[tuple[str, LayerTimes]], path: Path) -> Path:
     axes[-1].set_xticks(xs, ["other" if k == OTHER else str(k) for k in layers], rotation=90, fontsize=7)
     axes[-1].set_xlabel(f"layer (batch 1, {named[0][1].img_size} px)")
     fig.tight_layout()
-    with atomic_path(path) as part:
-        fig.savefig(part, format="png", dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
