@@ -53,7 +53,8 @@ class TrainOptions:
     exist_ok: bool = option(False, "--exist-ok", help="reuse runs/train/<name> instead of numbering")
     device: str = option("", "--device", help="cpu, 0, cuda:1 (default: cpu)")
     adam: bool = option(True, "--adam", negatable=True,
-                        help="Adam at lr0/10 (default); --no-adam: SGD with Nesterov momentum at lr0")
+                        help="Adam at lr0 × hyp adam_lr_ratio (default); --no-adam: SGD with Nesterov "
+                             "momentum at lr0")
     ema: bool = option(True, "--ema", negatable=True,
                        help="exponential moving average of the weights (evaluated and saved)")
     amp: bool = option(False, "--amp", "-mpt", help="mixed precision (CUDA only)")

@@ -81,11 +81,12 @@ class Trainer:
         self.opts = opts
         self.record = dict(record) if record is not None else dataclasses.asdict(opts)
         self.resume_ckpt = load_checkpoint(opts.resume) if opts.resume else None
-        if self.resume_ckpt:  # a checkpoint older than a hyperparameter key takes that key's default
-            self.hyp = {**load_hyp(), **self.resume_ckpt["meta"]["hyp"]}
+        if self.resume_ckpt:  # a checkpoint older than a hyperparameter key takes that key's default,
+            # except Adam's learning-rate ratio: runs from before it ran Adam at lr0 / 10
+            self.hyp = {**load_hyp(), "adam_lr_ratio": 0.1, **self.resume_ckpt["meta"]["hyp"]}
         else:
             self.hyp = load_hyp(opts.hyp)
-        self.lr0 = self.hyp["lr0"] / 10 if opts.adam else self.hyp["lr0"]  # Adam steps are larger
+        self.lr0 = self.hyp["lr0"] * (self.hyp["adam_lr_ratio"] if opts.adam else 1.0)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:

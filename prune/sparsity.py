@@ -8,8 +8,8 @@ With ``train.py -sr --s S`` the batch-norm scales γ of the selected convs are p
       γ ← sign(γ) · max(|γ| − η · s_c, 0)
 
   with ``η`` = hyp ``lr0`` times the learning-rate schedule at that step (warm-up and cosine): the
-  step SGD takes, the same number with Adam (which itself runs at a tenth of it). So ``--s`` pulls
-  equally hard with either optimizer, and a channel whose data gradient cannot hold it lands on
+  step SGD takes, the same number with Adam (which itself runs at hyp ``adam_lr_ratio`` of it). So
+  ``--s`` pulls equally hard with either optimizer, and a channel whose data gradient cannot hold it lands on
   exactly zero instead of oscillating around it;
 - ``subgradient`` (the older tools'): ``γ.grad += s_c · sign(γ)`` once per optimizer step, after AMP
   unscaling and before gradient clipping. Adam normalises it like every gradient, so there ``--s``

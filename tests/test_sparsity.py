@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.hooks import TrainHook
+from engine.options import load_hyp
 from engine.trainer import Trainer
 from models.darknet import Darknet
 from models.graph import ChannelGraph
@@ -193,8 +194,9 @@ def test_proximal_step_is_the_same_with_adam_and_sgd_accumulation_and_amp(shapes
         after = StepProbe(hook)
         probe.owner = after.owner = Trainer(job.core, [probe, hook, after])
         probe.owner.fit()
-        # η is hyp lr0 × the schedule: SGD's own lr, ten times Adam's (which runs at lr0 / 10)
-        assert after.lrs == pytest.approx([lr * (10 if adam else 1) for lr in after.optimizer_lrs])
+        # η is hyp lr0 × the schedule: SGD's own lr, not Adam's (lr0 × adam_lr_ratio)
+        ratio = load_hyp()["adam_lr_ratio"] if adam else 1.0
+        assert after.lrs == pytest.approx([lr / ratio for lr in after.optimizer_lrs])
         first = torch.stack([g[:hook.bns[0].num_features] for g in after.gammas])
         runs[(adam, batch, amp)] = (after.lrs, first)
     lrs, gammas = runs[(True, 4, None)]

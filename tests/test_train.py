@@ -113,10 +113,13 @@ def test_resume_of_a_checkpoint_older_than_a_hyp_key_takes_its_default(shapes_da
         trainer(tiny_opts(shapes_data, tmp_path, epochs=2), [StopAt(1)]).fit()
     last = tmp_path / "exp" / "weights" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
+    assert ckpt["meta"]["hyp"]["adam_lr_ratio"] == 0.3
     del ckpt["meta"]["hyp"]["nbs"]  # as written before nbs existed
+    del ckpt["meta"]["hyp"]["adam_lr_ratio"]  # and before Adam's ratio: it ran Adam at lr0 / 10
     torch.save(ckpt, last)
     t = trainer(resumed(str(last)))
     assert t.hyp["nbs"] == 16 and t.hyp["lr0"] == ckpt["meta"]["hyp"]["lr0"]
+    assert t.lr0 == pytest.approx(ckpt["meta"]["hyp"]["lr0"] / 10)
     t.fit()
 
 
