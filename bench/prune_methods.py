@@ -10,8 +10,10 @@ Each channel method gets the smallest ``--percent`` on a 0.05 grid that removes 
 ``--target`` of the parameters (layer pruning: the fewest residual blocks, all of them if even that is
 short); layer_channel removes half the blocks and then searches the slim percent. Fine-tuning
 starts from the re-calibrated model with ``data/hyp.finetune.yaml`` (Adam at 5e-5, no warm-up). Latency is the
-median of ``--runs`` batch-1 runs of the exported ONNX (float, BN folded by onnxruntime) at the
-checkpoint's size; ``latency ratio / GFLOPs ratio`` is 1.0 when time falls exactly with compute.
+median of ``--runs`` batch-1 runs, the unpruned and the pruned model in alternation, of the exported
+ONNX (float, BN folded by onnxruntime) and of the fused PyTorch model, at the checkpoint's size and at
+``--latency-sizes`` (416); ``latency ratio / GFLOPs ratio`` is 1.0 when time falls exactly with
+compute.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from bench.common import BENCH_DATA, finetune
 from models.darknet import Darknet
 from models.io import load_checkpoint, load_model
 from models.onnx import export_onnx, ort_session
-from models.summary import latencies, summarize
+from models.summary import latencies, summarize, torch_call
 from prune import cli
 from prune.blocks import residual_blocks
 from prune.methods import METHODS as REGISTRY
@@ -61,12 +63,23 @@ def setting(model: Darknet, method: str, target: float) -> list[str]:
     return flags + (["--shortcuts", str(extra["shortcuts"])] if extra else [])
 
 
-def onnx_latency(model: Darknet, path: Path, img_size: int, runs: int) -> float:
-    export_onnx(model, path, img_size)
-    sess = ort_session(path)
-    x = np.random.default_rng(0).random((1, 3, img_size, img_size), dtype=np.float32)
-    name = sess.get_inputs()[0].name
-    return latencies([lambda: sess.run(None, {name: x})], runs)[0]
+def speeds(before: Darknet, after: Darknet, sizes: list[int], runs: int, folder: Path) -> dict[int, dict]:
+    """Batch-1 CPU milliseconds of the unpruned and the pruned model at each size, the two timed in
+    alternation: onnxruntime on the float ONNX (BN folded by onnxruntime), PyTorch on the fused model."""
+    result = {}
+    for size in sizes:
+        calls = []
+        for tag, model in (("before", before), ("after", after)):
+            path = folder / f"{tag}-{size}.onnx"
+            export_onnx(model, path, size)
+            sess = ort_session(path)
+            x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+            calls.append(lambda sess=sess, x=x: sess.run(None, {sess.get_inputs()[0].name: x}))
+        ort = latencies(calls, runs)
+        pt = latencies([torch_call(before, size), torch_call(after, size)], runs)
+        result[size] = {"ort_ms_before": ort[0], "ort_ms_after": ort[1],
+                        "torch_ms_before": pt[0], "torch_ms_after": pt[1]}
+    return result
 
 
 def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
@@ -74,7 +87,7 @@ def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
     model = load_model(a.weights).eval()
     img = a.img_size or meta.get("img_size") or model.cfg.net["height"]
     base_gflops = summarize(model, img).gflops
-    base_latency = onnx_latency(model, out / "unpruned.onnx", img, a.runs)
+    sizes = list(dict.fromkeys([img, *a.latency_sizes]))
     rows = []
     for method in a.methods:
         flags = setting(model, method, a.target)
@@ -85,7 +98,7 @@ def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
         if a.recalibrate:
             final = folder / "recalibrated"
             recal = cli.main(method, [*common, "--output", str(final), "--recalibrate", str(a.recalibrate)])
-        latency = onnx_latency(load_model(final / "pruned.pt").eval(), final / "pruned.onnx", img, a.runs)
+        speed = speeds(model, load_model(final / "pruned.pt").eval(), sizes, a.runs, folder)
         ft50 = ft = None
         if a.finetune_epochs:
             tuned = finetune(final / "pruned.pt", a.data, a.finetune_epochs, out, f"{method}-ft",
@@ -98,8 +111,7 @@ def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
                      "map50_before": b["map50"], "map_before": b["map"], "map50_pruned": p["map50"],
                      "map_pruned": p["map"], "map50_recal": r["map50"], "map_recal": r["map"],
                      "map50_ft": ft50, "map_ft": ft,
-                     "ort_ms_before": base_latency, "ort_ms_after": latency,
-                     "latency_over_gflops": (latency / base_latency) / gflops_ratio})
+                     "gflops_ratio": gflops_ratio, "speed": speed})
         atomic_write(out / "methods.json", json.dumps(rows, indent=2))
     return rows
 
@@ -111,17 +123,24 @@ def print_methods(rows: list[dict], epochs: int) -> None:
     def stages(r: dict, key: str) -> str:
         return " / ".join(f(r[f"{key}_{s}"]) for s in ("before", "pruned", "recal", "ft"))
 
+    def ratio(t: dict, runtime: str) -> float:
+        return t[f"{runtime}_ms_after"] / t[f"{runtime}_ms_before"]
+
+    sizes = list(rows[0]["speed"]) if rows else []
     print(f"\n| method | setting | params M (ratio) | GFLOPs (ratio) "
           f"| mAP@0.5 before / pruned / recalibrated / +{epochs} ep "
-          f"| mAP@0.5:0.95 before / pruned / recalibrated / +{epochs} ep "
-          f"| ORT ms before / after | latency/GFLOPs ratio |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"| mAP@0.5:0.95 before / pruned / recalibrated / +{epochs} ep | "
+          + " | ".join(f"{s} px: onnxruntime ms before / after (ratio; ÷ GFLOPs ratio) | {s} px: PyTorch "
+                       f"ratio" for s in sizes) + " |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * len(sizes))
     for r in rows:
         cells = [r["method"], f"`{r['flags']}`",
                  f"{r['params_after'] / 1e6:.3f} ({r['params_after'] / r['params_before']:.2f})",
-                 f"{r['gflops_after']:.3f} ({r['gflops_after'] / r['gflops_before']:.2f})",
-                 stages(r, "map50"), stages(r, "map"),
-                 f"{r['ort_ms_before']:.1f} / {r['ort_ms_after']:.1f}", f"{r['latency_over_gflops']:.2f}"]
+                 f"{r['gflops_after']:.3f} ({r['gflops_ratio']:.2f})",
+                 stages(r, "map50"), stages(r, "map")]
+        for t in r["speed"].values():
+            cells += [f"{t['ort_ms_before']:.1f} / {t['ort_ms_after']:.1f} ({ratio(t, 'ort'):.2f}; "
+                      f"{ratio(t, 'ort') / r['gflops_ratio']:.2f})", f"{ratio(t, 'torch'):.2f}"]
         print("| " + " | ".join(cells) + " |")
 
 
@@ -162,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recalibrate", type=COUNT0, default=20,
                     help="BN re-calibration batches after pruning (0: none); fine-tuning starts from it")
     ap.add_argument("--img-size", type=IMG_SIZE, default=None)
-    ap.add_argument("--runs", type=COUNT, default=30, help="timed ONNX Runtime runs per model")
+    ap.add_argument("--runs", type=COUNT, default=30, help="timed runs per model, runtime and size")
+    ap.add_argument("--latency-sizes", type=IMG_SIZE, nargs="+", default=[416],
+                    help="sizes timed besides the checkpoint's (default: %(default)s)")
     ap.add_argument("--wall-time-cfg", default="cfg/yolov4.cfg")
     ap.add_argument("--project", default="runs/bench")
     return ap

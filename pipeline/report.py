@@ -398,6 +398,37 @@ def _rows(doc: dict) -> list[Row]:
     return [Row(**{k: v for k, v in s.items() if k in names}) for s in doc["stages"]]
 
 
+def _points(v: float, base: float) -> str:
+    d = (base - v) * 100
+    return f"{abs(d):.1f} points {'below' if d >= 0 else 'above'}"
+
+
+def headline(doc: dict) -> list[str]:
+    """The report's first lines: for each exported model, its speed in onnxruntime and its accuracy
+    against the first stage (the model compression started from)."""
+    rows = _rows(doc)
+    base, by_stage = rows[0], {r.stage: r for r in rows}
+    lines = []
+    for e in doc.get("exported", []):
+        r = by_stage.get(e["stage"])
+        if r is None or r is base:
+            continue
+        kind = {"ort": "INT8 for onnxruntime", "trt": "INT8 in TensorRT's layout"}.get(r.int8_target,
+                                                                                       "float")
+        if r.ort_ms and base.ort_ms:
+            speed = (f"{base.ort_ms / r.ort_ms:.1f}× as fast as `{base.stage}` in onnxruntime on this CPU "
+                     f"({r.ort_ms:.1f} ms against {base.ort_ms:.1f} ms"
+                     + ("; onnxruntime runs this layout's convs in float, TensorRT runs them in INT8)"
+                        if r.int8_target == "trt" else ")"))
+        else:
+            speed = "not timed in onnxruntime"
+        lines.append(f"- **`{r.stage}`** (exported by `{e['export']}`, {kind}): {speed}, "
+                     f"{r.params / base.params:.2f}× the parameters, mAP@0.5 {r.map50:.3f} "
+                     f"({_points(r.map50, base.map50)} `{base.stage}`) and mAP@0.5:0.95 {r.map:.3f} "
+                     f"({_points(r.map, base.map)}).")
+    return [*lines, ""] if lines else []
+
+
 def markdown(doc: dict) -> str:
     """report.md from the report's data (report.json's content)."""
     rows = _rows(doc)
@@ -405,7 +436,7 @@ def markdown(doc: dict) -> str:
     folder = doc.get("run_folder")
     where = (f" Paths name files relative to the run folder (`{folder}`), and the commands run from the "
              f"project folder." if folder else "")
-    lines = [f"# Compression report: {doc['name']}", "",
+    lines = [f"# Compression report: {doc['name']}", "", *headline(doc),
              f"Recipe `{doc['recipe']}`, {doc['date']}, {doc['machine']}. Every figure is measured on "
              f"the validation split ({doc['data']}) at {doc['img_size']}×{doc['img_size']}; ratios are to "
              f"`{base.stage}`. Latency: CPU, batch 1, median of {doc['runs']} runs, the models of "
@@ -492,6 +523,8 @@ def write(records: list[StageRecord], recipe: Recipe, root: Path, seconds: float
                         "seconds": rec.seconds, "skipped": rec.skipped, "given": rec.given}
                        for rec in records],
            "exports": [show(p) for p in exports],
+           "exported": [{"export": rec.name, "stage": rec.source} for rec in records
+                        if rec.run == "export" and rec.source],
            "export_mb": {show(p): round(_megabytes(p), 3) for p in exports},
            "layers": layers,
            "figures": figures + layer_figures}

@@ -94,6 +94,16 @@ def test_miniature_recipe_report_is_consistent(mini_run):
     assert sum(r["gflops"] for r in before["rows"]) == pytest.approx(rows["sparse"]["gflops"], rel=1e-6)
     text = md.read_text()
     assert "## Where the time goes" in text
+    # the first lines say what each exported model buys against the baseline, in its measured numbers
+    top = text.split("Recipe `", 1)[0]
+    base, qat = rows["baseline"], rows["qat"]
+    assert (f"**`qat`** (exported by `export`, INT8 for onnxruntime): "
+            f"{base['ort_ms'] / qat['ort_ms']:.1f}× as fast as `baseline` in onnxruntime") in top
+    assert (f"mAP@0.5 {qat['map50']:.3f} ({abs(base['map50'] - qat['map50']) * 100:.1f} points "
+            f"{'below' if qat['map50'] <= base['map50'] else 'above'} `baseline`) and mAP@0.5:0.95 "
+            f"{qat['map']:.3f}") in top
+    assert "**`ptq_trt`** (exported by `export_trt`, INT8 in TensorRT's layout)" in top
+    assert "**`finetune`** (exported by `export_float`, float)" in top
     for stage in rows:
         assert f"| {stage} (" in text
 
@@ -237,7 +247,7 @@ def test_shipped_recipes_load():
         assert [s.run for s in stages][:4] == ["train", "train", "prune", "train"]
         assert any(s.run == "export" for s in stages)  # a deliverable
     control = load_recipe(REPO / "recipes" / "default.yaml").stages[-1]  # the unpruned reference
-    assert (control.name, control.run, control.source) == ("control", "train", "sparse")
+    assert (control.name, control.run, control.source) == ("control", "train", "baseline")
 
 
 def test_folder_not_made_by_compress_is_left_alone(shapes_data, tmp_path):
