@@ -9,7 +9,8 @@ fine-tuning, and ONNX Runtime CPU latency, in one table; then the wall time of p
 Each channel method gets the smallest ``--percent`` on a 0.05 grid that removes at least
 ``--target`` of the parameters (layer pruning: the fewest residual blocks, all of them if even that is
 short); layer_channel removes half the blocks and then searches the slim percent. Fine-tuning
-starts from the re-calibrated model with ``data/hyp.finetune.yaml`` (Adam at 5e-5, no warm-up). Latency is the
+starts from the re-calibrated model with ``--hyp`` (default ``data/hyp.recover.yaml``, Adam at 5e-4, what the
+default recipe fine-tunes with), and a control row fine-tunes the unpruned checkpoint alike. Latency is the
 median of ``--runs`` batch-1 runs, the unpruned and the pruned model in alternation, of the exported
 ONNX (float, BN folded by onnxruntime) and of the fused PyTorch model, at the checkpoint's size and at
 ``--latency-sizes`` (416); ``latency ratio / GFLOPs ratio`` is 1.0 when time falls exactly with
@@ -102,7 +103,7 @@ def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
         ft50 = ft = None
         if a.finetune_epochs:
             tuned = finetune(final / "pruned.pt", a.data, a.finetune_epochs, out, f"{method}-ft",
-                             img_size=[img])
+                             img_size=[img], hyp=a.hyp)
             ft50, ft = tuned.map50, tuned.map
         b, p, r = report["before"], report["after"], recal["after"]
         gflops_ratio = p["gflops"] / base_gflops
@@ -112,6 +113,15 @@ def methods_table(a: argparse.Namespace, out: Path) -> list[dict]:
                      "map_pruned": p["map"], "map50_recal": r["map50"], "map_recal": r["map"],
                      "map50_ft": ft50, "map_ft": ft,
                      "gflops_ratio": gflops_ratio, "speed": speed})
+        atomic_write(out / "methods.json", json.dumps(rows, indent=2))
+    if a.finetune_epochs:  # the unpruned model trained alike: what pruning costs at equal training
+        tuned = finetune(Path(a.weights), a.data, a.finetune_epochs, out, "unpruned-ft", img_size=[img],
+                         hyp=a.hyp)
+        rows.append({"method": "unpruned (control)", "flags": "", "params_before": params(model),
+                     "params_after": params(model), "gflops_before": base_gflops, "gflops_after": base_gflops,
+                     **{k: None for k in ("map50_before", "map_before", "map50_pruned", "map_pruned",
+                                          "map50_recal", "map_recal")},
+                     "map50_ft": tuned.map50, "map_ft": tuned.map, "gflops_ratio": 1.0, "speed": {}})
         atomic_write(out / "methods.json", json.dumps(rows, indent=2))
     return rows
 
@@ -138,7 +148,10 @@ def print_methods(rows: list[dict], epochs: int) -> None:
                  f"{r['params_after'] / 1e6:.3f} ({r['params_after'] / r['params_before']:.2f})",
                  f"{r['gflops_after']:.3f} ({r['gflops_ratio']:.2f})",
                  stages(r, "map50"), stages(r, "map")]
-        for t in r["speed"].values():
+        for t in list(r["speed"].values()) or [None] * len(sizes):  # the control has no timing
+            if t is None:
+                cells += ["", ""]
+                continue
             cells += [f"{t['ort_ms_before']:.1f} / {t['ort_ms_after']:.1f} ({ratio(t, 'ort'):.2f}; "
                       f"{ratio(t, 'ort') / r['gflops_ratio']:.2f})", f"{ratio(t, 'torch'):.2f}"]
         print("| " + " | ".join(cells) + " |")
@@ -178,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--target", type=SHARE_BELOW_1, default=0.5, help="share of parameters to remove")
     ap.add_argument("--finetune-epochs", type=COUNT0, default=4)
+    ap.add_argument("--hyp", default="data/hyp.recover.yaml", help="fine-tuning hyperparameters (default: "
+                    "%(default)s, the default recipe's)")
     ap.add_argument("--recalibrate", type=COUNT0, default=20,
                     help="BN re-calibration batches after pruning (0: none); fine-tuning starts from it")
     ap.add_argument("--img-size", type=IMG_SIZE, default=None)
