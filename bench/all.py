@@ -55,7 +55,8 @@ def _commands(a: argparse.Namespace, run: Path, img: str, data: str) -> dict[str
              "--project", str(a.project)]),
         "distill": lambda: distill.main(
             ["--student", ckpt("prune"), "--teacher", ckpt("baseline"), "--data", data, "--epochs",
-             str(a.epochs), "--img-size", img, "--project", str(a.project)]),
+             str(a.epochs), "--img-size", img, "--project", str(a.project),
+             *(["--seeds", "0"] if a.quick else [])]),
         "quant": lambda: quant.main(
             ["--weights", ckpt("baseline"), "--data", data, "--epochs", str(a.epochs), "--img-size", img,
              "--project", str(a.project)]),

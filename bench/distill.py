@@ -1,17 +1,16 @@
 """Distillation benchmark: one pruned student fine-tuned without distillation and with each ``--KDstr``.
 
-Every run starts from the same student checkpoint with the same seed, epochs and fine-tuning
-hyperparameters (``data/hyp.finetune.yaml``); only the distillation strategy differs. The teacher
-and the student before fine-tuning are evaluated too, so the table shows what there was to recover.
+Every run starts from the same student checkpoint with the same epochs and fine-tuning
+hyperparameters (``--hyp``, by default the default recipe's ``data/hyp.recover.yaml``), once per
+``--seeds``; only the distillation strategy differs. The teacher and the student before fine-tuning
+are evaluated too, and each strategy's row gives the share of the teacher - plain fine-tuning gap in
+mAP@0.5:0.95 it closes.
 
-    .venv/bin/python train.py --data shapes-hard -sr --sr-mode subgradient --s 0.005 --prune 1 \\
-        --sr-schedule global --epochs 24 --name sparse
-    .venv/bin/python train.py --data shapes-hard --weights runs/train/sparse/weights/last.pt \\
-        --hyp data/hyp.finetune.yaml --epochs 4 --name teacher        # the unpruned model, penalty off
-    .venv/bin/python prune/normal_prune.py --weights runs/train/sparse/weights/last.pt --percent 0.52 \\
-        --data shapes-hard --recalibrate 20 --output runs/kd/student
-    .venv/bin/python -m bench.distill --student runs/kd/student/pruned.pt \\
-        --teacher runs/train/teacher/weights/last.pt --epochs 4
+    .venv/bin/python compress.py          # the default recipe: baseline (teacher) and sparse model
+    .venv/bin/python -m bench.prune_methods --weights runs/compress/default/sparse/weights/last.pt \\
+        --target 0.8 --methods slim --finetune-epochs 0       # the 80 % slim cut (the student)
+    .venv/bin/python -m bench.distill --student runs/bench/prune_methods/slim/recalibrated/pruned.pt \\
+        --teacher runs/compress/default/baseline/weights/last.pt --epochs 3 --seeds 0 1
 """
 
 from __future__ import annotations
@@ -38,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=BENCH_DATA, help="default: %(default)s")
     ap.add_argument("--epochs", type=EPOCHS, default=4)
     ap.add_argument("--img-size", type=IMG_SIZE, default=224)
-    ap.add_argument("--seed", type=SEED, default=0)
+    ap.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1],
+                    help="every run is repeated with each seed; the table gives mean ± half the range")
+    ap.add_argument("--hyp", default="data/hyp.recover.yaml",
+                    help="fine-tuning hyperparameters (default: %(default)s, the default recipe's)")
     ap.add_argument("--strategies", type=int, nargs="+", default=[0, *STRATEGIES], choices=[0, *STRATEGIES],
                     help="0 is plain fine-tuning")
     ap.add_argument("--project", default="runs/bench")
@@ -47,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument(f"--{name.replace('_', '-')}", type=POSITIVE if name.endswith("_t") else NONNEGATIVE,
                         default=getattr(d, name), help="as train.py's")
     return ap
+
+
+def summarize(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range (the spread the table prints as ±)."""
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def gap_recovered(row: dict, plain: dict | None, teacher: dict) -> float | None:
+    """Share of the teacher - plain fine-tuning gap in mAP@0.5:0.95 that a strategy closes (1.0: all)."""
+    if plain is None or row is plain or teacher["map"] <= plain["map"]:
+        return None
+    return (row["map"] - plain["map"]) / (teacher["map"] - plain["map"])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -58,24 +72,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append({"run": label, "map50": m50, "map": m, "seconds_per_epoch": None})
     for k in a.strategies:
         kd = {"kd_str": k, "t_weights": a.teacher, **{n: getattr(a, n) for n in KD_FIELDS}} if k else {}
-        t0 = time.time()
-        r = finetune(Path(a.student), a.data, a.epochs, out, f"kd{k}", img_size=[a.img_size], seed=a.seed,
-                     **kd)
+        runs, seconds = [], 0.0
+        for seed in a.seeds:
+            t0 = time.time()
+            runs.append(finetune(Path(a.student), a.data, a.epochs, out, f"kd{k}-seed{seed}",
+                                 img_size=[a.img_size], seed=seed, hyp=a.hyp, **kd))
+            seconds += time.time() - t0
+        (m50, s50), (m, s) = summarize([r.map50 for r in runs]), summarize([r.map for r in runs])
         name = f"KDstr {k} ({' + '.join(STRATEGIES[k])})" if k else "no distillation"
-        rows.append({"run": name, "map50": r.map50, "map": r.map,
-                     "seconds_per_epoch": (time.time() - t0) / a.epochs})
+        rows.append({"run": name, "map50": m50, "map": m, "map50_spread": s50, "map_spread": s,
+                     "map50_seeds": [r.map50 for r in runs], "map_seeds": [r.map for r in runs],
+                     "seconds_per_epoch": seconds / a.epochs / len(a.seeds)})
         atomic_write(out / "distill.json", json.dumps(rows, indent=2))
-    base = next((r for r in rows if r["run"] == "no distillation"), None)
-    weights = ", ".join(f"{n} {getattr(a, n):g}" for n in KD_FIELDS)
-    print(f"\n{a.epochs} fine-tuning epochs, seed {a.seed}, {a.img_size} px; {weights}\n")
-    print("| run | mAP@0.5 | mAP@0.5:0.95 | Δ mAP@0.5:0.95 vs no distillation | s/epoch |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        delta = f"{100 * (r['map'] - base['map']):+.1f} pt" if base and r["seconds_per_epoch"] else ""
-        sec = f"{r['seconds_per_epoch']:.0f}" if r["seconds_per_epoch"] else ""
-        print(f"| {r['run']} | {r['map50']:.3f} | {r['map']:.3f} | {delta} | {sec} |")
+    plain = next((r for r in rows if r["run"] == "no distillation"), None)
+    for r in rows[2:]:
+        r["gap_recovered"] = gap_recovered(r, plain, rows[0])
+    atomic_write(out / "distill.json", json.dumps(rows, indent=2))
+    print_table(rows, a)
     print(f"\nresults in {out}")
     return rows
+
+
+def print_table(rows: list[dict], a: argparse.Namespace) -> None:
+    weights = ", ".join(f"{n} {getattr(a, n):g}" for n in KD_FIELDS)
+    seeds = " ".join(str(s) for s in a.seeds)
+    print(f"\n{a.epochs} fine-tuning epochs with {a.hyp}, seeds {seeds}, {a.img_size} px; {weights}\n")
+    print("| run | mAP@0.5 | mAP@0.5:0.95 | gap to the teacher recovered (mAP@0.5:0.95) | s/epoch |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if "map_spread" in r:
+            m50, m = f"{r['map50']:.3f} ± {r['map50_spread']:.3f}", f"{r['map']:.3f} ± {r['map_spread']:.3f}"
+        else:
+            m50, m = f"{r['map50']:.3f}", f"{r['map']:.3f}"
+        gap = f"{100 * r['gap_recovered']:+.0f} %" if r.get("gap_recovered") is not None else ""
+        sec = f"{r['seconds_per_epoch']:.0f}" if r["seconds_per_epoch"] else ""
+        print(f"| {r['run']} | {m50} | {m} | {gap} | {sec} |")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def print_methods(rows: list[dict], epochs: int) -> None:
                        f"ratio" for s in sizes) + " |")
     print("| --- | --- | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * len(sizes))
     for r in rows:
-        cells = [r["method"], f"`{r['flags']}`",
+        cells = [r["method"], f"`{r['flags']}`" if r['flags'] else "",
                  f"{r['params_after'] / 1e6:.3f} ({r['params_after'] / r['params_before']:.2f})",
                  f"{r['gflops_after']:.3f} ({r['gflops_ratio']:.2f})",
                  stages(r, "map50"), stages(r, "map")]
