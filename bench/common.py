@@ -10,6 +10,17 @@ from utils.evaluate import EvalResult
 # the benchmarks' data unless --data says otherwise: the built-in benchmark hard enough to show what
 # each method costs (the easy `shapes` saturates: every method looks lossless on it)
 BENCH_DATA = "shapes-hard"
+# what the default recipe fine-tunes a cut model with (Adam at 5e-4, no warm-up)
+RECOVER_HYP = "data/hyp.recover.yaml"
+
+
+def checked_hyp(path: str) -> str:
+    """``--hyp`` found as train.py finds it (the shipped files from any folder) and read once, so a bad
+    file is one line before a benchmark has spent any time."""
+    from engine.options import in_repo, load_hyp
+
+    load_hyp(in_repo(path))
+    return str(in_repo(path))
 
 
 def evaluate_pt(weights: str | Path, data: str, img_size: int, out: Path, name: str) -> tuple[float, float]:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from bench.common import BENCH_DATA, evaluate_pt, finetune
+from bench.common import BENCH_DATA, RECOVER_HYP, checked_hyp, evaluate_pt, finetune
 from distill.hook import STRATEGIES, DistillOptions
-from utils.cli import EPOCHS, IMG_SIZE, NONNEGATIVE, POSITIVE, SEED, Parser
+from utils.cli import EPOCHS, IMG_SIZE, NONNEGATIVE, POSITIVE, SEED, Parser, run_cli
 from utils.files import new_run_dir
 from utils.outputs import atomic_write
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--img-size", type=IMG_SIZE, default=224)
     ap.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1],
                     help="every run is repeated with each seed; the table gives mean ± half the range")
-    ap.add_argument("--hyp", default="data/hyp.recover.yaml",
+    ap.add_argument("--hyp", default=RECOVER_HYP,
                     help="fine-tuning hyperparameters (default: %(default)s, the default recipe's)")
     ap.add_argument("--strategies", type=int, nargs="+", default=[0, *STRATEGIES], choices=[0, *STRATEGIES],
                     help="0 is plain fine-tuning")
@@ -65,6 +66,7 @@ def gap_recovered(row: dict, plain: dict | None, teacher: dict) -> float | None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     a = build_parser().parse_args(argv)
+    a.hyp = checked_hyp(a.hyp)
     out = new_run_dir(a.project, "distill")
     rows = []
     for label, path in (("teacher", a.teacher), ("student before fine-tuning", a.student)):
@@ -110,4 +112,4 @@ def print_table(rows: list[dict], a: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

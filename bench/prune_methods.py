@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import BENCH_DATA, finetune
+from bench.common import BENCH_DATA, RECOVER_HYP, checked_hyp, finetune
 from models.darknet import Darknet
 from models.io import load_checkpoint, load_model
 from models.onnx import export_onnx, ort_session
@@ -35,7 +36,7 @@ from models.summary import latencies, summarize, torch_call
 from prune import cli
 from prune.blocks import residual_blocks
 from prune.methods import METHODS as REGISTRY
-from utils.cli import COUNT, COUNT0, IMG_SIZE, SHARE_BELOW_1, Parser
+from utils.cli import COUNT, COUNT0, IMG_SIZE, SHARE_BELOW_1, Parser, run_cli
 from utils.files import new_run_dir
 from utils.outputs import atomic_write
 from utils.torch_utils import tame_random_weights
@@ -148,12 +149,10 @@ def print_methods(rows: list[dict], epochs: int) -> None:
                  f"{r['params_after'] / 1e6:.3f} ({r['params_after'] / r['params_before']:.2f})",
                  f"{r['gflops_after']:.3f} ({r['gflops_ratio']:.2f})",
                  stages(r, "map50"), stages(r, "map")]
-        for t in list(r["speed"].values()) or [None] * len(sizes):  # the control has no timing
-            if t is None:
-                cells += ["", ""]
-                continue
+        for t in r["speed"].values():
             cells += [f"{t['ort_ms_before']:.1f} / {t['ort_ms_after']:.1f} ({ratio(t, 'ort'):.2f}; "
                       f"{ratio(t, 'ort') / r['gflops_ratio']:.2f})", f"{ratio(t, 'torch'):.2f}"]
+        cells += ["", ""] * (len(sizes) - len(r["speed"]))  # the control is not timed
         print("| " + " | ".join(cells) + " |")
 
 
@@ -191,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--target", type=SHARE_BELOW_1, default=0.5, help="share of parameters to remove")
     ap.add_argument("--finetune-epochs", type=COUNT0, default=4)
-    ap.add_argument("--hyp", default="data/hyp.recover.yaml", help="fine-tuning hyperparameters (default: "
-                    "%(default)s, the default recipe's)")
+    ap.add_argument("--hyp", default=RECOVER_HYP, help="fine-tuning hyperparameters (default: %(default)s, "
+                    "the default recipe's)")
     ap.add_argument("--recalibrate", type=COUNT0, default=20,
                     help="BN re-calibration batches after pruning (0: none); fine-tuning starts from it")
     ap.add_argument("--img-size", type=IMG_SIZE, default=None)
@@ -206,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     a = build_parser().parse_args(argv)
+    a.hyp = checked_hyp(a.hyp)
     torch.manual_seed(0)
     rows = []
     if a.weights:
@@ -217,4 +217,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

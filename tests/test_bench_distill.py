@@ -1,4 +1,5 @@
-"""The distillation benchmark's arithmetic: seed summaries and the share of the gap a strategy closes."""
+"""The distillation benchmark's arithmetic (seed summaries, the share of the gap a strategy closes) and
+the up-front --hyp check of the benchmarks that fine-tune."""
 
 import pytest
 
@@ -17,3 +18,20 @@ def test_gap_recovered_is_the_share_of_teacher_minus_plain():
     assert gap_recovered(plain, plain, teacher) is None  # the plain row itself
     assert gap_recovered({"map": 0.1}, None, teacher) is None
     assert gap_recovered({"map": 0.1}, {"map": 0.2}, teacher) is None  # no gap to recover
+
+
+@pytest.mark.parametrize("bench", ["distill", "prune_methods"])
+def test_a_bad_hyp_is_one_line_before_any_work(bench, tmp_path, capsys):
+    import importlib
+
+    from utils.cli import run_cli
+
+    module = importlib.import_module(f"bench.{bench}")
+    bad = tmp_path / "hyp.yaml"
+    bad.write_text("lr0: 0.01\nno_such_key: 1\n")
+    argv = ["--hyp", str(bad), "--project", str(tmp_path / "runs")]
+    argv += (["--student", "s.pt", "--teacher", "t.pt"] if bench == "distill" else ["--weights", "s.pt"])
+    assert run_cli(module.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --hyp {bad}: unknown keys ['no_such_key']")
+    assert not (tmp_path / "runs").exists()  # nothing written, nothing trained
