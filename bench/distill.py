@@ -11,6 +11,8 @@ mAP@0.5:0.95 it closes.
         --target 0.8 --methods slim --finetune-epochs 0       # the 80 % slim cut (the student)
     .venv/bin/python -m bench.distill --student runs/bench/prune_methods/slim/recalibrated/pruned.pt \\
         --teacher runs/compress/default/baseline/weights/last.pt --epochs 3 --seeds 0 1
+
+``--strategies 0 6 6:kd-feat=0`` adds ablation rows: a strategy with some of its weights changed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,44 @@ from utils.cli import EPOCHS, IMG_SIZE, NONNEGATIVE, POSITIVE, SEED, Parser, run
 from utils.files import new_run_dir
 from utils.outputs import atomic_write
 
-KD_FIELDS = ("kd_t", "kd_feat_t", "kd_cls", "kd_obj", "kd_box", "kd_feat", "kd_margin")
+KD_FIELDS = ("kd_t", "kd_feat_t", "kd_cls", "kd_obj", "kd_box", "kd_feat", "kd_margin", "kd_warmup")
+
+
+def strategy_row(text: str) -> tuple[int, dict[str, float]]:
+    """``--strategies`` item: ``N`` (0: plain fine-tuning), or ``N:kd-feat=0,kd-box=0.5`` for an
+    ablation row, the named weights replacing the table's for that row only."""
+    head, _, rest = text.partition(":")
+    try:
+        k = int(head)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a strategy number, e.g. 6 or 6:kd-feat=0") \
+            from None
+    if k not in (0, *STRATEGIES):
+        raise argparse.ArgumentTypeError(f"{text!r}: strategy {k} does not exist (0 .. {max(STRATEGIES)})")
+    changes = {}
+    for item in filter(None, rest.split(",")):
+        name, _, value = item.partition("=")
+        field = name.strip().lstrip("-").replace("-", "_")
+        if field not in KD_FIELDS:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name!r} is not one of "
+                                             f"{', '.join(f.replace('_', '-') for f in KD_FIELDS)}")
+        try:
+            changes[field] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name}={value!r} is not a number") from None
+        positive = field.endswith("_t")  # a temperature
+        if changes[field] < 0 or (positive and changes[field] == 0):
+            raise argparse.ArgumentTypeError(f"{text!r}: {name} must be {'> 0' if positive else '>= 0'}")
+    if changes and not k:
+        raise argparse.ArgumentTypeError(f"{text!r}: plain fine-tuning (0) has no distillation weights")
+    return k, changes
+
+
+def row_name(k: int, changes: dict[str, float]) -> str:
+    if not k:
+        return "no distillation"
+    extra = ", ".join(f"{n.replace('_', '-')} {v:g}" for n, v in changes.items())
+    return f"KDstr {k} ({' + '.join(STRATEGIES[k])})" + (f", {extra}" if extra else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="every run is repeated with each seed; the table gives mean ± half the range")
     ap.add_argument("--hyp", default=RECOVER_HYP,
                     help="fine-tuning hyperparameters (default: %(default)s, the default recipe's)")
-    ap.add_argument("--strategies", type=int, nargs="+", default=[0, *STRATEGIES], choices=[0, *STRATEGIES],
-                    help="0 is plain fine-tuning")
+    ap.add_argument("--strategies", type=strategy_row, nargs="+",
+                    default=[(k, {}) for k in (0, *STRATEGIES)],
+                    metavar="N[:WEIGHT=VALUE,...]",
+                    help="0 is plain fine-tuning; 6:kd-feat=0 is strategy 6 with that weight changed (an "
+                         "ablation row)")
     ap.add_argument("--project", default="runs/bench")
     d = DistillOptions()
     for name in KD_FIELDS:
@@ -72,17 +114,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for label, path in (("teacher", a.teacher), ("student before fine-tuning", a.student)):
         m50, m = evaluate_pt(path, a.data, a.img_size, out, label.split()[0])
         rows.append({"run": label, "map50": m50, "map": m, "seconds_per_epoch": None})
-    for k in a.strategies:
-        kd = {"kd_str": k, "t_weights": a.teacher, **{n: getattr(a, n) for n in KD_FIELDS}} if k else {}
+    for row, (k, changes) in enumerate(a.strategies):
+        kd = {"kd_str": k, "t_weights": a.teacher, **{n: getattr(a, n) for n in KD_FIELDS}, **changes} \
+            if k else {}
         runs, seconds = [], 0.0
         for seed in a.seeds:
             t0 = time.time()
-            runs.append(finetune(Path(a.student), a.data, a.epochs, out, f"kd{k}-seed{seed}",
+            runs.append(finetune(Path(a.student), a.data, a.epochs, out, f"row{row}-kd{k}-seed{seed}",
                                  img_size=[a.img_size], seed=seed, hyp=a.hyp, **kd))
             seconds += time.time() - t0
         (m50, s50), (m, s) = summarize([r.map50 for r in runs]), summarize([r.map for r in runs])
-        name = f"KDstr {k} ({' + '.join(STRATEGIES[k])})" if k else "no distillation"
-        rows.append({"run": name, "map50": m50, "map": m, "map50_spread": s50, "map_spread": s,
+        rows.append({"run": row_name(k, changes), "map50": m50, "map": m,
+                     "map50_spread": s50, "map_spread": s,
                      "map50_seeds": [r.map50 for r in runs], "map_seeds": [r.map for r in runs],
                      "seconds_per_epoch": seconds / a.epochs / len(a.seeds)})
         atomic_write(out / "distill.json", json.dumps(rows, indent=2))

@@ -12,7 +12,16 @@ strategy   terms
 3          ``kd_box`` imitation of the teacher's boxes at the ground-truth positions + ``kd_cls``
 4          strategy 3 + ``kd_feat`` attention-map KL of the stride-matched feature maps
 5          strategy 3 + ``kd_feat`` restricted to the cells of the ground-truth boxes
+6          strategy 2's ``kd_box`` + ``kd_cls`` as per-class Bernoulli KL + ``kd_obj`` + ``kd_feat`` as
+           fine-grained imitation: the student's feature map through a learned 1×1 adaptation conv
+           against the teacher's, in the ground-truth cells, normalised by the mask's area and the
+           teacher's variance there, its weight ramped up over ``--kd-warmup`` epochs
 =========  =========================================================================================
+
+Strategy 6 is this suite's own (Wang et al., 2019's imitation with sigmoid-consistent soft targets);
+1 to 5 keep the older tools' meaning. Its adaptation convs belong to the hook, not to the student:
+the optimizer trains them with the student, a resumed run gets them back from ``last.pt``'s training
+state, and the saved and exported student is the same network as without distillation.
 
 Scaling: ``kd_box``, ``kd_obj`` and ``kd_cls`` are multiplied by the detection loss's own gains
 (``box``, ``obj`` with the per-stride balance, ``cls``), so a weight of 1 makes a term as strong as
@@ -29,32 +38,37 @@ import torch
 from torch import nn
 
 from distill.losses import (
+    adapted_l2,
     attention_kl,
     bounded_box_l2,
     box_imitation_l2,
+    class_bernoulli_kl,
     class_kl,
     object_mask,
     objectness_kl,
     to_regression,
 )
-from distill.matching import match_features, match_heads
+from distill.matching import FeatureTap, match_features, match_heads
 from engine.hooks import TrainContext, TrainHook
 from models.darknet import Darknet
 from models.io import load_model
+from models.shapes import infer_shapes
 from utils.cli import NONNEGATIVE, POSITIVE, option, refuse_unused
 from utils.errors import UserError
 from utils.loss import LossOutput, decode_box, obj_balance
 
 STRATEGIES = {1: ("cls", "obj"), 2: ("box_bounded", "cls", "obj"), 3: ("box", "cls"),
-              4: ("box", "cls", "feat"), 5: ("box", "cls", "feat_masked")}
+              4: ("box", "cls", "feat"), 5: ("box", "cls", "feat_masked"),
+              6: ("box_bounded", "cls_bernoulli", "obj", "feat_adapted")}
 
 
 @dataclass
 class DistillOptions:
     """``train.py``'s distillation flags; :meth:`hook` is the hook they ask for (None: off)."""
-    kd_str: int = option(0, "--KDstr", "--kd-str", type=int, choices=(0, *STRATEGIES), metavar="1..5",
+    kd_str: int = option(0, "--KDstr", "--kd-str", type=int, choices=(0, *STRATEGIES), metavar="1..6",
                          help="strategy: 1 outputs, 2 + teacher-bounded boxes, 3 box imitation + classes, "
-                              "4 3 + attention maps, 5 4 near the objects only")
+                              "4 3 + attention maps, 5 4 near the objects only, 6 2 + adapted features "
+                              "near the objects")
     t_weights: str = option("", "--t_weights", "--t-weights",
                             help="teacher: a .pt alone, or darknet weights with --t_cfg")
     t_cfg: str = option("", "--t_cfg", "--t-cfg", help="teacher cfg (darknet weights)")
@@ -64,12 +78,15 @@ class DistillOptions:
     kd_cls: float = option(1.0, "--kd-cls", type=NONNEGATIVE, help="class KL weight (x the cls gain)")
     kd_obj: float = option(1.0, "--kd-obj", type=NONNEGATIVE, help="objectness KL weight (x the obj gain)")
     kd_box: float = option(1.0, "--kd-box", type=NONNEGATIVE, help="box term weight (x the box gain)")
-    kd_feat: float = option(1.0, "--kd-feat", type=NONNEGATIVE, help="attention KL weight")
+    kd_feat: float = option(1.0, "--kd-feat", type=NONNEGATIVE,
+                            help="attention KL weight (4, 5); adapted feature weight (6, x the box gain)")
+    kd_warmup: float = option(1.0, "--kd-warmup", type=NONNEGATIVE,
+                              help="strategy 6: epochs over which the feature weight ramps up from 0")
     # strategy 2: the student's box error counts unless within this of the teacher's
     kd_margin: float = option(0.0, "--kd-margin", type=NONNEGATIVE, help="strategy 2: teacher-bound margin")
 
     def check(self) -> None:
-        refuse_unused(self, bool(self.kd_str or self.t_weights), "--t_weights and --KDstr 1..5",
+        refuse_unused(self, bool(self.kd_str or self.t_weights), "--t_weights and --KDstr 1..6",
                       exempt=("kd_str", "t_weights"))
         if self.t_weights and not self.kd_str:  # the older tools' plain --t_cfg --t_weights
             print("--t_weights without --KDstr: strategy 1 (Hinton's distillation of the outputs)")
@@ -113,6 +130,9 @@ class DistillHook(TrainHook):
         self.teacher: Darknet | None = None
         self._s_feats: dict[int, torch.Tensor] = {}
         self._t_feats: dict[int, torch.Tensor] = {}
+        # strategy 6: one 1×1 conv per feature pair, student channels → teacher channels
+        self.adapters = nn.ModuleList()
+        self._progress = (0, 0)  # (epoch, batches seen in it): the feature weight's warm-up
 
     def inputs(self) -> list[str]:
         return [self.opts.t_weights, self.opts.t_cfg]
@@ -127,7 +147,7 @@ class DistillHook(TrainHook):
                                 f"{self.teacher.max_stride} ({o.t_weights})")
         self.head_pairs = match_heads(model, self.teacher, o.t_weights)
         self.feat_pairs = []
-        if any(t.startswith("feat") for t in self.terms):
+        if any(t.startswith("feat") for t in self.terms) and o.kd_feat > 0:
             self.feat_pairs = match_features(model, self.teacher)
             if not self.feat_pairs:
                 raise UserError(f"--t_weights {o.t_weights}: no feature map of the student has the stride "
@@ -135,14 +155,44 @@ class DistillHook(TrainHook):
             for s, t in self.feat_pairs:
                 model.layers[s.layer].register_forward_hook(_record(self._s_feats, s.layer, True))
                 self.teacher.layers[t.layer].register_forward_hook(_record(self._t_feats, t.layer, False))
+            if "feat_adapted" in self.terms:
+                self.adapters = make_adapters(model, self.teacher, self.feat_pairs).to(ctx.device)
+                _broadcast_from_rank0(self.adapters)
         strides = ", ".join(f"{s.stride:g} (layers {s.layer}/{t.layer})" for s, t in self.feat_pairs)
         print(f"distillation: strategy {o.kd_str} ({' + '.join(self.terms)}) from {o.t_weights}"
               + (f"; features at stride {strides}" if strides else ""))
         return model
 
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.adapters.parameters())
+
+    def state_dict(self) -> dict:
+        return {"adapters": self.adapters.state_dict()} if len(self.adapters) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(self.adapters):
+            if "adapters" not in state:
+                raise UserError("the run being resumed saved no adaptation convs for --KDstr 6")
+            self.adapters.load_state_dict(state["adapters"])
+
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
+        self._progress = (epoch, 0)
+
+    def feature_ramp(self, ctx: TrainContext) -> float:
+        """Strategy 6's feature weight factor: linear from 0 to 1 over ``--kd-warmup`` epochs."""
+        epoch, batch = self._progress
+        if self.opts.kd_warmup <= 0:
+            return 1.0
+        return min(1.0, (epoch + batch / max(ctx.batches, 1)) / self.opts.kd_warmup)
+
+    def after_backward(self, ctx: TrainContext) -> None:
+        _average_gradients_over_ranks(self.adapters)
+
     def extra_losses(self, ctx: TrainContext, imgs: torch.Tensor, targets: torch.Tensor,
                      preds: list[torch.Tensor], loss: LossOutput) -> dict[str, torch.Tensor]:
         o, teacher, gains = self.opts, self.teacher, ctx.gains
+        ramp = self.feature_ramp(ctx)
+        self._progress = (self._progress[0], self._progress[1] + 1)
         with torch.no_grad(), torch.autocast(imgs.device.type, enabled=ctx.amp):
             t_raw = teacher(imgs)[1]
         out: dict[str, torch.Tensor] = {}
@@ -155,6 +205,8 @@ class DistillHook(TrainHook):
             stride = imgs.shape[2] / ps.shape[2]
             if "cls" in self.terms:
                 add("kd_cls", class_kl(head, ps, pt, o.kd_t) * gains.cls * o.kd_cls)
+            if "cls_bernoulli" in self.terms:
+                add("kd_cls", class_bernoulli_kl(head, ps, pt) * gains.cls * o.kd_cls)
             if "obj" in self.terms:
                 add("kd_obj", objectness_kl(head, ps, pt) * obj_balance(stride) * gains.obj * o.kd_obj)
             if "box" in self.terms or "box_bounded" in self.terms:
@@ -169,11 +221,65 @@ class DistillHook(TrainHook):
                     term = bounded_box_l2(rs, rt, to_regression(pos.tbox, a_s), o.kd_margin)
                 add("kd_box", term * gains.box * o.kd_box)
         if self.feat_pairs:
-            masked = "feat_masked" in self.terms
+            masked = "feat_masked" in self.terms or "feat_adapted" in self.terms
             targets = targets.to(imgs.device)
-            for s, t in self.feat_pairs:
+            for k, (s, t) in enumerate(self.feat_pairs):
                 fs, ft = self._s_feats.pop(s.layer), self._t_feats.pop(t.layer)
                 mask = object_mask(targets, fs.shape[0], *fs.shape[2:]) if masked else None
-                add("kd_feat", attention_kl(fs, ft, o.kd_feat_t, mask) * o.kd_feat)
+                if "feat_adapted" in self.terms:
+                    with torch.autocast(imgs.device.type, enabled=ctx.amp):
+                        fa = self.adapters[k](fs)
+                    term = adapted_l2(fa, ft, mask) * gains.box * o.kd_feat * ramp
+                else:
+                    term = attention_kl(fs, ft, o.kd_feat_t, mask) * o.kd_feat
+                add("kd_feat", term)
         bs = imgs.shape[0]
         return {k: v * bs for k, v in out.items()}
+
+
+def make_adapters(student: Darknet, teacher: Darknet,
+                  pairs: list[tuple[FeatureTap, FeatureTap]]) -> nn.ModuleList:
+    """One 1×1 conv per feature pair from the student's channels to the teacher's: the identity where
+    the two have the same width (a student equal to its teacher starts with nothing to learn), the
+    default random initialisation otherwise."""
+    s_shapes, t_shapes = infer_shapes(student.cfg), infer_shapes(teacher.cfg)
+    adapters = nn.ModuleList()
+    for s, t in pairs:
+        cs, ct = s_shapes[s.layer].c, t_shapes[t.layer].c
+        conv = nn.Conv2d(cs, ct, 1)
+        if cs == ct:
+            with torch.no_grad():
+                conv.weight.copy_(torch.eye(cs)[:, :, None, None])
+                conv.bias.zero_()
+        adapters.append(conv)
+    return adapters.to(memory_format=torch.channels_last)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast_from_rank0(module: nn.Module) -> None:
+    """DDP ranks start from the same adaptation convs (they are not inside the DDP-wrapped student)."""
+    if _distributed():
+        import torch.distributed as dist
+
+        for p in module.parameters():
+            dist.broadcast(p.data, 0)
+
+
+def _average_gradients_over_ranks(module: nn.Module) -> None:
+    """What DDP does for the student's parameters, for the adaptation convs outside it: each rank's
+    loss is scaled by the world size to keep DDP's average a sum, so the all-reduced sum is divided
+    by it once."""
+    if not _distributed():
+        return
+    import torch.distributed as dist
+
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(dist.get_world_size())

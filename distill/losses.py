@@ -17,6 +17,14 @@ student/teacher, ``T`` the temperature, ``σ`` the logistic.
   and compared with ``T² · KL(t ‖ s)`` per image; with a mask, all of it over the masked cells only.
 - :func:`object_mask` — Wang et al., 2019's "imitate near objects": every cell that a ground-truth
   box overlaps, at a given grid size.
+- :func:`class_bernoulli_kl` — ``Σ_cells w·mean_c KL(σ(z_t,c) ‖ σ(z_s,c)) / Σ_cells w`` with
+  ``w = σ(z_t,obj)``: the class scores as the independent sigmoids the detection loss trains them as
+  (a softmax over them, as in :func:`class_kl`, compares only their differences).
+- :func:`adapted_l2` — Wang et al., 2019's fine-grained imitation: ``‖a(F_s) − F_t‖²``, the
+  student's feature map through a learned 1×1 adaptation conv ``a`` against the teacher's, averaged
+  over the cells of the object mask (normalised by its area) and the channels, and divided by the
+  teacher's mean per-channel variance over the whole map, so that it does not depend on the
+  teacher's feature scale (about 1 for a prediction of each channel's mean, 0 for a perfect one).
 
 Boxes ``r`` are in the regression space of the student's head: the cell offsets ``x, y`` and
 ``log(w / anchor), log(h / anchor)`` (the teacher's decoded boxes are expressed over the student's
@@ -66,7 +74,8 @@ def to_regression(box: torch.Tensor, anchors_grid: torch.Tensor) -> torch.Tensor
 def bounded_box_l2(rs: torch.Tensor, rt: torch.Tensor, rgt: torch.Tensor, margin: float) -> torch.Tensor:
     """Mean over positives of the student's L2 error where it is not within ``margin`` of the teacher's."""
     es, et = (rs - rgt).pow(2).sum(1), (rt - rgt).pow(2).sum(1)
-    return (es * (es + margin > et)).mean() if len(es) else rs.sum() * 0
+    # a student within float noise of the teacher (1e-4 in squared cell units) is not worse than it
+    return (es * (es + margin > et + 1e-4)).mean() if len(es) else rs.sum() * 0
 
 
 def box_imitation_l2(rs: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
@@ -119,3 +128,30 @@ def object_mask(targets: torch.Tensor, batch: int, ny: int, nx: int) -> torch.Te
     out = torch.zeros(batch, ny, nx, device=t.device)
     out.index_add_(0, t[:, 0].long(), per_box)
     return out > 0
+
+
+def class_bernoulli_kl(head: YoloHead, ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
+    """Teacher-objectness-weighted Bernoulli KL of every class score over all anchor cells (raw maps)."""
+    zs, zt = head_logits(head, ps[..., 5:]), head_logits(head, pt[..., 5:])
+    q = zt.sigmoid()
+    kl = (F.binary_cross_entropy_with_logits(zs, q, reduction="none")
+          - F.binary_cross_entropy_with_logits(zt, q, reduction="none")).mean(-1)
+    w = head_logits(head, pt[..., 4]).sigmoid()
+    return (w * kl).sum() / w.sum().clamp(min=1e-9)
+
+
+def adapted_l2(fa: torch.Tensor, ft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the adapted student features ``fa`` against the teacher's ``ft`` (both
+    (B, C, H, W)) over the cells of ``mask`` (B, H, W) bool, in units of the teacher's feature
+    variance. Zero when no cell is masked."""
+    if fa.shape != ft.shape:
+        raise ValueError(f"adapted feature map {tuple(fa.shape)} and teacher's {tuple(ft.shape)} differ")
+    keep = mask[:, None].to(fa.dtype)
+    n = keep.sum()
+    if n == 0:
+        return fa.sum() * 0
+    ft = ft.float()
+    err = ((fa.float() - ft).pow(2) * keep).sum() / (n * ft.shape[1])
+    # the scale: the teacher's per-channel variance over the whole map, which a few masked cells of
+    # near-equal features (a small object on a coarse grid) cannot make vanish
+    return err / ft.var((0, 2, 3)).mean().clamp(min=1e-12)

@@ -5,6 +5,9 @@ A hook can
 - ``inputs``: name the files it reads, which the run must never write over;
 - ``prepare_model``: swap modules (QAT) or attach what it needs (a distillation teacher), before the
   optimizer and the EMA exist;
+- ``parameters``: own trainable parameters outside the model (a distillation adaptation layer): the
+  optimizer trains them with the model, gradient clipping includes them, and ``state_dict`` /
+  ``load_state_dict`` carry them through a resume; they are never part of the saved model;
 - ``on_epoch_start``: freeze BN statistics or observers on a schedule;
 - ``extra_losses``: add loss terms (distillation) given the batch, the raw predictions and the
   detection loss with its matched positions;
@@ -54,6 +57,7 @@ class TrainContext:
     # hyp lr0 times the learning-rate schedule (warm-up, cosine) at the current optimizer step: the step
     # SGD takes, the same number whichever optimizer runs (Adam runs at a tenth of it)
     schedule_lr: float = 0.0
+    batches: int = 0  # training batches per epoch (on this process)
     # the exponential moving average of the weights (what is evaluated and saved), None without --ema;
     # ``after_step`` runs before it takes the step's weights in
     ema_model: nn.Module | None = None
@@ -68,6 +72,17 @@ class TrainHook:
 
     def prepare_model(self, ctx: TrainContext, model: nn.Module) -> nn.Module:
         return model
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the hook owns outside the model (trained, clipped, never saved in it)."""
+        return []
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs back (kept in ``last.pt``'s training state, not in the model)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
         pass

@@ -35,3 +35,19 @@ def test_a_bad_hyp_is_one_line_before_any_work(bench, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --hyp {bad}: unknown keys ['no_such_key']")
     assert not (tmp_path / "runs").exists()  # nothing written, nothing trained
+
+
+def test_strategy_rows_name_an_ablation_or_fail_in_one_line(capsys):
+    from bench.distill import build_parser, row_name
+
+    a = build_parser().parse_args(["--student", "s.pt", "--teacher", "t.pt",
+                                   "--strategies", "0", "6", "6:kd-feat=0,kd_box=0.5"])
+    assert a.strategies == [(0, {}), (6, {}), (6, {"kd_feat": 0.0, "kd_box": 0.5})]
+    assert row_name(*a.strategies[2]).endswith("), kd-feat 0, kd-box 0.5")
+    assert row_name(0, {}) == "no distillation"
+    for bad, says in (("7", "strategy 7 does not exist"), ("6:kd-bogus=1", "'kd-bogus' is not one of"),
+                      ("6:kd-feat=x", "is not a number"), ("6:kd-t=0", "kd-t must be > 0"),
+                      ("0:kd-feat=1", "plain fine-tuning (0) has no distillation weights")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--student", "s", "--teacher", "t", "--strategies", bad])
+        assert says in capsys.readouterr().err

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import train as train_script
 from distill.hook import STRATEGIES, DistillHook
+from distill.hook import DistillOptions as DistillOptionsFor
 from distill.losses import (
+    adapted_l2,
     attention_kl,
     bounded_box_l2,
     box_imitation_l2,
+    class_bernoulli_kl,
     class_kl,
     object_mask,
     objectness_kl,
@@ -60,8 +66,61 @@ def test_output_terms_vanish_when_the_student_equals_the_teacher():
     t = _head_map(0)
     assert class_kl(head, t.clone(), t, 3.0).abs() < 1e-6
     assert objectness_kl(head, t.clone(), t).abs() < 1e-6
+    assert class_bernoulli_kl(head, t.clone(), t).abs() < 1e-6
     s = _head_map(1)
     assert class_kl(head, s, t, 3.0) > 1e-3 and objectness_kl(head, s, t) > 1e-3
+    assert class_bernoulli_kl(head, s, t) > 1e-3
+
+
+def test_class_bernoulli_kl_is_the_per_class_sigmoid_kl_weighted_by_the_teachers_objectness():
+    """Two cells, by hand: the term is the objectness-weighted mean of each cell's per-class Bernoulli
+    KL; adding the same constant to every class logit, which a softmax ignores, counts here."""
+    head = Darknet(SMALL).yolo_heads[0]
+    head.classes = 2
+    t, s = torch.zeros(1, 1, 1, 2, 7), torch.zeros(1, 1, 1, 2, 7)
+    t[..., 4] = torch.tensor([2.0, -1.0])
+    t[0, 0, 0, :, 5:] = torch.tensor([[1.0, -2.0], [0.5, 0.5]])
+    s[0, 0, 0, :, 5:] = torch.tensor([[0.0, 0.0], [-1.0, 2.0]])
+
+    def bern_kl(zt, zs):
+        q, p = torch.sigmoid(zt), torch.sigmoid(zs)
+        return (q * (q / p).log() + (1 - q) * ((1 - q) / (1 - p)).log()).mean()
+
+    w = torch.sigmoid(torch.tensor([2.0, -1.0]))
+    cells = torch.stack([bern_kl(t[0, 0, 0, k, 5:], s[0, 0, 0, k, 5:]) for k in range(2)])
+    expect = (w * cells).sum() / w.sum()
+    assert class_bernoulli_kl(head, s, t).item() == pytest.approx(expect.item(), rel=1e-5)
+    shifted = t.clone()
+    shifted[..., 5:] += 2.0
+    assert class_kl(head, shifted, t, 1.0).abs() < 1e-6
+    assert class_bernoulli_kl(head, shifted, t) > 0.05
+
+
+def test_adapted_l2_is_the_masked_error_in_units_of_the_teachers_variance():
+    g = torch.Generator().manual_seed(0)
+    ft = torch.randn(2, 8, 6, 6, generator=g) * 3 + 5
+    mask = torch.zeros(2, 6, 6, dtype=torch.bool)
+    mask[0, 1:3, 2:5] = True
+    mask[1, 4, 4] = True
+    assert adapted_l2(ft.clone(), ft, mask).abs() < 1e-6
+    # by hand: the mean over 7 masked cells and 8 channels of the squared error, over the mean variance
+    fa = ft + torch.randn(ft.shape, generator=g)
+    cells = (fa - ft).pow(2).permute(0, 2, 3, 1)[mask]  # (7, 8)
+    expect = cells.mean() / ft.var((0, 2, 3)).mean()
+    assert adapted_l2(fa, ft, mask).item() == pytest.approx(expect.item(), rel=1e-5)
+    # predicting each channel's mean everywhere scores about 1
+    mean = ft.mean((0, 2, 3), keepdim=True).expand_as(ft).clone()
+    assert 0.5 < adapted_l2(mean, ft, torch.ones_like(mask)).item() < 1.5
+    # a relative error: scaling both maps changes nothing
+    scaled = adapted_l2(fa * 10, ft * 10, mask).item()
+    assert scaled == pytest.approx(adapted_l2(fa, ft, mask).item(), rel=1e-5)
+    # cells outside the mask do not count; an empty mask gives zero
+    changed = fa.clone()
+    changed[1, :, 0, 0] += 100
+    assert adapted_l2(changed, ft, mask).item() == pytest.approx(adapted_l2(fa, ft, mask).item(), rel=1e-6)
+    assert adapted_l2(fa, ft, torch.zeros_like(mask)).item() == 0.0
+    with pytest.raises(ValueError, match="differ"):
+        adapted_l2(fa[:, :4], ft, mask)
 
 
 def test_class_kl_is_the_tempered_kl_per_class():
@@ -253,4 +312,149 @@ def test_distillation_flags(shapes_data, tmp_path, teacher_pt):
     with pytest.raises(UserError, match="darknet weights need the teacher's --t_cfg"):
         trainer(tiny_opts(shapes_data, tmp_path, kd_str=2, t_weights="yolov3.weights")).setup()
     with pytest.raises(SystemExit):
-        train_script.parse_args(["--KDstr", "6"])
+        train_script.parse_args(["--KDstr", "7"])
+
+
+# ---------------------------------------------------------------- strategy 6: the adaptation layer
+@pytest.fixture(scope="module")
+def slim_student_pt(teacher_pt, tmp_path_factory):
+    """The teacher slim-pruned by half: narrower feature maps than the teacher's."""
+    student, _ = apply_method(load_model(teacher_pt), "slim", 0.5, shortcuts=2)
+    path = tmp_path_factory.mktemp("student") / "student.pt"
+    save_checkpoint(path, student)
+    return path
+
+
+def test_strategy_6_trains_its_adaptation_convs_outside_the_student(shapes_data, teacher_pt, slim_student_pt,
+                                                                    tmp_path):
+    t = trainer(tiny_opts(shapes_data, tmp_path, weights=str(slim_student_pt), kd_str=6,
+                          t_weights=str(teacher_pt), kd_warmup=0))
+    t.setup()
+    hook = next(h for h in t.hooks if isinstance(h, DistillHook))
+    student_shapes = {k: v.shape for k, v in t.model.state_dict().items()}
+    assert len(hook.adapters) == len(hook.feat_pairs) > 0
+    from models.shapes import infer_shapes
+
+    s_shapes, t_shapes = infer_shapes(t.model.cfg), infer_shapes(hook.teacher.cfg)
+    for conv, (s, tt) in zip(hook.adapters, hook.feat_pairs):  # student width → teacher width
+        assert (conv.in_channels, conv.out_channels) == (s_shapes[s.layer].c, t_shapes[tt.layer].c)
+        assert conv.in_channels < conv.out_channels
+    adapter_ids = {id(p) for p in hook.adapters.parameters()}
+    optimized = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert adapter_ids <= optimized
+    assert not adapter_ids & {id(p) for p in t.model.parameters()}
+    _, extras = _one_step(t)
+    assert extras["kd_feat"] > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in hook.adapters.parameters())
+    before = [p.detach().clone() for p in hook.adapters.parameters()]
+    t._optimizer_step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, hook.adapters.parameters()))
+    assert {k: v.shape for k, v in t.model.state_dict().items()} == student_shapes
+
+
+def test_strategy_6_leaves_the_saved_and_exported_student_as_without_distillation(
+        shapes_data, teacher_pt, slim_student_pt, tmp_path):
+    import export as export_script
+
+    runs = {}
+    for name, kd in (("plain", {}), ("kd6", {"kd_str": 6, "t_weights": str(teacher_pt)})):
+        trainer(tiny_opts(shapes_data, tmp_path, name=name, epochs=1, notest=True,
+                          weights=str(slim_student_pt), **kd)).fit()
+        runs[name] = tmp_path / name / "weights" / "last.pt"
+    plain, kd6 = (torch.load(runs[n], weights_only=False) for n in ("plain", "kd6"))
+    assert kd6["cfg"] == plain["cfg"]
+    assert {k: v.shape for k, v in kd6["model"].items()} == {k: v.shape for k, v in plain["model"].items()}
+    # the adaptation convs travel only in the training state, for a resume
+    assert set(kd6["meta"]["train_state"]["hooks"]["DistillHook"]["adapters"]) == {"0.weight", "0.bias",
+                                                                                   "1.weight", "1.bias"}
+    assert plain["meta"]["train_state"]["hooks"] == {}
+    exported = {}
+    for name, pt in runs.items():
+        outs = export_script.main(["--weights", str(pt), "--include", "weights", "--img-size", "64"])
+        exported[name] = {p.suffix: p for p in outs}
+    assert exported["kd6"][".cfg"].read_bytes() == exported["plain"][".cfg"].read_bytes()
+    assert exported["kd6"][".weights"].stat().st_size == exported["plain"][".weights"].stat().st_size
+
+
+def test_strategy_6_terms_vanish_when_the_student_equals_the_teacher(shapes_data, teacher_pt, tmp_path):
+    """The student is the teacher with its batch norms in inference mode: the adaptation convs start as
+    the identity (equal widths), so every term is zero up to float error from BN folding."""
+    t = trainer(tiny_opts(shapes_data, tmp_path, weights=str(teacher_pt), kd_str=6,
+                          t_weights=str(teacher_pt), kd_warmup=0))
+    t.setup()
+    hook = next(h for h in t.hooks if isinstance(h, DistillHook))
+    assert all(torch.equal(c.weight[:, :, 0, 0], torch.eye(c.in_channels)) for c in hook.adapters)
+    imgs, targets, _, _ = next(iter(t.train_loader))
+    imgs = imgs.float() / 255
+    t.model.train()
+    for m in t.model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    preds = t.model(imgs)
+    out = t.loss_fn(preds, targets, tuple(imgs.shape[2:]))
+    extras = hook.extra_losses(t.ctx, imgs, targets, preds, out)
+    assert set(extras) == {"kd_box", "kd_cls", "kd_obj", "kd_feat"}
+    assert len(out.positives[0].b) > 0 and targets[:, 0].eq(0).any()  # boxes, so the mask is not empty
+    assert all(abs(v.item()) < 1e-5 for v in extras.values()), extras
+
+
+def test_strategy_6_adaptation_convs_are_the_same_on_both_ddp_ranks(shapes_data, teacher_pt, tmp_path):
+    script = tmp_path / "ddp_kd6.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from stages.train import trainer\n"
+        "from tests.test_train import tiny_opts\n"
+        f"t = trainer(tiny_opts({str(shapes_data)!r}, {str(tmp_path)!r}, epochs=1, notest=True, device='cpu',"
+        f" weights={str(teacher_pt)!r}, kd_str=6, t_weights={str(teacher_pt)!r}, kd_warmup=0))\n"
+        "t.fit()\n"
+        "hook = next(h for h in t.hooks if h.parameters())\n"
+        f"out = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt')\n"
+        "torch.save({'model': t.model.state_dict(), 'adapters': hook.adapters.state_dict()}, out)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29534", str(script)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    for part in ("model", "adapters"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    # trained: the adaptation convs moved away from the identity they started as
+    w = a["adapters"]["0.weight"][:, :, 0, 0]
+    assert not torch.equal(w, torch.eye(w.shape[0]))
+
+
+def test_strategy_6_resume_restores_the_adaptation_convs(shapes_data, teacher_pt, slim_student_pt, tmp_path):
+    from stages.train import resumed
+    from tests.test_train import StopAt
+
+    kd = dict(epochs=2, notest=True, weights=str(slim_student_pt), kd_str=6, t_weights=str(teacher_pt))
+    full = trainer(tiny_opts(shapes_data, tmp_path, name="full", **kd))
+    full.fit()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tiny_opts(shapes_data, tmp_path, name="cut", **kd), [StopAt(1)]).fit()
+    last = tmp_path / "cut" / "weights" / "last.pt"
+    cut = trainer(resumed(str(last)))
+    cut.fit()
+    adapters = lambda t: next(h for h in t.hooks if isinstance(h, DistillHook)).adapters.state_dict()  # noqa: E731
+    a, b = adapters(full), adapters(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    after = torch.load(last, weights_only=True)["model"]
+    expect = torch.load(tmp_path / "full" / "weights" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(expect[k], after[k]) for k in expect)
+
+
+def test_strategy_6_feature_weight_ramps_up_over_the_warmup_epochs():
+    from engine.hooks import LossGains, TrainContext
+
+    hook = DistillHook(DistillOptionsFor(kd_str=6, t_weights="t.pt", kd_warmup=2.0))
+    ctx = TrainContext(torch.nn.Identity(), torch.device("cpu"), 4, (64, 64, 64), False,
+                       LossGains(1, 1, 1), True, batches=10)
+    ramp = {}
+    for epoch, batch in ((0, 0), (0, 5), (1, 0), (1, 5), (3, 0)):
+        hook._progress = (epoch, batch)
+        ramp[epoch, batch] = hook.feature_ramp(ctx)
+    assert ramp == {(0, 0): 0.0, (0, 5): 0.25, (1, 0): 0.5, (1, 5): 0.75, (3, 0): 1.0}
+    hook.opts.kd_warmup = 0
+    assert hook.feature_ramp(ctx) == 1.0
