@@ -14,8 +14,9 @@ strategy   terms
 5          strategy 3 + ``kd_feat`` restricted to the cells of the ground-truth boxes
 6          strategy 2's ``kd_box`` + ``kd_cls`` as per-class Bernoulli KL + ``kd_obj`` + ``kd_feat`` as
            fine-grained imitation: the student's feature map through a learned 1×1 adaptation conv
-           against the teacher's, in the ground-truth cells, normalised by the mask's area and the
-           teacher's variance there, its weight ramped up over ``--kd-warmup`` epochs
+           (least-squares fitted on the first batch, then trained) against the teacher's, in the
+           ground-truth cells, normalised by the mask's area and the teacher's variance, its weight
+           ramped up over ``--kd-warmup`` epochs
 =========  =========================================================================================
 
 Strategy 6 is this suite's own (Wang et al., 2019's imitation with sigmoid-consistent soft targets);
@@ -132,6 +133,7 @@ class DistillHook(TrainHook):
         self._t_feats: dict[int, torch.Tensor] = {}
         # strategy 6: one 1×1 conv per feature pair, student channels → teacher channels
         self.adapters = nn.ModuleList()
+        self._adapters_fitted = False  # fitted by least squares on the first batch (or loaded on resume)
         self._progress = (0, 0)  # (epoch, batches seen in it): the feature weight's warm-up
 
     def inputs(self) -> list[str]:
@@ -157,7 +159,6 @@ class DistillHook(TrainHook):
                 self.teacher.layers[t.layer].register_forward_hook(_record(self._t_feats, t.layer, False))
             if "feat_adapted" in self.terms:
                 self.adapters = make_adapters(model, self.teacher, self.feat_pairs).to(ctx.device)
-                _broadcast_from_rank0(self.adapters)
         strides = ", ".join(f"{s.stride:g} (layers {s.layer}/{t.layer})" for s, t in self.feat_pairs)
         print(f"distillation: strategy {o.kd_str} ({' + '.join(self.terms)}) from {o.t_weights}"
               + (f"; features at stride {strides}" if strides else ""))
@@ -174,6 +175,7 @@ class DistillHook(TrainHook):
             if "adapters" not in state:
                 raise UserError("the run being resumed saved no adaptation convs for --KDstr 6")
             self.adapters.load_state_dict(state["adapters"])
+            self._adapters_fitted = True
 
     def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
         self._progress = (epoch, 0)
@@ -223,8 +225,13 @@ class DistillHook(TrainHook):
         if self.feat_pairs:
             masked = "feat_masked" in self.terms or "feat_adapted" in self.terms
             targets = targets.to(imgs.device)
-            for k, (s, t) in enumerate(self.feat_pairs):
-                fs, ft = self._s_feats.pop(s.layer), self._t_feats.pop(t.layer)
+            feats = [(self._s_feats.pop(s.layer), self._t_feats.pop(t.layer)) for s, t in self.feat_pairs]
+            if "feat_adapted" in self.terms and not self._adapters_fitted:
+                for conv, (fs, ft) in zip(self.adapters, feats):
+                    fit_least_squares(conv, fs, ft)
+                _broadcast_from_rank0(self.adapters)
+                self._adapters_fitted = True
+            for k, (fs, ft) in enumerate(feats):
                 mask = object_mask(targets, fs.shape[0], *fs.shape[2:]) if masked else None
                 if "feat_adapted" in self.terms:
                     with torch.autocast(imgs.device.type, enabled=ctx.amp):
@@ -239,20 +246,27 @@ class DistillHook(TrainHook):
 
 def make_adapters(student: Darknet, teacher: Darknet,
                   pairs: list[tuple[FeatureTap, FeatureTap]]) -> nn.ModuleList:
-    """One 1×1 conv per feature pair from the student's channels to the teacher's: the identity where
-    the two have the same width (a student equal to its teacher starts with nothing to learn), the
-    default random initialisation otherwise."""
+    """One 1×1 conv per feature pair, from the student's channels to the teacher's (fitted to the
+    first batch by :func:`fit_least_squares` before it is used)."""
     s_shapes, t_shapes = infer_shapes(student.cfg), infer_shapes(teacher.cfg)
-    adapters = nn.ModuleList()
-    for s, t in pairs:
-        cs, ct = s_shapes[s.layer].c, t_shapes[t.layer].c
-        conv = nn.Conv2d(cs, ct, 1)
-        if cs == ct:
-            with torch.no_grad():
-                conv.weight.copy_(torch.eye(cs)[:, :, None, None])
-                conv.bias.zero_()
-        adapters.append(conv)
+    adapters = nn.ModuleList(nn.Conv2d(s_shapes[s.layer].c, t_shapes[t.layer].c, 1) for s, t in pairs)
     return adapters.to(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def fit_least_squares(conv: nn.Conv2d, fs: torch.Tensor, ft: torch.Tensor, ridge: float = 1e-6) -> None:
+    """Set a 1×1 conv to the (ridge-)least-squares linear map from the student's feature map ``fs`` to
+    the teacher's ``ft`` over every cell of a batch. A random start would leave the imitation term
+    near its maximum for the few epochs of a fine-tuning run (at Adam's 5e-4 a bias moves about 0.2 in
+    400 steps, less than the teacher's channel means), pushing the student with noise meanwhile."""
+    x = fs.detach().double().permute(0, 2, 3, 1).reshape(-1, fs.shape[1])
+    y = ft.detach().double().permute(0, 2, 3, 1).reshape(-1, ft.shape[1])
+    x = torch.cat((x, torch.ones_like(x[:, :1])), 1)  # the bias
+    gram = x.T @ x
+    gram += torch.eye(len(gram), dtype=gram.dtype, device=gram.device) * ridge * gram.diagonal().mean()
+    w = torch.linalg.solve(gram, x.T @ y)  # (Cs + 1, Ct)
+    conv.weight.copy_(w[:-1].T[:, :, None, None].to(conv.weight.dtype))
+    conv.bias.copy_(w[-1].to(conv.bias.dtype))
 
 
 def _distributed() -> bool:
@@ -262,7 +276,7 @@ def _distributed() -> bool:
 
 
 def _broadcast_from_rank0(module: nn.Module) -> None:
-    """DDP ranks start from the same adaptation convs (they are not inside the DDP-wrapped student)."""
+    """DDP ranks start from rank 0's fit (the convs are not inside the DDP-wrapped student)."""
     if _distributed():
         import torch.distributed as dist
 
