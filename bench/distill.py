@@ -21,15 +21,18 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from bench.common import BENCH_DATA, RECOVER_HYP, checked_hyp, evaluate_pt, finetune
 from distill.hook import STRATEGIES, DistillOptions
-from utils.cli import EPOCHS, IMG_SIZE, NONNEGATIVE, POSITIVE, SEED, Parser, run_cli
+from utils.cli import EPOCHS, IMG_SIZE, SEED, Parser, run_cli
 from utils.files import new_run_dir
 from utils.outputs import atomic_write
 
 KD_FIELDS = ("kd_t", "kd_feat_t", "kd_cls", "kd_obj", "kd_box", "kd_feat", "kd_margin", "kd_warmup")
+# each weight is read as train.py reads its flag (the bounded kind DistillOptions declares)
+KD_TYPES = {f.name: f.metadata["type"] for f in fields(DistillOptions) if f.name in KD_FIELDS}
 
 
 def strategy_row(text: str) -> tuple[int, dict[str, float]]:
@@ -51,12 +54,9 @@ def strategy_row(text: str) -> tuple[int, dict[str, float]]:
             raise argparse.ArgumentTypeError(f"{text!r}: {name!r} is not one of "
                                              f"{', '.join(f.replace('_', '-') for f in KD_FIELDS)}")
         try:
-            changes[field] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: {name}={value!r} is not a number") from None
-        positive = field.endswith("_t")  # a temperature
-        if changes[field] < 0 or (positive and changes[field] == 0):
-            raise argparse.ArgumentTypeError(f"{text!r}: {name} must be {'> 0' if positive else '>= 0'}")
+            changes[field] = KD_TYPES[field](value)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name}: {e}") from None
     if changes and not k:
         raise argparse.ArgumentTypeError(f"{text!r}: plain fine-tuning (0) has no distillation weights")
     return k, changes
@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--project", default="runs/bench")
     d = DistillOptions()
     for name in KD_FIELDS:
-        ap.add_argument(f"--{name.replace('_', '-')}", type=POSITIVE if name.endswith("_t") else NONNEGATIVE,
-                        default=getattr(d, name), help="as train.py's")
+        ap.add_argument(f"--{name.replace('_', '-')}", type=KD_TYPES[name], default=getattr(d, name),
+                        help="as train.py's")
     return ap
 
 

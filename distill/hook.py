@@ -50,6 +50,7 @@ from distill.losses import (
     to_regression,
 )
 from distill.matching import FeatureTap, match_features, match_heads
+from engine.distributed import world_size
 from engine.hooks import TrainContext, TrainHook
 from models.darknet import Darknet
 from models.io import load_model
@@ -269,15 +270,9 @@ def fit_least_squares(conv: nn.Conv2d, fs: torch.Tensor, ft: torch.Tensor, ridge
     conv.bias.copy_(w[-1].to(conv.bias.dtype))
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _broadcast_from_rank0(module: nn.Module) -> None:
     """DDP ranks start from rank 0's fit (the convs are not inside the DDP-wrapped student)."""
-    if _distributed():
+    if world_size() > 1:
         import torch.distributed as dist
 
         for p in module.parameters():
@@ -288,7 +283,7 @@ def _average_gradients_over_ranks(module: nn.Module) -> None:
     """What DDP does for the student's parameters, for the adaptation convs outside it: each rank's
     loss is scaled by the world size to keep DDP's average a sum, so the all-reduced sum is divided
     by it once."""
-    if not _distributed():
+    if world_size() == 1:
         return
     import torch.distributed as dist
 
@@ -296,4 +291,4 @@ def _average_gradients_over_ranks(module: nn.Module) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
-        p.grad.div_(dist.get_world_size())
+        p.grad.div_(world_size())

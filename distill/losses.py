@@ -56,13 +56,17 @@ def class_kl(head: YoloHead, ps: torch.Tensor, pt: torch.Tensor, temperature: fl
     return (w * kl).sum() / w.sum().clamp(min=1e-9) * temperature ** 2 / head.classes
 
 
+def bernoulli_kl(zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``KL(σ(z_t) ‖ σ(z_s))`` from logits: BCE(z_s, q) − H(q), the cross-entropy less the
+    teacher's own entropy, zero at z_s = z_t."""
+    q = zt.sigmoid()
+    return (F.binary_cross_entropy_with_logits(zs, q, reduction="none")
+            - F.binary_cross_entropy_with_logits(zt, q, reduction="none"))
+
+
 def objectness_kl(head: YoloHead, ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
     """Mean Bernoulli KL between the teacher's and the student's objectness over all anchor cells."""
-    zs, zt = head_logits(head, ps[..., 4]), head_logits(head, pt[..., 4])
-    q = zt.sigmoid()
-    # BCE(z_s, q) − H(q): the cross-entropy less the teacher's own entropy, zero at z_s = z_t
-    return (F.binary_cross_entropy_with_logits(zs, q, reduction="none")
-            - F.binary_cross_entropy_with_logits(zt, q, reduction="none")).mean()
+    return bernoulli_kl(head_logits(head, ps[..., 4]), head_logits(head, pt[..., 4])).mean()
 
 
 def to_regression(box: torch.Tensor, anchors_grid: torch.Tensor) -> torch.Tensor:
@@ -132,10 +136,7 @@ def object_mask(targets: torch.Tensor, batch: int, ny: int, nx: int) -> torch.Te
 
 def class_bernoulli_kl(head: YoloHead, ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
     """Teacher-objectness-weighted Bernoulli KL of every class score over all anchor cells (raw maps)."""
-    zs, zt = head_logits(head, ps[..., 5:]), head_logits(head, pt[..., 5:])
-    q = zt.sigmoid()
-    kl = (F.binary_cross_entropy_with_logits(zs, q, reduction="none")
-          - F.binary_cross_entropy_with_logits(zt, q, reduction="none")).mean(-1)
+    kl = bernoulli_kl(head_logits(head, ps[..., 5:]), head_logits(head, pt[..., 5:])).mean(-1)
     w = head_logits(head, pt[..., 4]).sigmoid()
     return (w * kl).sum() / w.sum().clamp(min=1e-9)
 

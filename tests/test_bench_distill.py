@@ -46,7 +46,8 @@ def test_strategy_rows_name_an_ablation_or_fail_in_one_line(capsys):
     assert row_name(*a.strategies[2]).endswith("), kd-feat 0, kd-box 0.5")
     assert row_name(0, {}) == "no distillation"
     for bad, says in (("7", "strategy 7 does not exist"), ("6:kd-bogus=1", "'kd-bogus' is not one of"),
-                      ("6:kd-feat=x", "is not a number"), ("6:kd-t=0", "kd-t must be > 0"),
+                      ("6:kd-feat=x", "kd-feat: 'x' is not a number in [0,"),
+                      ("6:kd-t=0", "kd-t: 0 is not a number in (0,"),
                       ("0:kd-feat=1", "plain fine-tuning (0) has no distillation weights")):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--student", "s", "--teacher", "t", "--strategies", bad])

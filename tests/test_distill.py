@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -421,24 +418,16 @@ def test_least_squares_fit_recovers_a_linear_map_between_feature_maps():
 
 
 def test_strategy_6_adaptation_convs_are_the_same_on_both_ddp_ranks(shapes_data, teacher_pt, tmp_path):
-    script = tmp_path / "ddp_kd6.py"
-    script.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
+    from tests.test_train import run_two_ranks
+
+    a, b = run_two_ranks(tmp_path, (
         "from stages.train import trainer\n"
         "from tests.test_train import tiny_opts\n"
         f"t = trainer(tiny_opts({str(shapes_data)!r}, {str(tmp_path)!r}, epochs=1, notest=True, device='cpu',"
         f" weights={str(teacher_pt)!r}, kd_str=6, t_weights={str(teacher_pt)!r}, kd_warmup=0))\n"
         "t.fit()\n"
         "hook = next(h for h in t.hooks if h.parameters())\n"
-        f"out = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt')\n"
-        "torch.save({'model': t.model.state_dict(), 'adapters': hook.adapters.state_dict()}, out)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29534", str(script)], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+        "saved = {'model': t.model.state_dict(), 'adapters': hook.adapters.state_dict()}\n"), port=29534)
     for part in ("model", "adapters"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])

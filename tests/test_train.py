@@ -129,24 +129,29 @@ def test_resume_of_a_finished_run_is_a_clear_error(shapes_data, tmp_path):
         trainer(resumed(str(tmp_path / "exp" / "weights" / "last.pt")))
 
 
+def run_two_ranks(tmp_path: Path, body: str, port: int) -> tuple[dict, dict]:
+    """Run ``body`` (Python that builds a trainer ``t`` and fits it, and sets ``saved``: a dict of
+    tensors or of state dicts) under torchrun in 2 CPU processes; each rank's ``saved``, rank 0 first."""
+    script = tmp_path / f"ddp_{port}.py"
+    out = f"os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt')"
+    script.write_text(f"import os, sys, torch\nsys.path.insert(0, {str(REPO)!r})\n"
+                      f"{body}torch.save(saved, {out})\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(port), str(script)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tuple(torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+
+
 def test_ddp_two_processes_end_with_identical_weights(shapes_data, tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
+    a, b = run_two_ranks(tmp_path, (
         "from engine.options import TrainOptions\n"
         "from engine.trainer import Trainer\n"
         f"t = Trainer(TrainOptions(data={str(shapes_data)!r}, project={str(tmp_path)!r}, epochs=1,"
         " batch_size=4, img_size=[64], workers=0, device='cpu', notest=True))\n"
         "t.fit()\n"
-        f"out = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt')\n"
-        "torch.save(t.model.state_dict(), out)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", str(script)], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+        "saved = t.model.state_dict()\n"), port=29533)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "exp" / "weights" / "last.pt").is_file()  # only rank 0 writes
