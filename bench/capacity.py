@@ -1,7 +1,7 @@
 """How hard a benchmark is: models of different capacity trained by the same command, one run per row.
 
     .venv/bin/python -m bench.capacity                                  # shapes-hard, the default command
-    .venv/bin/python -m bench.capacity --models yolo-small yolo-small-w0.25 --epochs 16
+    .venv/bin/python -m bench.capacity --models yolo-small yolo-small-w0.25 --epochs 24
 
 Each row is ``train.py --data D --cfg C --epochs E --img-size S`` (the default training command with
 another cfg): mAP@0.5 and mAP@0.5:0.95 of the final epoch, the spread of per-class AP@0.5 (the weakest
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import BENCH_DATA
-from engine.options import REPO
+from engine.options import REPO, TrainOptions
 from models.cfg import ModelCfg, read_cfg, save_cfg
 from models.kinds import kind_of
 from stages.train import TrainJob, run
@@ -88,7 +88,8 @@ def build_parser() -> Parser:
     ap = Parser(prog="python -m bench.capacity", description=__doc__)
     ap.add_argument("--data", default=BENCH_DATA, help="default: %(default)s")
     ap.add_argument("--models", nargs="+", default=["yolo-small", "yolo-small-w0.25", "yolov3-tiny"])
-    ap.add_argument("--epochs", type=EPOCHS, default=16)
+    ap.add_argument("--epochs", type=EPOCHS, default=TrainOptions().epochs,
+                    help="default: train.py's, %(default)s")
     ap.add_argument("--img-size", type=IMG_SIZE, default=224)
     ap.add_argument("--project", default="runs/bench")
     return ap
