@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.capacity                                  # shapes-hard, the default command
     .venv/bin/python -m bench.capacity --models yolo-small yolo-small-w0.25 --epochs 24
+    .venv/bin/python -m bench.capacity --models yolo-small-w1.5 --seed 1             # a second seed
 
 Each row is ``train.py --data D --cfg C --epochs E --img-size S`` (the default training command with
 another cfg): mAP@0.5 and mAP@0.5:0.95 of the final epoch, the spread of per-class AP@0.5 (the weakest
@@ -24,7 +25,7 @@ from engine.options import REPO, TrainOptions
 from models.cfg import ModelCfg, read_cfg, save_cfg
 from models.kinds import kind_of
 from stages.train import TrainJob, run
-from utils.cli import EPOCHS, IMG_SIZE, Parser, run_cli
+from utils.cli import EPOCHS, IMG_SIZE, SEED, Parser, run_cli
 from utils.files import new_run_dir
 from utils.outputs import atomic_write
 
@@ -43,12 +44,12 @@ def scaled_cfg(name: str) -> ModelCfg:
     return cfg
 
 
-def train_row(name: str, data: str, epochs: int, img_size: int, out: Path) -> dict:
+def train_row(name: str, data: str, epochs: int, img_size: int, out: Path, seed: int = 0) -> dict:
     cfg_path = out / f"{name}.cfg"
     save_cfg(scaled_cfg(name), cfg_path)
     t0 = time.time()
     job = TrainJob.from_record({"cfg": str(cfg_path), "data": data, "epochs": epochs, "img_size": [img_size],
-                                "project": str(out), "name": name, "exist_ok": True})
+                                "seed": seed, "project": str(out), "name": name, "exist_ok": True})
     result = run(job).value
     stats = result.stats
     ap50 = stats.ap[:, 0]
@@ -62,10 +63,10 @@ def train_row(name: str, data: str, epochs: int, img_size: int, out: Path) -> di
             "curve": str(out / name / "results.png")}
 
 
-def markdown(rows: list[dict], data: str, epochs: int, img_size: int) -> tuple[str, str]:
+def markdown(rows: list[dict], data: str, epochs: int, img_size: int, seed: int = 0) -> tuple[str, str]:
     models = " ".join(r["model"] for r in rows)
     head = (f"`python -m bench.capacity --data {data} --models {models} --epochs {epochs} "
-            f"--img-size {img_size}`\n\n"
+            f"--img-size {img_size} --seed {seed}`\n\n"
             "| model | mAP@0.5 | mAP@0.5:0.95 | per-class AP@0.5 (min–max) | weakest classes (AP@0.5) "
             "| minutes |\n"
             "| --- | ---: | ---: | --- | --- | ---: |\n")
@@ -91,6 +92,7 @@ def build_parser() -> Parser:
     ap.add_argument("--epochs", type=EPOCHS, default=TrainOptions().epochs,
                     help="default: train.py's, %(default)s")
     ap.add_argument("--img-size", type=IMG_SIZE, default=224)
+    ap.add_argument("--seed", type=SEED, default=0, help="train.py's --seed for every row; default: 0")
     ap.add_argument("--project", default="runs/bench")
     return ap
 
@@ -100,8 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = new_run_dir(a.project, "capacity")
     rows = []
     for name in a.models:
-        rows.append(train_row(name, a.data, a.epochs, a.img_size, out))
-        table, per_class = markdown(rows, a.data, a.epochs, a.img_size)
+        rows.append(train_row(name, a.data, a.epochs, a.img_size, out, a.seed))
+        table, per_class = markdown(rows, a.data, a.epochs, a.img_size, a.seed)
         atomic_write(out / "capacity.json", json.dumps(rows, indent=2))
         atomic_write(out / "capacity.md", table)
         atomic_write(out / "per_class.md", per_class)
