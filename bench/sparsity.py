@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.sparsity --weights runs/compress/default/baseline/weights/last.pt \\
         --epochs 2 --runs proximal:adam:0.5 proximal:sgd:0.5 subgradient:adam:0.005 subgradient:sgd:0.005
 
-Each run is ``train.py --weights W -sr --sr-mode MODE --s S [--no-adam] --prune-method M
+Each run is ``train.py --weights W --hyp H -sr --sr-mode MODE --s S [--no-adam] --prune-method M
 --sr-schedule SCHED --epochs E`` from the same checkpoint (the default recipe's sparse stage with
 other settings). Then, for the penalized batch norms: the share of γ exactly zero, below 1e-3 and below
 0.01; the sparse model's mAP; and the model with every channel at |γ| ≤ 1e-3 pruned (method M,
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import BENCH_DATA, finetune
-from engine.options import REPO
+from bench.common import BENCH_DATA, RECOVER_HYP, checked_hyp, finetune
 from models.io import load_model
 from prune import cli
 from prune.methods import METHODS
@@ -58,7 +57,7 @@ def one_run(a, spec: str, out: Path) -> dict:
     mode, adam, s = parse_run(spec)
     name = f"{mode}-{'adam' if adam else 'sgd'}-s{s:g}"
     trained = finetune(Path(a.weights), a.data, a.epochs, out, name,
-                       hyp=str(REPO / "data" / "hyp.scratch.yaml"), img_size=[a.img_size], sr=True, s=s,
+                       hyp=a.hyp, img_size=[a.img_size], sr=True, s=s,
                        sr_mode=mode, adam=adam, prune_method=a.method, sr_schedule=a.schedule,
                        sr_decay_at=a.decay_at, sr_keep=a.keep)
     last = out / name / "weights" / "last.pt"
@@ -74,7 +73,7 @@ def one_run(a, spec: str, out: Path) -> dict:
 
 
 def markdown(rows: list[dict], a) -> str:
-    lines = [f"Sparse stage: {a.epochs} epochs from `{a.weights}`, `--prune-method {a.method} "
+    lines = [f"Sparse stage: {a.epochs} epochs from `{a.weights}` with `{a.hyp}`, `--prune-method {a.method} "
              f"--sr-schedule {a.schedule} --sr-decay-at {a.decay_at:g} --sr-keep {a.keep:g}`, "
              f"{a.img_size} px; pruned: every channel at |γ| ≤ {ZERO:g}, BN "
              f"re-calibrated on {a.recalibrate} batches.", "",
@@ -98,6 +97,8 @@ def build_parser() -> Parser:
     ap.add_argument("--runs", nargs="+", default=["proximal:adam:0.5", "proximal:sgd:0.5",
                                                   "subgradient:adam:0.005", "subgradient:sgd:0.005"])
     ap.add_argument("--epochs", type=COUNT, default=2)
+    ap.add_argument("--hyp", default=RECOVER_HYP,
+                    help="hyperparameters of every run (default: %(default)s, the default recipe's)")
     ap.add_argument("--method", default="slim", choices=list(METHODS))
     ap.add_argument("--schedule", default="global", choices=SCHEDULES)
     ap.add_argument("--decay-at", type=FRACTION, default=0.5, help="--sr-decay-at of every run")
@@ -110,6 +111,7 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     a = build_parser().parse_args(argv)
+    a.hyp = checked_hyp(a.hyp)
     for spec in a.runs:
         parse_run(spec)  # every spec is checked before the first run starts
     out = new_run_dir(a.project, "sparsity")
