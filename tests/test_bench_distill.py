@@ -1,5 +1,5 @@
-"""The distillation benchmark's arithmetic (seed summaries, the share of the gap a strategy closes) and
-the up-front --hyp check of the benchmarks that fine-tune."""
+"""The distillation benchmark's arithmetic (seed summaries, the share of the gap a strategy closes),
+bench.speed's ratios, and the up-front --hyp check of the benchmarks that train."""
 
 import pytest
 
@@ -20,7 +20,17 @@ def test_gap_recovered_is_the_share_of_teacher_minus_plain():
     assert gap_recovered({"map": 0.1}, {"map": 0.2}, teacher) is None  # no gap to recover
 
 
-@pytest.mark.parametrize("bench", ["distill", "prune_methods"])
+def test_speed_table_divides_the_latency_ratio_by_the_gflops_ratio():
+    from bench.speed import markdown
+
+    result = {224: {"ort_ms_before": 4.0, "ort_ms_after": 2.0, "torch_ms_before": 8.0, "torch_ms_after": 6.0}}
+    row = markdown(result, {224: (1.2, 0.3)}, 30).strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["224", "1.200 / 0.300 (0.25)", "4.00 / 2.00", "0.50 (2.00)",
+                     "8.00 / 6.00", "0.75 (3.00)"]
+
+
+@pytest.mark.parametrize("bench", ["distill", "prune_methods", "sparsity"])
 def test_a_bad_hyp_is_one_line_before_any_work(bench, tmp_path, capsys):
     import importlib
 

@@ -22,6 +22,8 @@ from bench import capacity as bench_capacity
 from bench import distill as bench_distill
 from bench import int8_latency, latency_opencv, prune_methods, train_speed
 from bench import quant as bench_quant
+from bench import sparsity as bench_sparsity
+from bench import speed as bench_speed
 from prune import cli as prune_cli
 from prune.methods import METHODS
 from quant import ptq
@@ -50,6 +52,8 @@ PARSERS = {
     "bench/prune_methods.py": (prune_methods.build_parser, []),
     "bench/quant.py": (bench_quant.build_parser, W),
     "bench/train_speed.py": (train_speed.build_parser, []),
+    "bench/sparsity.py": (bench_sparsity.build_parser, W),
+    "bench/speed.py": (bench_speed.build_parser, ["--before", "b.pt", "--after", "a.pt"]),
 }
 
 

@@ -1,0 +1,61 @@
+"""Two checkpoints timed against each other: batch-1 CPU latency in onnxruntime and PyTorch at each size.
+
+    .venv/bin/python -m bench.speed --before runs/compress/default/baseline/weights/last.pt \\
+        --after runs/compress/default/finetune/weights/last.pt                  # 224 and 416 px
+
+The two models run in alternation (``--runs`` each, median), onnxruntime on the exported float ONNX (BN
+folded by onnxruntime), PyTorch on the fused model, as ``bench.prune_methods`` times its rows. The table
+gives each ratio ``after / before`` and that ratio divided by the GFLOPs ratio (1.0 when time falls
+exactly with compute). The ONNX files go to a temporary folder that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from bench.prune_methods import speeds
+from models.io import load_model
+from models.summary import summarize
+from utils.cli import COUNT, IMG_SIZE, Parser, run_cli
+
+
+def markdown(result: dict[int, dict], gflops: dict[int, tuple[float, float]], runs: int) -> str:
+    lines = [f"Batch 1, CPU, median of {runs} alternating runs; ratio = after / before, "
+             "÷ GFLOPs = that ratio divided by the GFLOPs ratio.", "",
+             "| size | GFLOPs before / after (ratio) | onnxruntime ms before / after | ratio (÷ GFLOPs) "
+             "| PyTorch ms before / after | ratio (÷ GFLOPs) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for size, r in result.items():
+        g0, g1 = gflops[size]
+        g = g1 / g0
+        ort, pt = r["ort_ms_after"] / r["ort_ms_before"], r["torch_ms_after"] / r["torch_ms_before"]
+        lines.append(f"| {size} | {g0:.3f} / {g1:.3f} ({g:.2f}) | {r['ort_ms_before']:.2f} / "
+                     f"{r['ort_ms_after']:.2f} | {ort:.2f} ({ort / g:.2f}) | {r['torch_ms_before']:.2f} / "
+                     f"{r['torch_ms_after']:.2f} | {pt:.2f} ({pt / g:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="python -m bench.speed", description=__doc__)
+    ap.add_argument("--before", required=True, help="the reference checkpoint (.pt), e.g. the baseline")
+    ap.add_argument("--after", required=True, help="the checkpoint compared with it, e.g. the pruned model")
+    ap.add_argument("--sizes", type=IMG_SIZE, nargs="+", default=[224, 416])
+    ap.add_argument("--runs", type=COUNT, default=50, help="timed runs of each model per size")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[int, dict]:
+    a = build_parser().parse_args(argv)
+    before, after = load_model(a.before).eval(), load_model(a.after).eval()
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
+        result = speeds(before, after, a.sizes, a.runs, Path(tmp))
+    gflops = {s: (summarize(before, s).gflops, summarize(after, s).gflops) for s in a.sizes}
+    print(markdown(result, gflops, a.runs))
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(run_cli(main))
