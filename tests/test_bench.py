@@ -1,5 +1,6 @@
-"""The distillation benchmark's arithmetic (seed summaries, the share of the gap a strategy closes),
-bench.speed's ratios, and the up-front --hyp check of the benchmarks that train."""
+"""The benchmarks' own logic: the distillation benchmark's arithmetic (seed summaries, the share of the
+gap a strategy closes), bench.speed end to end and its ratios, and the up-front --hyp check of the
+benchmarks that train."""
 
 import pytest
 
@@ -28,6 +29,28 @@ def test_speed_table_divides_the_latency_ratio_by_the_gflops_ratio():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["224", "1.200 / 0.300 (0.25)", "4.00 / 2.00", "0.50 (2.00)",
                      "8.00 / 6.00", "0.75 (3.00)"]
+
+
+def test_speed_times_two_real_checkpoints_in_both_runtimes(tmp_path, capsys):
+    """bench.speed end to end: a quarter-width yolo-small against yolo-small at 64 px, ONNX files in a
+    temporary folder that does not outlive the run."""
+    from bench import speed
+    from bench.capacity import scaled_cfg
+    from models.darknet import Darknet
+    from models.io import save_checkpoint
+    from tests.conftest import REPO, tame_model
+    from utils.torch_utils import tame_random_weights
+
+    before, after = tmp_path / "before.pt", tmp_path / "after.pt"
+    save_checkpoint(before, tame_model(REPO / "cfg" / "yolo-small.cfg"))
+    save_checkpoint(after, tame_random_weights(Darknet(scaled_cfg("yolo-small-w0.25")), seed=0, img_size=64))
+    result = speed.main(["--before", str(before), "--after", str(after), "--sizes", "64", "--runs", "3"])
+    assert list(result) == [64]
+    assert all(v > 0 for v in result[64].values()) and len(result[64]) == 4
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    g0, g1 = (float(v) for v in row.split("|")[2].split("(")[0].split("/"))
+    assert g1 < g0 / 4  # the narrow model's compute, counted at 64 px
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["after.pt", "before.pt"]
 
 
 @pytest.mark.parametrize("bench", ["distill", "prune_methods", "sparsity"])
