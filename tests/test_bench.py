@@ -31,9 +31,11 @@ def test_speed_table_divides_the_latency_ratio_by_the_gflops_ratio():
                      "8.00 / 6.00", "0.75 (3.00)"]
 
 
-def test_speed_times_two_real_checkpoints_in_both_runtimes(tmp_path, capsys):
+def test_speed_times_two_real_checkpoints_in_both_runtimes(tmp_path, capsys, monkeypatch):
     """bench.speed end to end: a quarter-width yolo-small against yolo-small at 64 px, ONNX files in a
     temporary folder that does not outlive the run."""
+    import tempfile
+
     from bench import speed
     from bench.capacity import scaled_cfg
     from models.darknet import Darknet
@@ -41,6 +43,9 @@ def test_speed_times_two_real_checkpoints_in_both_runtimes(tmp_path, capsys):
     from tests.conftest import REPO, tame_model
     from utils.torch_utils import tame_random_weights
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where bench.speed's ONNX files go
     before, after = tmp_path / "before.pt", tmp_path / "after.pt"
     save_checkpoint(before, tame_model(REPO / "cfg" / "yolo-small.cfg"))
     save_checkpoint(after, tame_random_weights(Darknet(scaled_cfg("yolo-small-w0.25")), seed=0, img_size=64))
@@ -50,7 +55,8 @@ def test_speed_times_two_real_checkpoints_in_both_runtimes(tmp_path, capsys):
     row = capsys.readouterr().out.strip().splitlines()[-1]
     g0, g1 = (float(v) for v in row.split("|")[2].split("(")[0].split("/"))
     assert g1 < g0 / 4  # the narrow model's compute, counted at 64 px
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["after.pt", "before.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["after.pt", "before.pt", "tmp"]
+    assert not any(scratch.iterdir())  # the ONNX files went to a temporary folder, now removed
 
 
 @pytest.mark.parametrize("bench", ["distill", "prune_methods", "sparsity"])
