@@ -5,8 +5,9 @@ layouts and calibrated on random images (``quant.ptq.calibrate``): TensorRT's (s
 and onnxruntime's (uint8 activations, a quantizer after every conv); those files come from
 ``export.py``'s writers. Beside them: onnxruntime's layout with int8 activations (S8S8, the
 measurement behind the uint8 choice), and onnxruntime's own quantizer (uint8 activations) in its
-QOperator layout (the reference for its integer kernels) and its QDQ layout. All are timed
-alternately, batch 1, so drift hits each; the ops onnxruntime actually ran after its graph
+QOperator layout (the reference for its integer kernels) and its QDQ layout. All are timed at
+batch 1, each session alone with onnxruntime's default threading, in rounds so drift hits each
+(:func:`models.summary.ort_latencies`); the ops onnxruntime actually ran after its graph
 optimisations are listed, which says whether a graph ran integer kernels, and the file sizes are
 given.
 
@@ -25,10 +26,10 @@ import torch
 
 from bench.common import latency_parser
 from models.darknet import Darknet
-from models.onnx import export_onnx, ort_session
+from models.onnx import export_onnx
 from models.quantized.convert import QuantConfig, quantize_model
 from models.quantized.modules import QuantSpec
-from models.summary import latencies
+from models.summary import ort_latencies
 from quant.ptq import calibrate
 from quant.qdq import export_int8_onnx, float_kernels, kernel_summary, ort_kernels
 from utils.torch_utils import tame_random_weights
@@ -92,9 +93,8 @@ def bench_cfg(cfg: str, size: int, runs: int, warmup: int) -> dict:
         configs = {"ort_s8s8": S8S8}
         ops = {k: ort_kernels(f, configs.get(k)) for k, f in files.items()}
         mb = {k: f.stat().st_size / 1e6 for k, f in files.items()}
-        sessions = {k: ort_session(f, config=configs.get(k)) for k, f in files.items()}
-        calls = [lambda s=sess: s.run(None, {"images": x}) for sess in sessions.values()]
-        med = dict(zip(sessions, latencies(calls, runs, warmup)))
+        med = dict(zip(files, ort_latencies(list(files.values()), x, runs, warmup,
+                                            configs=[configs.get(k) for k in files])))
     return {"cfg": cfg, "ms": med, "mb": mb, "ops": ops}
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = build_parser().parse_args(argv)
     rows = [bench_cfg(c, a.img_size, a.runs, a.warmup) for c in a.cfgs]
     print(f"\nonnxruntime {ort.__version__} CPU, batch 1, {a.img_size}x{a.img_size}, median of {a.runs} "
-          f"alternating runs; ratios to the float file's time and size\n")
+          f"runs, each session alone in 3 rounds; ratios to the float file's time and size\n")
     print("| cfg | file | ms | × float | MB | × float | float convs run |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

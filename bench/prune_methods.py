@@ -11,8 +11,9 @@ Each channel method gets the smallest ``--percent`` on a 0.05 grid that removes 
 short); layer_channel removes half the blocks and then searches the slim percent. Fine-tuning
 starts from the re-calibrated model with ``--hyp`` (default ``data/hyp.recover.yaml``, Adam at 5e-4, what the
 default recipe fine-tunes with), and a control row fine-tunes the unpruned checkpoint alike. Latency is the
-median of ``--runs`` batch-1 runs, the unpruned and the pruned model in alternation, of the exported
-ONNX (float, BN folded by onnxruntime) and of the fused PyTorch model, at the checkpoint's size and at
+median of ``--runs`` batch-1 runs, the unpruned and the pruned model in turn, of the exported ONNX
+(float, BN folded by onnxruntime; each session alone with onnxruntime's default threading, 3 rounds)
+and of the fused PyTorch model (in alternation), at the checkpoint's size and at
 ``--latency-sizes`` (416); ``latency ratio / GFLOPs ratio`` is 1.0 when time falls exactly with
 compute.
 """
@@ -31,8 +32,8 @@ import torch
 from bench.common import BENCH_DATA, RECOVER_HYP, checked_hyp, finetune
 from models.darknet import Darknet
 from models.io import load_checkpoint, load_model
-from models.onnx import export_onnx, ort_session
-from models.summary import latencies, summarize, torch_call
+from models.onnx import export_onnx
+from models.summary import latencies, ort_latencies, summarize, torch_call
 from prune import cli
 from prune.blocks import residual_blocks
 from prune.methods import METHODS as REGISTRY
@@ -67,17 +68,15 @@ def setting(model: Darknet, method: str, target: float) -> list[str]:
 
 def speeds(before: Darknet, after: Darknet, sizes: list[int], runs: int, folder: Path) -> dict[int, dict]:
     """Batch-1 CPU milliseconds of the unpruned and the pruned model at each size, the two timed in
-    alternation: onnxruntime on the float ONNX (BN folded by onnxruntime), PyTorch on the fused model."""
+    turn: onnxruntime on the float ONNX (BN folded by onnxruntime; :func:`models.summary.ort_latencies`),
+    PyTorch on the fused model, in alternation."""
     result = {}
     for size in sizes:
-        calls = []
-        for tag, model in (("before", before), ("after", after)):
-            path = folder / f"{tag}-{size}.onnx"
+        paths = [folder / f"{tag}-{size}.onnx" for tag in ("before", "after")]
+        for model, path in zip((before, after), paths):
             export_onnx(model, path, size)
-            sess = ort_session(path)
-            x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-            calls.append(lambda sess=sess, x=x: sess.run(None, {sess.get_inputs()[0].name: x}))
-        ort = latencies(calls, runs)
+        x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+        ort = ort_latencies(paths, x, runs)
         pt = latencies([torch_call(before, size), torch_call(after, size)], runs)
         result[size] = {"ort_ms_before": ort[0], "ort_ms_after": ort[1],
                         "torch_ms_before": pt[0], "torch_ms_after": pt[1]}

@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.speed --before runs/compress/default/baseline/weights/last.pt \\
         --after runs/compress/default/finetune/weights/last.pt                  # 224 and 416 px
 
-The two models run in alternation (``--runs`` each, median), onnxruntime on the exported float ONNX (BN
-folded by onnxruntime), PyTorch on the fused model, as ``bench.prune_methods`` times its rows. The table
+The two models run in turn (``--runs`` each, median): onnxruntime on the exported float ONNX (BN folded
+by onnxruntime), each session alone with onnxruntime's default threading, in 3 rounds; PyTorch on the
+fused model, in alternation; as ``bench.prune_methods`` times its rows. The table
 gives each ratio ``after / before`` and that ratio divided by the GFLOPs ratio (1.0 when time falls
 exactly with compute). The ONNX files go to a temporary folder that is removed afterwards.
 """
@@ -21,8 +22,8 @@ from utils.cli import COUNT, IMG_SIZE, Parser, run_cli
 
 
 def markdown(result: dict[int, dict], gflops: dict[int, tuple[float, float]], runs: int) -> str:
-    lines = [f"Batch 1, CPU, median of {runs} alternating runs; ratio = after / before, "
-             "÷ GFLOPs = that ratio divided by the GFLOPs ratio.", "",
+    lines = [f"Batch 1, CPU, median of {runs} runs (onnxruntime: each session alone, 3 rounds; PyTorch: "
+             "alternating); ratio = after / before, ÷ GFLOPs = that ratio divided by the GFLOPs ratio.", "",
              "| size | GFLOPs before / after (ratio) | onnxruntime ms before / after | ratio (÷ GFLOPs) "
              "| PyTorch ms before / after | ratio (÷ GFLOPs) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -56,18 +56,21 @@ Check = Callable[[Path, nn.Module, torch.Tensor], None]
 
 
 def ort_session(model: str | Path | bytes, optimize: str | None = None, optimized_path: Path | None = None,
-                config: dict[str, str] | None = None, profile_prefix: Path | None = None):
-    """The one way the suite opens an onnxruntime session (CPU): idle threads do not spin (a spinning
-    session slows whatever runs next: measured 3-6x on PyTorch timed after it) and denormals are
-    flushed to zero, as the report's timing needs; ``optimize`` ("basic") with ``optimized_path`` writes
-    the optimized graph there; ``config`` adds session config entries; ``profile_prefix`` turns on
-    onnxruntime's profiler (its JSON is written there on ``end_profiling()``). A model onnxruntime
-    cannot load is a UserError."""
+                config: dict[str, str] | None = None, profile_prefix: Path | None = None,
+                spinning: bool = False):
+    """The one way the suite opens an onnxruntime session (CPU), with denormals flushed to zero.
+    Its idle threads do not spin unless ``spinning`` (onnxruntime's own default, what a deployed
+    session runs with): a spinning session slows whatever else runs meanwhile (measured 3-6x on
+    PyTorch timed after it, 1.8x on another session), so only :func:`models.summary.ort_latencies`,
+    which keeps one session alive at a time, asks for it. ``optimize`` ("basic") with
+    ``optimized_path`` writes the optimized graph there; ``config`` adds session config entries;
+    ``profile_prefix`` turns on onnxruntime's profiler (its JSON is written there on
+    ``end_profiling()``). A model onnxruntime cannot load is a UserError."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)

@@ -1,11 +1,14 @@
 """Model summary: parameters (true millions), GFLOPs (2 × multiply-accumulates) and a layer table; and
-the one way the suite measures CPU latency (:func:`latencies`, :func:`measure`)."""
+the one way the suite measures CPU latency (:func:`latencies`, :func:`measure`; onnxruntime's:
+:func:`ort_latencies`)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -104,6 +107,35 @@ def latency_samples(calls: list[Callable[[], object]], runs: int, warmup: int = 
         return alternating_times(calls, runs, warmup)
     finally:
         torch.set_flush_denormal(False)
+
+
+def ort_latencies(models: Sequence[str | Path | bytes], x, runs: int, warmup: int = 3,
+                  configs: Sequence[dict[str, str] | None] | None = None, blocks: int = 3) -> list[float]:
+    """Median batch-1 milliseconds of each ONNX model (a path or the bytes) on input ``x`` (a numpy
+    array) in onnxruntime as deployed: with its default threading, whose idle worker threads spin
+    between calls. Without spinning, every op pays a thread wake-up, which weighs more the smaller the
+    model (on the project's 2-core Xeon, 2026-12-04: 1.12x on yolo-small at 224, 1.20x on its 80 %
+    slim cut, 1.40x on that cut in INT8). A spinning session slows any other that runs meanwhile, so
+    one is alive at a time: in each of ``blocks`` rounds, every model's session is opened in turn
+    (``configs``: its extra session entries), warmed up, timed ``runs / blocks`` calls (rounded up)
+    and closed, so drift hits all alike. Denormals are flushed (a session option)."""
+    per_block = max(1, math.ceil(runs / blocks))
+    samples: list[list[float]] = [[] for _ in models]
+    for _ in range(blocks):
+        for k, model in enumerate(models):
+            samples[k] += _session_times(model, configs[k] if configs else None, x, per_block, warmup)
+    return [statistics.median(t) for t in samples]
+
+
+def _session_times(model: str | Path | bytes, config: dict[str, str] | None, x, runs: int,
+                   warmup: int) -> list[float]:
+    """The milliseconds of ``runs`` calls of a fresh spinning session, closed on return (its threads
+    stop before the next one starts)."""
+    from models.onnx import ort_session
+
+    sess = ort_session(model, config=config, spinning=True)
+    feed = {sess.get_inputs()[0].name: x}
+    return alternating_times([lambda: sess.run(None, feed)], runs, warmup)[0]
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ Every stage with a checkpoint is evaluated on the validation split at the recipe
 thresholds), summarised (parameters, GFLOPs) and timed on the CPU, batch 1: in PyTorch (the fused
 model; a quantized one runs its fake-quant graph) and in onnxruntime (the float ONNX, or the INT8
 Q/DQ ONNX of a quantized checkpoint that has one). One runtime after the other, all its models are
-timed in alternation, round after round, so drift hits each the same, with denormals flushed to zero
-(as deployment runtimes do); each figure is a median and every ratio is to the first stage.
+timed round after round, so drift hits each the same, with denormals flushed to zero (as deployment
+runtimes do): PyTorch's in alternation, onnxruntime's sessions one at a time with its default
+threading (:func:`models.summary.ort_latencies`). Each figure is a median and every ratio is to the
+first stage.
 Writes ``report.json``, ``report.md`` and the plots into the run folder's ``report/``. A path in the
 report is relative to the run folder when the file is inside it, else relative to the project folder
 when inside that, else as given (:func:`shown_path`), so a report reads the same on any machine.
@@ -32,7 +34,7 @@ from engine.options import REPO
 from models.darknet import Darknet
 from models.io import load_model
 from models.profile import OTHER, layer_times, plot_layer_times
-from models.summary import cpu_description, latencies, torch_call
+from models.summary import cpu_description, latencies, ort_latencies, torch_call
 from pipeline.recipe import Recipe
 from pipeline.runner import StageRecord
 from prune.methods import PruneMethod
@@ -88,9 +90,10 @@ class Row:
         return self.params * self.bits / 8 / 1e6
 
 
-def _timers(model: Darknet, onnx_path: Path, size: int) -> tuple[Callable, Callable | None, str]:
-    """(PyTorch call, onnxruntime call or None, the ONNX timed or why none) for one checkpoint."""
-    from models.onnx import export_onnx, ort_session
+def _timers(model: Darknet, onnx_path: Path, size: int) -> tuple[Callable, Path | None, str]:
+    """(PyTorch call, the ONNX onnxruntime times or None, its path or why there is none) for one
+    checkpoint."""
+    from models.onnx import export_onnx
     from quant.qdq import export_int8_onnx, int8_problems
 
     run_torch = torch_call(model, size)
@@ -104,10 +107,7 @@ def _timers(model: Darknet, onnx_path: Path, size: int) -> tuple[Callable, Calla
             return run_torch, None, "no INT8 ONNX: " + "; ".join(problems)
         onnx_path = onnx_path.with_suffix(".int8.onnx")
         export_int8_onnx(model, onnx_path, size)
-    sess = ort_session(onnx_path)
-    name = sess.get_inputs()[0].name
-    feed = torch.rand(1, model.cfg.net["channels"], size, size, generator=torch.Generator().manual_seed(0))
-    return run_torch, lambda: sess.run(None, {name: feed.numpy()}), str(onnx_path)
+    return run_torch, onnx_path, str(onnx_path)
 
 
 def _checkpoint_mb(model: Darknet) -> float:
@@ -130,13 +130,14 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
     size = recipe.img_size
     data = read_data_file(resolve_data(recipe.data))
     loaders: dict[int, object] = {}
-    rows, torch_calls, ort_calls = [], [], []
+    rows, torch_calls, ort_paths = [], [], []
+    channels = 3  # the input channels of the models timed (one recipe: one input)
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     for rec in records:
         if rec.checkpoint is None:
             continue
         model = load_model(rec.checkpoint).eval()
-        stride = model.max_stride
+        stride, channels = model.max_stride, model.cfg.net["channels"]
         if stride not in loaders:
             loaders[stride], _ = create_dataloader(data.split("valid"), data.classes, size, 16, stride,
                                                    rect=True, workers=0)
@@ -146,11 +147,11 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
         row = Row(rec.name, rec.run, show(rec.checkpoint), result.map50, result.map, s.params, s.gflops,
                   _checkpoint_mb(model), bits, seconds=rec.seconds)
         onnx = out / "onnx" / f"{rec.name}.onnx"
-        run_torch, run_ort, ort = _timers(load_model(rec.checkpoint).eval(), onnx, size)
-        row.ort_file = show(ort) if run_ort is not None else ort  # the ONNX, or why there is none
+        run_torch, ort_path, ort = _timers(load_model(rec.checkpoint).eval(), onnx, size)
+        row.ort_file = show(ort) if ort_path is not None else ort  # the ONNX, or why there is none
         row.int8_target = model.quant_config.target if model.quant_config is not None else None
         torch_calls.append(run_torch)
-        ort_calls.append(run_ort)
+        ort_paths.append(ort_path)
         rows.append(row)
         print(f"{rec.name}: mAP@0.5 {row.map50:.4f} mAP@0.5:0.95 {row.map:.4f}, {row.params / 1e6:.3f} M "
               f"parameters, {row.gflops:.3f} GFLOPs")
@@ -161,11 +162,13 @@ def measure(records: list[StageRecord], recipe: Recipe, out: Path, runs: int = 3
         while row.bits != 32 and src is not None and src not in floats:
             src = sources.get(src)
         row.float_source = src if row.bits != 32 else None
-    # one runtime at a time (their thread pools would compete), its models in alternation
+    # one runtime at a time (their thread pools would compete): PyTorch's models in alternation,
+    # then onnxruntime's sessions one at a time, round after round
     for row, ms in zip(rows, latencies(torch_calls, runs, warmup)):
         row.torch_ms = ms
-    timed = [(row, call) for row, call in zip(rows, ort_calls) if call is not None]
-    for (row, _), ms in zip(timed, latencies([call for _, call in timed], runs, warmup)):
+    timed = [(row, path) for row, path in zip(rows, ort_paths) if path is not None]
+    x = torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0)).numpy()
+    for (row, _), ms in zip(timed, ort_latencies([path for _, path in timed], x, runs, warmup)):
         row.ort_ms = ms
     return rows
 
@@ -429,6 +432,14 @@ def headline(doc: dict) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def _timing(doc: dict) -> str:
+    """How the report's latencies were taken (reports from before onnxruntime's threads spun say so)."""
+    if doc.get("ort_spinning"):
+        return ("denormals flushed to zero; PyTorch's models in alternation, onnxruntime's sessions one "
+                "at a time with its default threading, in 3 rounds")
+    return "the models of one runtime in alternation, denormals flushed to zero"
+
+
 def markdown(doc: dict) -> str:
     """report.md from the report's data (report.json's content)."""
     rows = _rows(doc)
@@ -439,8 +450,8 @@ def markdown(doc: dict) -> str:
     lines = [f"# Compression report: {doc['name']}", "", *headline(doc),
              f"Recipe `{doc['recipe']}`, {doc['date']}, {doc['machine']}. Every figure is measured on "
              f"the validation split ({doc['data']}) at {doc['img_size']}×{doc['img_size']}; ratios are to "
-             f"`{base.stage}`. Latency: CPU, batch 1, median of {doc['runs']} runs, the models of "
-             f"one runtime in alternation, denormals flushed to zero. Pipeline wall time "
+             f"`{base.stage}`. Latency: CPU, batch 1, median of {doc['runs']} runs, {_timing(doc)}. "
+             f"Pipeline wall time "
              f"{doc['seconds'] / 60:.1f} min.{where}", "",
              "| stage | mAP@0.5 | mAP@0.5:0.95 | parameters M | GFLOPs | checkpoint MB | "
              "deployed weights MB | "
@@ -512,7 +523,7 @@ def write(records: list[StageRecord], recipe: Recipe, root: Path, seconds: float
     doc = {"name": root.name, "run_folder": shown_path(root, REPO), "recipe": show(recipe.path),
            "data": show(recipe.data) if recipe.data else "the built-in shapes benchmark",
            "data_file": show(resolve_data(recipe.data)),
-           "img_size": recipe.img_size, "runs": runs, "seconds": round(seconds, 1),
+           "img_size": recipe.img_size, "runs": runs, "ort_spinning": True, "seconds": round(seconds, 1),
            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
            "machine": f"{cpu_description()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                       f"onnxruntime {_ort_version()}",

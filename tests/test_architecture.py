@@ -68,7 +68,7 @@ def test_the_import_check_catches_each_kind_of_violation():
 
 
 def test_onnxruntime_sessions_are_opened_in_one_place():
-    """models.onnx.ort_session sets the timing options (no spinning threads, denormals flushed)."""
+    """models.onnx.ort_session sets the timing options (denormals flushed, spinning only on request)."""
     found = [str(p.relative_to(REPO)) for p in REPO.rglob("*.py")
              if ".venv" not in p.parts and "tests" not in p.parts and p != REPO / "models" / "onnx.py"
              and "InferenceSession(" in p.read_text()]

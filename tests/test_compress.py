@@ -94,6 +94,8 @@ def test_miniature_recipe_report_is_consistent(mini_run):
     assert sum(r["gflops"] for r in before["rows"]) == pytest.approx(rows["sparse"]["gflops"], rel=1e-6)
     text = md.read_text()
     assert "## Where the time goes" in text
+    # onnxruntime timed as deployed (spinning threads, one session at a time), and the report says so
+    assert report["ort_spinning"] is True and "onnxruntime's sessions one at a time" in text
     # the first lines say what each exported model buys against the baseline, in its measured numbers
     top = text.split("Recipe `", 1)[0]
     base, qat = rows["baseline"], rows["qat"]

@@ -29,3 +29,43 @@ def test_layer_times_find_the_heavy_layer_in_onnxruntime_and_pytorch(tmp_path):
     png = plot_layer_times([("heavy", t), ("again", t)], tmp_path / "layers.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert [p.name for p in tmp_path.iterdir()] == ["layers.png"]  # no temporary left beside it
+
+
+# a light model: the heavy one with its 96-wide convs at 8
+LIGHT = NET + CONV.format(f=16, s=1) + CONV.format(f=8, s=1) + CONV.format(f=8, s=1) + \
+    CONV.format(f=8, s=2) + HEAD.format(f=21)
+
+
+def test_ort_latencies_time_each_session_alone_as_deployed(tmp_path, monkeypatch):
+    """onnxruntime latency: sessions with its default spinning threads, never two alive at once (a
+    spinning pool slows the other), and a model with 6x the work measured slower."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    import models.onnx
+    from models.onnx import export_onnx
+    from models.summary import ort_latencies
+
+    paths = [tmp_path / "heavy.onnx", tmp_path / "light.onnx"]
+    for cfg, path in zip((HEAVY, LIGHT), paths):
+        export_onnx(Darknet(parse_cfg(cfg, path.stem + ".cfg")).eval(), path, 64)
+    opened, overlaps, real = [], [], models.onnx.ort_session
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        overlaps.append(sum(ref() is not None for ref in opened))
+        sess = real(*args, **kwargs)
+        assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        opened.append(weakref.ref(sess))
+        return sess
+
+    monkeypatch.setattr(models.onnx, "ort_session", watched)
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    heavy, light = ort_latencies(paths, x, runs=6, warmup=1, blocks=2)
+    assert len(opened) == 4 and overlaps == [0, 0, 0, 0]  # 2 rounds of 2 sessions, one at a time
+    assert heavy > light > 0
+    monkeypatch.undo()
+    default = models.onnx.ort_session(paths[1])  # every other session does not spin
+    assert default.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
