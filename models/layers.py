@@ -212,7 +212,9 @@ class YoloHead(nn.Module):
             xy, wh, rest = p[..., :2], 4 * p[..., 2:4] ** 2, p[..., 4:]
         else:
             xy, wh, rest = p[..., :2].sigmoid(), p[..., 2:4].exp(), p[..., 4:].sigmoid()
-        xy = (xy * s - 0.5 * (s - 1) + grid) * stride
+        # (xy·s − (s − 1)/2 + grid)·stride as one multiply and one add: the offset depends on the
+        # map's size alone, so onnxruntime folds it into a constant and the graph runs two ops
+        xy = xy * (stride * s) + (grid - 0.5 * (s - 1)) * stride
         return torch.cat((xy, wh * anchors, rest), -1).view(b, -1, no)
 
 
