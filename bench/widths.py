@@ -4,8 +4,9 @@
     .venv/bin/python -m bench.widths --size 56 --widths 24 48 --kernel 1
 
 Each width ``c`` is a ``Conv(c, c, k) + bias + LeakyReLU(0.1)`` (a darknet conv with its batch norm
-folded) on a ``1 x c x size x size`` input, timed in onnxruntime (the float ONNX, the suite's session
-settings) and in PyTorch, batch 1, median of ``--runs`` alternating runs. The table gives milliseconds
+folded) on a ``1 x c x size x size`` input, timed in onnxruntime (the float ONNX, its session alone
+with onnxruntime's default threading: :func:`models.summary.ort_latencies`) and then in PyTorch, batch 1,
+median of ``--runs`` runs. The table gives milliseconds
 and nanoseconds per multiply-add: a width the kernels like has a lower cost per multiply-add than its
 neighbours. It decides the default ``--round-to`` of the channel-pruning methods (docs/pruning.md).
 """
@@ -19,8 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.onnx import ort_session
-from models.summary import cpu_description, latencies
+from models.summary import cpu_description, latencies, ort_latencies
 from utils.cli import COUNT, Parser
 from utils.files import new_run_dir
 from utils.outputs import atomic_write
@@ -36,10 +36,9 @@ def time_width(c: int, k: int, size: int, runs: int) -> dict:
     x = torch.rand(1, c, size, size)
     buffer = io.BytesIO()  # into a temporary in memory: no file is written
     torch.onnx.export(m, (x,), buffer, input_names=["x"], opset_version=13, dynamo=False)
-    sess = ort_session(buffer.getvalue())
-    xn = x.numpy()
+    (ort_ms,) = ort_latencies([buffer.getvalue()], x.numpy(), runs)
     with torch.no_grad():
-        ort_ms, pt_ms = latencies([lambda: sess.run(None, {"x": xn}), lambda: m(x)], runs)
+        (pt_ms,) = latencies([lambda: m(x)], runs)
     macs = c * c * k * k * size * size
     return {"width": c, "macs": macs, "ort_ms": ort_ms, "pt_ms": pt_ms,
             "ort_ns_per_mac": ort_ms * 1e6 / macs, "pt_ns_per_mac": pt_ms * 1e6 / macs}

@@ -3,7 +3,8 @@
 :func:`layer_times` exports the model to ONNX (float, as deployed), runs it ``runs`` times in an
 onnxruntime session with profiling on and sums each run's kernel times by the darknet layer a node
 belongs to (node names carry the layer index, ``/model/layers.<i>/...``; layout reorders and the
-box decoding count as ``other``); and times each layer of the fused PyTorch model with forward hooks.
+box decoding count as ``other``; the session does not spin, as profiling sums kernel times, not the
+wake-ups between them); and times each layer of the fused PyTorch model with forward hooks.
 Each layer's figure is the median over the runs. :func:`plot_layer_times` draws two models side by
 side (before and after pruning), with each layer's share of the GFLOPs beside its share of the time,
 so the layers that cost more time than compute stand out.

@@ -4,7 +4,6 @@ the one way the suite measures CPU latency (:func:`latencies`, :func:`measure`; 
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,13 +116,14 @@ def ort_latencies(models: Sequence[str | Path | bytes], x, runs: int, warmup: in
     model (on the project's 2-core Xeon, 2026-12-04: 1.12x on yolo-small at 224, 1.20x on its 80 %
     slim cut, 1.40x on that cut in INT8). A spinning session slows any other that runs meanwhile, so
     one is alive at a time: in each of ``blocks`` rounds, every model's session is opened in turn
-    (``configs``: its extra session entries), warmed up, timed ``runs / blocks`` calls (rounded up)
+    (``configs``: its extra session entries), warmed up, timed for its share of the ``runs`` calls
     and closed, so drift hits all alike. Denormals are flushed (a session option)."""
-    per_block = max(1, math.ceil(runs / blocks))
+    blocks = max(1, min(blocks, runs))
     samples: list[list[float]] = [[] for _ in models]
-    for _ in range(blocks):
+    for b in range(blocks):
+        n = runs // blocks + (b < runs % blocks)  # ``runs`` calls in all
         for k, model in enumerate(models):
-            samples[k] += _session_times(model, configs[k] if configs else None, x, per_block, warmup)
+            samples[k] += _session_times(model, configs[k] if configs else None, x, n, warmup)
     return [statistics.median(t) for t in samples]
 
 

@@ -53,8 +53,7 @@ def test_ort_latencies_time_each_session_alone_as_deployed(tmp_path, monkeypatch
         export_onnx(Darknet(parse_cfg(cfg, path.stem + ".cfg")).eval(), path, 64)
     opened, overlaps, real = [], [], models.onnx.ort_session
 
-    def watched(*args, **kwargs):
-        gc.collect()
+    def watched(*args, **kwargs):  # (no garbage collection: a session must be gone by its last reference)
         overlaps.append(sum(ref() is not None for ref in opened))
         sess = real(*args, **kwargs)
         assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
@@ -63,8 +62,13 @@ def test_ort_latencies_time_each_session_alone_as_deployed(tmp_path, monkeypatch
 
     monkeypatch.setattr(models.onnx, "ort_session", watched)
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-    heavy, light = ort_latencies(paths, x, runs=6, warmup=1, blocks=2)
-    assert len(opened) == 4 and overlaps == [0, 0, 0, 0]  # 2 rounds of 2 sessions, one at a time
+    gc.disable()
+    try:
+        heavy, light = ort_latencies(paths, x, runs=6, warmup=1, blocks=2)
+        assert len(opened) == 4 and overlaps == [0, 0, 0, 0]  # 2 rounds of 2 sessions, one at a time
+        assert all(ref() is None for ref in opened)  # the last one too
+    finally:
+        gc.enable()
     assert heavy > light > 0
     monkeypatch.undo()
     default = models.onnx.ort_session(paths[1])  # every other session does not spin
