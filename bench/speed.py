@@ -2,10 +2,12 @@
 
     .venv/bin/python -m bench.speed --before runs/compress/default/baseline/weights/last.pt \\
         --after runs/compress/default/finetune/weights/last.pt                  # 224 and 416 px
+    .venv/bin/python -m bench.speed --before ... --after ... --torch-threads 1      # PyTorch on one thread
 
 The two models run in turn (``--runs`` each, median): onnxruntime on the exported float ONNX (BN folded
 by onnxruntime), each session alone with onnxruntime's default threading, in 3 rounds; PyTorch on the
-fused model, in alternation; as ``bench.prune_methods`` times its rows. The table
+fused model, in alternation, on PyTorch's default threads or ``--torch-threads N`` (onnxruntime keeps
+its own); as ``bench.prune_methods`` times its rows. The table
 gives each ratio ``after / before`` and that ratio divided by the GFLOPs ratio (1.0 when time falls
 exactly with compute). The ONNX files go to a temporary folder that is removed afterwards.
 """
@@ -15,15 +17,20 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
+
 from bench.prune_methods import speeds
 from models.io import load_model
 from models.summary import summarize
 from utils.cli import COUNT, IMG_SIZE, Parser, run_cli
 
 
-def markdown(result: dict[int, dict], gflops: dict[int, tuple[float, float]], runs: int) -> str:
+def markdown(result: dict[int, dict], gflops: dict[int, tuple[float, float]], runs: int,
+             torch_threads: int | None = None) -> str:
+    threads = f", {torch_threads} thread{'s' if torch_threads > 1 else ''}" if torch_threads else ""
     lines = [f"Batch 1, CPU, median of {runs} runs (onnxruntime: each session alone, 3 rounds; PyTorch: "
-             "alternating); ratio = after / before, ÷ GFLOPs = that ratio divided by the GFLOPs ratio.", "",
+             f"alternating{threads}); ratio = after / before, ÷ GFLOPs = that ratio divided by the GFLOPs "
+             "ratio.", "",
              "| size | GFLOPs before / after (ratio) | onnxruntime ms before / after | ratio (÷ GFLOPs) "
              "| PyTorch ms before / after | ratio (÷ GFLOPs) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -43,16 +50,24 @@ def build_parser() -> Parser:
     ap.add_argument("--after", required=True, help="the checkpoint compared with it, e.g. the pruned model")
     ap.add_argument("--sizes", type=IMG_SIZE, nargs="+", default=[224, 416])
     ap.add_argument("--runs", type=COUNT, default=50, help="timed runs of each model per size")
+    ap.add_argument("--torch-threads", type=COUNT, default=None,
+                    help="PyTorch's intra-op threads while timing (default: its own choice)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict[int, dict]:
     a = build_parser().parse_args(argv)
     before, after = load_model(a.before).eval(), load_model(a.after).eval()
-    with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
-        result = speeds(before, after, a.sizes, a.runs, Path(tmp))
+    threads = torch.get_num_threads()
+    try:
+        if a.torch_threads:
+            torch.set_num_threads(a.torch_threads)
+        with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
+            result = speeds(before, after, a.sizes, a.runs, Path(tmp))
+    finally:
+        torch.set_num_threads(threads)
     gflops = {s: (summarize(before, s).gflops, summarize(after, s).gflops) for s in a.sizes}
-    print(markdown(result, gflops, a.runs))
+    print(markdown(result, gflops, a.runs, a.torch_threads))
     return result
 
 

@@ -59,6 +59,29 @@ def test_speed_times_two_real_checkpoints_in_both_runtimes(tmp_path, capsys, mon
     assert not any(scratch.iterdir())  # the ONNX files went to a temporary folder, now removed
 
 
+def test_speed_times_pytorch_on_the_threads_asked_for_and_restores_them(tmp_path, capsys):
+    import torch
+
+    from bench import speed
+    from models.io import save_checkpoint
+    from tests.conftest import REPO, tame_model
+
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, tame_model(REPO / "cfg" / "yolo-small.cfg"))
+    before = torch.get_num_threads()
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        speed.main(["--before", str(ckpt), "--after", str(ckpt), "--sizes", "64", "--runs", "2",
+                    "--torch-threads", "1"])
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {1}  # every timed PyTorch forward ran on one thread
+    assert torch.get_num_threads() == before
+    assert "alternating, 1 thread)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("bench", ["distill", "prune_methods", "sparsity"])
 def test_a_bad_hyp_is_one_line_before_any_work(bench, tmp_path, capsys):
     import importlib
