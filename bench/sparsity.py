@@ -22,7 +22,7 @@ from bench.common import BENCH_DATA, RECOVER_HYP, checked_hyp, finetune
 from models.io import load_model
 from prune import cli
 from prune.methods import METHODS
-from prune.sparsity import MODES, SCHEDULES, sparse_convs
+from prune.sparsity import MODES, RANKS, SCHEDULES, sparse_convs
 from utils.cli import COUNT, COUNT0, FRACTION, IMG_SIZE, Parser, run_cli
 from utils.errors import UserError
 from utils.files import new_run_dir
@@ -59,7 +59,7 @@ def one_run(a, spec: str, out: Path) -> dict:
     trained = finetune(Path(a.weights), a.data, a.epochs, out, name,
                        hyp=a.hyp, img_size=[a.img_size], sr=True, s=s,
                        sr_mode=mode, adam=adam, prune_method=a.method, sr_schedule=a.schedule,
-                       sr_decay_at=a.decay_at, sr_keep=a.keep)
+                       sr_decay_at=a.decay_at, sr_keep=a.keep, sr_rank=a.rank)
     last = out / name / "weights" / "last.pt"
     shares = gamma_shares(last, a.method)
     percent = min(shares["below_1e-3"], 0.99)
@@ -74,8 +74,8 @@ def one_run(a, spec: str, out: Path) -> dict:
 
 def markdown(rows: list[dict], a) -> str:
     lines = [f"Sparse stage: {a.epochs} epochs from `{a.weights}` with `{a.hyp}`, `--prune-method {a.method} "
-             f"--sr-schedule {a.schedule} --sr-decay-at {a.decay_at:g} --sr-keep {a.keep:g}`, "
-             f"{a.img_size} px; pruned: every channel at |γ| ≤ {ZERO:g}, BN "
+             f"--sr-schedule {a.schedule} --sr-decay-at {a.decay_at:g} --sr-keep {a.keep:g} "
+             f"--sr-rank {a.rank}`, {a.img_size} px; pruned: every channel at |γ| ≤ {ZERO:g}, BN "
              f"re-calibrated on {a.recalibrate} batches.", "",
              "| mode | optimizer | `--s` | γ exactly 0 | γ ≤ 1e-3 | γ < 0.01 | median \\|γ\\| "
              "| sparse mAP@0.5 / "
@@ -103,6 +103,7 @@ def build_parser() -> Parser:
     ap.add_argument("--schedule", default="global", choices=SCHEDULES)
     ap.add_argument("--decay-at", type=FRACTION, default=0.5, help="--sr-decay-at of every run")
     ap.add_argument("--keep", type=FRACTION, default=0.15, help="--sr-keep of every run (local schedule)")
+    ap.add_argument("--rank", default="global", choices=RANKS, help="--sr-rank of every run (local schedule)")
     ap.add_argument("--img-size", type=IMG_SIZE, default=224)
     ap.add_argument("--recalibrate", type=COUNT0, default=20)
     ap.add_argument("--project", default="runs/bench")

@@ -55,6 +55,31 @@ class ChannelPlan:
         return "\n".join(lines)
 
 
+Unit = list[list[tuple[int, int]]]  # a unit's channel groups, each its (conv, channel) members in order
+
+
+def channel_units(graph: ChannelGraph, convs: list[int]) -> list[Unit]:
+    """The channels of ``convs`` in units (convs tied to each other) of groups (channels tied to each
+    other: kept or removed together); a group's members are sorted, so the first is the chain's first
+    conv. Only members among ``convs`` are listed."""
+    members: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i in sorted(convs):
+        for c in range(graph.cfg.layers[i]["filters"]):
+            members.setdefault(graph.group(i, c), []).append((i, c))
+    units: dict[frozenset[int], Unit] = {}
+    for chans in members.values():
+        units.setdefault(frozenset({chans[0][0], *graph.tied_convs(chans[0][0])}), []).append(chans)
+    return list(units.values())
+
+
+def group_score(members: list[tuple[int, int]], gammas: dict[int, torch.Tensor], how: str) -> float:
+    """A group's |γ| score: its best member's (``max``) or its chain's first conv's (``first``)."""
+    if how == "first":
+        i, c = members[0]
+        return float(gammas[i][c])
+    return max(float(gammas[i][c]) for i, c in members)
+
+
 def _gamma(model: Darknet, conv: int) -> torch.Tensor:
     return model.layers[conv].bn.weight.detach().abs().cpu().double()
 
@@ -81,43 +106,26 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
     everything = torch.cat(list(gammas.values()))
     threshold = float(torch.quantile(everything, percent)) if percent > 0 else -1.0
 
-    # group score: the best member, or the chain's first conv (an untied group has one member)
-    members: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for i in convs:
-        for c in range(len(gammas[i])):
-            members.setdefault(graph.group(i, c), []).append((i, c))
-    score = {}
-    for rep, chans in members.items():
-        if method.group_score == "first":
-            first = min(chans)
-            score[rep] = float(gammas[first[0]][first[1]])
-        else:
-            score[rep] = max(float(gammas[i][c]) for i, c in chans)
-    units: dict[frozenset[int], list[tuple[int, int]]] = {}
-    for rep, chans in members.items():
-        unit = frozenset({chans[0][0], *graph.tied_convs(chans[0][0])})
-        units.setdefault(unit, []).append(rep)
-
-    keep_group: dict[tuple[int, int], bool] = {}
+    keep: dict[tuple[int, int], bool] = {}
     floored = []
     rounded = 0
     safe = float("inf")
-    for unit, reps in units.items():
-        ranked = sorted(reps, key=lambda r: -score[r])
-        safe = min(safe, score[ranked[0]])
-        n_keep = sum(score[r] > threshold for r in ranked)
-        floor = max(1, math.ceil(layer_keep * len(ranked)))
+    for unit in channel_units(graph, convs):
+        scores = [group_score(chans, gammas, method.group_score) for chans in unit]
+        ranked = sorted(range(len(unit)), key=lambda k: -scores[k])
+        safe = min(safe, scores[ranked[0]])
+        n_keep = sum(score > threshold for score in scores)
+        floor = max(1, math.ceil(layer_keep * len(unit)))
         if n_keep < floor:
             n_keep = floor
-            floored.append(model.cfg.layers[min(unit)].where())
+            floored.append(model.cfg.layers[unit[0][0][0]].where())
         if round_to > 1:
-            wide = min(len(ranked), math.ceil(n_keep / round_to) * round_to)
+            wide = min(len(unit), math.ceil(n_keep / round_to) * round_to)
             rounded += wide - n_keep
             n_keep = wide
-        for k, r in enumerate(ranked):
-            keep_group[r] = k < n_keep
-    masks = {i: torch.tensor([keep_group[graph.group(i, c)] for c in range(len(gammas[i]))])
-             for i in convs}
+        for rank, k in enumerate(ranked):
+            keep.update(dict.fromkeys(unit[k], rank < n_keep))
+    masks = {i: torch.tensor([keep[(i, c)] for c in range(len(gammas[i]))]) for i in convs}
     safe_percent = float((everything < safe).double().mean())
     return ChannelPlan(masks, threshold, safe_percent, floored, round_to, rounded)
 

@@ -30,7 +30,10 @@ local share ``K = --sr-keep``):
 - ``global``: ``s_c = S`` while ``e < D·E``, then ``S · 0.01`` for every channel;
 - ``local``: ``s_c = S`` while ``e < D·E``; afterwards, at each epoch start, the share ``K`` of
   selected channels with the largest |γ| gets ``S · 0.01`` and the rest keep ``S``, so the important
-  channels recover while the others keep shrinking.
+  channels recover while the others keep shrinking. ``--sr-rank`` says where the share is taken:
+  ``global`` over all selected channels (the older tools'), or ``layer``: within each layer, channels
+  tied by shortcuts ranked together as the pruning method scores them (one group per tied set), so
+  every layer keeps its share instead of a layer whose γ happen to be a little smaller being emptied.
 
 A γ the threshold zeroes is zeroed in the weights' moving average too (what is evaluated and saved).
 Every epoch the hook prints and logs to TensorBoard, for the model the checkpoint keeps (the moving
@@ -48,11 +51,14 @@ import torch
 from torch import nn
 
 from engine.hooks import TrainContext, TrainHook
+from models.graph import ChannelGraph
 from prune.methods import METHODS, SPARSITY_ALIASES, PruneMethod, method
+from prune.policies import channel_units
 from utils.cli import FRACTION, SPARSITY, option, refuse_unused
 from utils.errors import UserError
 
 SCHEDULES = ("constant", "global", "local")
+RANKS = ("global", "layer")
 MODES = ("proximal", "subgradient")
 DECAY = 0.01  # the factor of the decayed penalty
 SMALL = 0.01  # |γ| below this counts as pruned in the logged share
@@ -82,6 +88,9 @@ class SparsityOptions:
                                 help="fraction of the epochs after which the decay starts")
     sr_keep: float = option(0.15, "--sr-keep", type=FRACTION,
                             help="local decay: share of channels (largest |gamma|) whose rate decays")
+    sr_rank: str = option("global", "--sr-rank", choices=RANKS,
+                          help="local decay: take the --sr-keep share over all penalized channels (global) "
+                               "or within each layer, tied channels together (layer: no layer is emptied)")
 
     @property
     def method(self) -> PruneMethod:
@@ -90,6 +99,9 @@ class SparsityOptions:
 
     def check(self) -> None:
         refuse_unused(self, self.sr, "-sr (sparse training)", exempt=("sr",))
+        if self.sr_rank != "global" and self.sr_schedule != "local":
+            raise UserError(f"--sr-rank {self.sr_rank}: only the local schedule ranks channels; add "
+                            f"--sr-schedule local (now {self.sr_schedule})")
         if self.sr and self.s is None:  # recorded as used, so a later default cannot change a resumed run
             self.s = DEFAULT_S[self.sr_mode]
 
@@ -98,7 +110,7 @@ class SparsityOptions:
             return None
         s = DEFAULT_S[self.sr_mode] if self.s is None else self.s
         return SparsityHook(s, self.method, self.sr_schedule, self.sr_decay_at, self.sr_keep,
-                            self.sr_mode)
+                            self.sr_mode, self.sr_rank)
 
 
 def sparse_convs(model: nn.Module, m: PruneMethod | str) -> list[int]:
@@ -106,9 +118,30 @@ def sparse_convs(model: nn.Module, m: PruneMethod | str) -> list[int]:
     return (method(m) if isinstance(m, str) else m).penalized_convs(model.cfg)
 
 
+Units = list[list[torch.Tensor]]  # per unit, each channel group's indices into the flattened γ
+
+
+def kept_channels(gammas: torch.Tensor, keep: float, units: Units | None = None,
+                  score: str = "max") -> torch.Tensor:
+    """True for the channels of the share ``keep`` of groups with the largest |γ| in each unit (scored
+    by the group's ``max`` |γ| or its ``first`` member's); ``units`` None: every channel is a group of
+    one, all in one unit."""
+    g = gammas.abs()
+    mask = torch.zeros_like(g, dtype=torch.bool)
+    if units is None:
+        mask[g.topk(math.ceil(keep * g.numel())).indices] = True
+        return mask
+    for groups in units:
+        scores = torch.stack([g[idx[0]] if score == "first" else g[idx].max() for idx in groups])
+        for k in scores.topk(math.ceil(keep * len(groups))).indices.tolist():
+            mask[groups[k]] = True
+    return mask
+
+
 def sparsity_scale(schedule: str, s: float, epoch: int, epochs: int, decay_at: float, keep: float,
-                   gammas: torch.Tensor) -> torch.Tensor:
-    """The per-channel penalty ``s_c`` for the flattened γ of all selected convs (see module doc)."""
+                   gammas: torch.Tensor, units: Units | None = None, score: str = "max") -> torch.Tensor:
+    """The per-channel penalty ``s_c`` for the flattened γ of all selected convs (see module doc);
+    ``units``/``score``: where the local schedule's share is taken (:func:`kept_channels`)."""
     if schedule not in SCHEDULES:
         raise UserError(f"--sr-schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
     scale = torch.full_like(gammas, s)
@@ -116,11 +149,18 @@ def sparsity_scale(schedule: str, s: float, epoch: int, epochs: int, decay_at: f
         return scale
     if schedule == "global":
         return scale * DECAY
-    n_keep = math.ceil(keep * gammas.numel())
-    if n_keep:
-        top = gammas.abs().topk(n_keep).indices
-        scale[top] = s * DECAY
+    scale[kept_channels(gammas, keep, units, score)] = s * DECAY
     return scale
+
+
+def layer_units(model: nn.Module, convs: list[int]) -> Units:
+    """:func:`prune.policies.channel_units` of ``convs`` as indices into their flattened γ."""
+    offset, start = {}, 0
+    for i in convs:
+        offset[i] = start
+        start += model.layers[i].bn.num_features
+    return [[torch.tensor([offset[i] + c for i, c in chans]) for chans in unit]
+            for unit in channel_units(ChannelGraph(model.cfg), convs)]
 
 
 class SparsityHook(TrainHook):
@@ -128,7 +168,7 @@ class SparsityHook(TrainHook):
     after the step (``proximal``) or ``s_c · sign(γ)`` added to the gradient (``subgradient``)."""
 
     def __init__(self, s: float, prune_method: PruneMethod | str = "normal", schedule: str = "constant",
-                 decay_at: float = 0.5, keep: float = 0.15, mode: str = "proximal"):
+                 decay_at: float = 0.5, keep: float = 0.15, mode: str = "proximal", rank: str = "global"):
         if s < 0:
             raise UserError(f"--s {s}: the sparsity rate must be >= 0")
         if not 0 <= decay_at <= 1 or not 0 <= keep <= 1:
@@ -137,12 +177,15 @@ class SparsityHook(TrainHook):
             raise UserError(f"--sr-schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
         if mode not in MODES:
             raise UserError(f"--sr-mode {mode!r}: expected one of {', '.join(MODES)}")
-        self.mode = mode
+        if rank not in RANKS:
+            raise UserError(f"--sr-rank {rank!r}: expected one of {', '.join(RANKS)}")
+        self.mode, self.rank = mode, rank
         self.method = method(prune_method) if isinstance(prune_method, str) else prune_method
         self.s, self.schedule, self.decay_at, self.keep = s, schedule, decay_at, keep
         self.convs: list[int] = []
         self.bns: list[nn.BatchNorm2d] = []
         self.scales: list[torch.Tensor] = []
+        self.units: Units | None = None  # --sr-rank layer: the channel groups of each layer
         self.history: list[tuple[int, torch.Tensor]] = []  # (epoch, |γ|) for the plot
 
     def _gammas(self) -> torch.Tensor:
@@ -156,8 +199,10 @@ class SparsityHook(TrainHook):
                                 f"that {self.method.name} pruning ranks; choose another method")
             self.convs = convs
             self.bns = [ctx.model.layers[i].bn for i in convs]
+            if self.rank == "layer":
+                self.units = layer_units(ctx.model, convs)
         flat = sparsity_scale(self.schedule, self.s, epoch, ctx.epochs, self.decay_at, self.keep,
-                              self._gammas())
+                              self._gammas(), self.units, self.method.group_score)
         self.scales = list(flat.split([bn.num_features for bn in self.bns]))
 
     @torch.no_grad()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from engine.hooks import TrainHook
+from engine.hooks import TrainContext, TrainHook
 from engine.options import load_hyp
 from engine.trainer import Trainer
 from models.darknet import Darknet
@@ -13,7 +15,8 @@ from models.graph import ChannelGraph
 from models.io import load_checkpoint
 from prune.blocks import residual_blocks
 from prune.methods import METHODS, SPARSITY_ALIASES
-from prune.sparsity import SparsityHook, sparse_convs, sparsity_scale
+from prune.policies import channel_units
+from prune.sparsity import SparsityHook, SparsityOptions, sparse_convs, sparsity_scale
 from stages.train import resumed, trainer
 from tests.conftest import REPO
 from tests.test_train import StopAt, tiny_opts
@@ -48,6 +51,36 @@ def test_schedules_follow_their_formulas():
     decayed = (local < 0.01).nonzero().flatten().tolist()
     assert sorted(decayed) == [1, 8]  # the 20 % largest |γ|: -0.9 and 0.8
     assert torch.equal(sparsity_scale("local", 0.01, 4, 10, 0.5, 0.2, g), const)
+
+
+@pytest.mark.parametrize("name", ["slim", "shortcut", "layer_channel"])
+def test_local_schedule_ranked_by_layer_keeps_each_layers_share_with_tied_channels_together(name):
+    model = Darknet(REPO / "cfg" / "yolo-small.cfg")
+    convs = sparse_convs(model, name)
+    gen = torch.Generator().manual_seed(0)
+    for k, i in enumerate(convs):  # layer k's |γ| lie in [2 - k/10, 2.05 - k/10]: the last are smallest
+        bn = model.layers[i].bn
+        bn.weight.data = (2 - k / 10 + torch.rand(bn.num_features, generator=gen) / 20) * torch.where(
+            torch.rand(bn.num_features, generator=gen) < 0.5, -1.0, 1.0)
+    ctx = TrainContext(model=model, device=torch.device("cpu"), epochs=4, sizes=(64, 64, 64), amp=False,
+                       gains=None, main=True)
+    kept = {}
+    for rank in ("global", "layer"):
+        hook = SparsityHook(1.0, name, "local", decay_at=0, keep=0.4, rank=rank)
+        hook.on_epoch_start(ctx, 0)
+        kept[rank] = {i: (scale < 1.0).tolist() for i, scale in zip(convs, hook.scales)}
+    assert not any(kept["global"][convs[-1]])  # a global share empties the layers with smaller γ
+    gammas = {i: model.layers[i].bn.weight.detach().abs() for i in convs}
+    first = METHODS[name].group_score == "first"
+    units = channel_units(ChannelGraph(model.cfg), convs)
+    for unit in units:
+        flags = [{kept["layer"][i][c] for i, c in chans} for chans in unit]
+        assert all(len(f) == 1 for f in flags)  # tied channels are kept or penalized together
+        scores = [float(gammas[chans[0][0]][chans[0][1]]) if first else
+                  max(float(gammas[i][c]) for i, c in chans) for chans in unit]
+        best = sorted(range(len(unit)), key=lambda k: -scores[k])[:math.ceil(0.4 * len(unit))]
+        assert [k for k, f in enumerate(flags) if f == {True}] == sorted(best)
+    assert {i for unit in units for chans in unit for i, _ in chans} == set(convs)
 
 
 class GradProbe(TrainHook):
@@ -303,7 +336,7 @@ def test_sparse_training_drives_gammas_to_zero_and_logs_them(shapes_data, tmp_pa
 
 def test_resume_keeps_the_sparsity_settings(shapes_data, tmp_path):
     opts = tiny_opts(shapes_data, tmp_path, epochs=3, sr=True, s=0.02, prune=2, sr_schedule="local",
-                     sr_decay_at=0.3, sr_keep=0.4)
+                     sr_decay_at=0.3, sr_keep=0.4, sr_rank="layer")
     with pytest.raises(KeyboardInterrupt):
         trainer(opts, [StopAt(2)]).fit()
     t = trainer(resumed(str(tmp_path / "exp" / "weights" / "last.pt")))
@@ -311,7 +344,7 @@ def test_resume_keeps_the_sparsity_settings(shapes_data, tmp_path):
     assert isinstance(hook, SparsityHook)
     assert (hook.s, hook.method.name, hook.schedule, hook.decay_at, hook.keep) == (0.02, "layer", "local",
                                                                                     0.3, 0.4)
-    assert hook.mode == "proximal"
+    assert (hook.mode, hook.rank) == ("proximal", "layer")
     # a run saved before --sr-mode existed continues with the sub-gradient it started with
     last = tmp_path / "exp" / "weights" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
@@ -327,6 +360,10 @@ def test_bad_sparsity_options_are_one_line_errors():
         SparsityHook(0.001, schedule="cosine")
     with pytest.raises(UserError, match="--sr-decay-at"):
         SparsityHook(0.001, decay_at=2)
+    with pytest.raises(UserError, match="--sr-rank 'row'"):
+        SparsityHook(0.001, rank="row")
+    with pytest.raises(UserError, match="--sr-rank layer: only the local schedule"):
+        SparsityOptions(sr=True, sr_rank="layer", sr_schedule="global").check()
 
 
 @pytest.mark.parametrize("cfg", ["yolo-small", "yolov3"])
