@@ -3,7 +3,7 @@
     python train.py                                   # yolo-small on the built-in benchmark
     python train.py --cfg cfg/yolov3-tiny.cfg --data my.data --weights yolov3-tiny.weights --epochs 100
     python train.py --resume runs/train/exp/weights/last.pt
-    python train.py -sr --s 2 --sr-schedule local --sr-decay-at 0 --sr-keep 0.4 --prune-method slim  # sparse
+    python train.py -sr --s 3 --sr-schedule local --sr-decay-at 0 --sr-keep 0.38 --sr-rank layer  # sparse
     python train.py --weights pruned.pt --t_weights teacher.pt --KDstr 4   # fine-tune with distillation
     torchrun --nproc_per_node 2 train.py --device cpu # DistributedDataParallel (gloo on CPU, nccl on GPU)
 
