@@ -72,12 +72,10 @@ def channel_units(graph: ChannelGraph, convs: list[int]) -> list[Unit]:
     return list(units.values())
 
 
-def group_score(members: list[tuple[int, int]], gammas: dict[int, torch.Tensor], how: str) -> float:
-    """A group's |γ| score: its best member's (``max``) or its chain's first conv's (``first``)."""
-    if how == "first":
-        i, c = members[0]
-        return float(gammas[i][c])
-    return max(float(gammas[i][c]) for i, c in members)
+def group_score(values: torch.Tensor, how: str) -> float:
+    """A channel group's score from its members' |γ| in member order: the best (``max``) or the chain's
+    first conv's (``first``)."""
+    return float(values[0] if how == "first" else values.max())
 
 
 def _gamma(model: Darknet, conv: int) -> torch.Tensor:
@@ -111,7 +109,8 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
     rounded = 0
     safe = float("inf")
     for unit in channel_units(graph, convs):
-        scores = [group_score(chans, gammas, method.group_score) for chans in unit]
+        scores = [group_score(torch.stack([gammas[i][c] for i, c in chans]), method.group_score)
+                  for chans in unit]
         ranked = sorted(range(len(unit)), key=lambda k: -scores[k])
         safe = min(safe, scores[ranked[0]])
         n_keep = sum(score > threshold for score in scores)

@@ -53,7 +53,7 @@ from torch import nn
 from engine.hooks import TrainContext, TrainHook
 from models.graph import ChannelGraph
 from prune.methods import METHODS, SPARSITY_ALIASES, PruneMethod, method
-from prune.policies import channel_units
+from prune.policies import channel_units, group_score
 from utils.cli import FRACTION, SPARSITY, option, refuse_unused
 from utils.errors import UserError
 
@@ -123,16 +123,16 @@ Units = list[list[torch.Tensor]]  # per unit, each channel group's indices into 
 
 def kept_channels(gammas: torch.Tensor, keep: float, units: Units | None = None,
                   score: str = "max") -> torch.Tensor:
-    """True for the channels of the share ``keep`` of groups with the largest |γ| in each unit (scored
-    by the group's ``max`` |γ| or its ``first`` member's); ``units`` None: every channel is a group of
-    one, all in one unit."""
+    """True for the channels of the share ``keep`` of groups with the largest score in each unit
+    (:func:`prune.policies.group_score`); ``units`` None: every channel is a group of one, all in one
+    unit."""
     g = gammas.abs()
     mask = torch.zeros_like(g, dtype=torch.bool)
     if units is None:
         mask[g.topk(math.ceil(keep * g.numel())).indices] = True
         return mask
     for groups in units:
-        scores = torch.stack([g[idx[0]] if score == "first" else g[idx].max() for idx in groups])
+        scores = torch.tensor([group_score(g[idx], score) for idx in groups])
         for k in scores.topk(math.ceil(keep * len(groups))).indices.tolist():
             mask[groups[k]] = True
     return mask
