@@ -53,7 +53,7 @@ def load_detector(weights: str | Path, cfg: str | Path | None = None, device: to
 
 def _torch_detector(weights: Path, cfg: str | Path | None, device: torch.device, half: bool) -> Detector:
     opened = open_checkpoint(weights, cfg, device)
-    model = opened.model.eval().fuse()
+    model = opened.model.deploy()
     if half and device.type != "cuda":
         print("warning: --half needs CUDA; running float32")
         half = False

@@ -68,12 +68,13 @@ def summarize(model: Darknet, img_size: int | None = None) -> Summary:
 
 
 def as_deployed(model: Darknet) -> Darknet:
-    """``model`` as it runs in deployment, in eval mode: a fused copy of a float model (batch norms
-    folded into the convs); a quantized model as it is (its fake-quant graph)."""
+    """``model`` as it runs in deployment, in eval mode: a copy of a float model made ready by
+    :meth:`Darknet.deploy` (batch norms folded, activations in place, channels-last); a quantized
+    model as it is (its fake-quant graph)."""
     if model.quant_config is None:
-        fused = Darknet(model.cfg)
-        fused.load_state_dict(model.state_dict())
-        model = fused.fuse()
+        copy = Darknet(model.cfg)
+        copy.load_state_dict(model.state_dict())
+        model = copy.deploy()
     return model.eval()
 
 

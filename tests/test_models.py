@@ -1,4 +1,4 @@
-"""Every cfg (cfg/, the reference set, tests/data): parse/write, build, forward, backward, fuse."""
+"""Every cfg (cfg/, the reference set, tests/data): parse/write, build, forward, backward, fuse, deploy."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from models.cfg import parse_cfg, read_cfg, write_cfg
 from models.darknet import Darknet
+from models.layers import ConvBN
 from models.shapes import infer_shapes
 from tests.conftest import rel_err, tame_model
 
@@ -76,6 +77,25 @@ def test_fuse_matches_unfused(cfg_path, dtype, tol):
     assert fused.fused and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     assert out.dtype == dtype
     assert rel_err(out, ref) < tol
+
+
+def test_deploy_matches_unfused_and_leaves_its_input_alone(cfg_path):
+    # deploy() = fuse + in-place conv activations + channels-last weights: the same detections and
+    # raw maps as the training-form model (float32 rounding, as for fuse), and the image untouched
+    model = tame_model(cfg_path)
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    image = x.clone()
+    with torch.no_grad():
+        ref, ref_raw = model(x)
+        deployed = copy.deepcopy(model).deploy()
+        out, raw = deployed(x)
+    assert not deployed.training and deployed.fused
+    assert torch.equal(x, image)
+    assert rel_err(out, ref) < 5e-5
+    assert all(rel_err(p, q) < 5e-5 for p, q in zip(raw, ref_raw))
+    convs = [m.conv for m in deployed.layers if isinstance(m, ConvBN)]
+    kernels = [c.weight for c in convs if c.weight.shape[-1] > 1]
+    assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) for w in kernels)
 
 
 def test_input_size_not_multiple_of_stride_is_a_clear_error():
