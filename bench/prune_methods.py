@@ -69,7 +69,7 @@ def setting(model: Darknet, method: str, target: float) -> list[str]:
 def speeds(before: Darknet, after: Darknet, sizes: list[int], runs: int, folder: Path) -> dict[int, dict]:
     """Batch-1 CPU milliseconds of the unpruned and the pruned model at each size, the two timed in
     turn: onnxruntime on the float ONNX (BN folded by onnxruntime; :func:`models.summary.ort_latencies`),
-    PyTorch on the fused model, in alternation."""
+    PyTorch on the deployed model (fused, channels-last; ``Darknet.deploy``), in alternation."""
     result = {}
     for size in sizes:
         paths = [folder / f"{tag}-{size}.onnx" for tag in ("before", "after")]

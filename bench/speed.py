@@ -6,8 +6,8 @@
 
 The two models run in turn (``--runs`` each, median): onnxruntime on the exported float ONNX (BN folded
 by onnxruntime), each session alone with onnxruntime's default threading, in 3 rounds; PyTorch on the
-fused model, in alternation, on PyTorch's default threads or ``--torch-threads N`` (onnxruntime keeps
-its own); as ``bench.prune_methods`` times its rows. The table
+deployed model (``Darknet.deploy``: fused, channels-last), in alternation, on PyTorch's default threads
+or ``--torch-threads N`` (onnxruntime keeps its own); as ``bench.prune_methods`` times its rows. The table
 gives each ratio ``after / before`` and that ratio divided by the GFLOPs ratio (1.0 when time falls
 exactly with compute). The ONNX files go to a temporary folder that is removed afterwards.
 """

@@ -2,11 +2,13 @@
 
     .venv/bin/python -m bench.widths                         # 3x3 convs, c -> c channels, 28x28, c = 48..80
     .venv/bin/python -m bench.widths --size 56 --widths 24 48 --kernel 1
+    .venv/bin/python -m bench.widths --widths 16 128 --step 16   # the cost per multiply-add of narrow convs
 
 Each width ``c`` is a ``Conv(c, c, k) + bias + LeakyReLU(0.1)`` (a darknet conv with its batch norm
 folded) on a ``1 x c x size x size`` input, timed in onnxruntime (the float ONNX, its session alone
-with onnxruntime's default threading: :func:`models.summary.ort_latencies`) and then in PyTorch, batch 1,
-median of ``--runs`` runs. The table gives milliseconds
+with onnxruntime's default threading: :func:`models.summary.ort_latencies`) and then in PyTorch as the
+suite runs it (channels-last, the activation in place: ``Darknet.deploy``), batch 1, median of
+``--runs`` runs. The table gives milliseconds
 and nanoseconds per multiply-add: a width the kernels like has a lower cost per multiply-add than its
 neighbours. It decides the default ``--round-to`` of the channel-pruning methods (docs/pruning.md).
 """
@@ -28,7 +30,7 @@ from utils.outputs import atomic_write
 
 def conv_layer(c: int, k: int) -> nn.Module:
     torch.manual_seed(c)
-    return nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2), nn.LeakyReLU(0.1)).eval()
+    return nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2), nn.LeakyReLU(0.1, inplace=True)).eval()
 
 
 def time_width(c: int, k: int, size: int, runs: int) -> dict:
@@ -37,6 +39,7 @@ def time_width(c: int, k: int, size: int, runs: int) -> dict:
     buffer = io.BytesIO()  # into a temporary in memory: no file is written
     torch.onnx.export(m, (x,), buffer, input_names=["x"], opset_version=13, dynamo=False)
     (ort_ms,) = ort_latencies([buffer.getvalue()], x.numpy(), runs)
+    m.to(memory_format=torch.channels_last)
     with torch.no_grad():
         (pt_ms,) = latencies([lambda: m(x)], runs)
     macs = c * c * k * k * size * size
@@ -69,6 +72,7 @@ def markdown(rows: list[dict], k: int, size: int, runs: int) -> str:
 def build_parser() -> Parser:
     ap = Parser(prog="python -m bench.widths", description=__doc__)
     ap.add_argument("--widths", type=COUNT, nargs=2, default=[48, 80], metavar=("FIRST", "LAST"))
+    ap.add_argument("--step", type=COUNT, default=1, help="time every STEP-th width from FIRST")
     ap.add_argument("--kernel", type=int, choices=(1, 3), default=3)
     ap.add_argument("--size", type=COUNT, default=28)
     ap.add_argument("--runs", type=COUNT, default=50)
@@ -79,7 +83,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> list[dict]:
     a = build_parser().parse_args(argv)
     lo, hi = sorted(a.widths)
-    rows = [time_width(c, a.kernel, a.size, a.runs) for c in range(lo, hi + 1)]
+    rows = [time_width(c, a.kernel, a.size, a.runs) for c in range(lo, hi + 1, a.step)]
     out = new_run_dir(a.project, "widths")
     table = markdown(rows, a.kernel, a.size, a.runs)
     atomic_write(out / "widths.json", json.dumps(rows, indent=2))

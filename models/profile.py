@@ -4,10 +4,10 @@
 onnxruntime session with profiling on and sums each run's kernel times by the darknet layer a node
 belongs to (node names carry the layer index, ``/model/layers.<i>/...``; layout reorders and the
 box decoding count as ``other``; the session does not spin, as profiling sums kernel times, not the
-wake-ups between them); and times each layer of the fused PyTorch model with forward hooks.
-Each layer's figure is the median over the runs. :func:`plot_layer_times` draws two models side by
-side (before and after pruning), with each layer's share of the GFLOPs beside its share of the time,
-so the layers that cost more time than compute stand out.
+wake-ups between them); and times each layer of the deployed PyTorch model (fused, channels-last)
+with forward hooks. Each layer's figure is the median over the runs. :func:`plot_layer_times` draws
+two models side by side (before and after pruning), with each layer's share of the GFLOPs beside its
+share of the time, so the layers that cost more time than compute stand out.
 """
 
 from __future__ import annotations

@@ -360,10 +360,11 @@ def layer_markdown(profile: dict, top: int = 8) -> list[str]:
     heavy = sorted(before, key=lambda r: -r["ort_ms"])[:top]
     lines = ["", "## Where the time goes", "",
              f"Per layer, CPU batch 1, median of {profile['runs']} runs: onnxruntime kernel time from its "
-             f"profiler, PyTorch time from forward hooks on the fused model; `{b_name}` → `{a_name}`, the "
-             f"{top} layers that take the most onnxruntime time in `{b_name}` (share of the model's total "
-             f"in brackets; `other` is layout reorders and box decoding). A layer whose share of the time "
-             f"is well above its share of the GFLOPs is memory-bound or runs an unfavourable width.", "",
+             f"profiler, PyTorch time from forward hooks on the deployed model (fused, channels-last); "
+             f"`{b_name}` → `{a_name}`, the {top} layers that take the most onnxruntime time in `{b_name}` "
+             f"(share of the model's total in brackets; `other` is layout reorders and box decoding). A "
+             f"layer whose share of the time is well above its share of the GFLOPs is memory-bound or runs "
+             f"an unfavourable width.", "",
              "| layer | type | GFLOPs | onnxruntime ms | PyTorch ms |", "| --- | --- | ---: | ---: | ---: |"]
     for r in heavy:
         a = after_by.get(r["layer"]) if aligned else None

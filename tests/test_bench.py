@@ -115,3 +115,14 @@ def test_strategy_rows_name_an_ablation_or_fail_in_one_line(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--student", "s", "--teacher", "t", "--strategies", bad])
         assert says in capsys.readouterr().err
+
+
+def test_widths_times_every_step_th_width_in_both_runtimes_and_writes_its_table(tmp_path, capsys):
+    from bench.widths import main
+
+    rows = main(["--widths", "8", "24", "--step", "8", "--size", "8", "--runs", "2",
+                 "--project", str(tmp_path)])
+    assert [r["width"] for r in rows] == [8, 16, 24]
+    assert all(r["ort_ms"] > 0 and r["pt_ms"] > 0 and r["macs"] == r["width"] ** 2 * 9 * 64 for r in rows)
+    (table,) = tmp_path.glob("widths*/widths.md")
+    assert [line.split("|")[1].strip() for line in table.read_text().splitlines()[4:7]] == ["8", "16", "24"]
