@@ -93,9 +93,10 @@ class Darknet(nn.Module):
         """Ready for inference, in place: batch norms folded (:meth:`fuse`) and, for a float model,
         each conv's activation applied in place to the conv's fresh output and the weights stored
         channels-last, so oneDNN reads and writes the activations in its own layout instead of
-        reordering them around every conv. Measured on a 2-core Xeon, batch 1: yolo-small's CPU
-        forward 1.2x (224 px) to 1.35x (416 px) faster, its 87 %-pruned version 1.4x to 1.7x
-        (docs/pruning.md). A quantized model is only fused. Returns self, in eval mode."""
+        reordering them around every conv. Measured on a 2-core Xeon, batch 1 (``bench.speed``):
+        yolo-small's CPU forward 1.24x (224 px) and 1.33x (416 px) faster, its 87 %-pruned version
+        1.26x and 1.38x (docs/benchmarks.md). A quantized model is only fused. Returns self, in
+        eval mode."""
         self.fuse()
         if self.quant_config is None:
             for m in self.layers:
