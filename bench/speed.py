@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.speed --before runs/compress/default/baseline/weights/last.pt \\
         --after runs/compress/default/finetune/weights/last.pt                  # 224 and 416 px
     .venv/bin/python -m bench.speed --before ... --after ... --torch-threads 1      # PyTorch on one thread
+    .venv/bin/python -m bench.speed --before baseline.pt --after other-widths.cfg   # a cut before training it
 
 The two models run in turn (``--runs`` each, median): onnxruntime on the exported float ONNX (BN folded
 by onnxruntime), each session alone with onnxruntime's default threading, in 3 rounds; PyTorch on the
@@ -20,9 +21,11 @@ from pathlib import Path
 import torch
 
 from bench.prune_methods import speeds
+from models.darknet import Darknet
 from models.io import load_model
 from models.summary import summarize
 from utils.cli import COUNT, IMG_SIZE, Parser, run_cli
+from utils.torch_utils import tame_random_weights
 
 
 def markdown(result: dict[int, dict], gflops: dict[int, tuple[float, float]], runs: int,
@@ -44,10 +47,20 @@ def markdown(result: dict[int, dict], gflops: dict[int, tuple[float, float]], ru
     return "\n".join(lines) + "\n"
 
 
+def load(path: str) -> Darknet:
+    """A checkpoint, or a cfg alone with tame random weights: a model's latency does not depend on its
+    weights (denormals are flushed), so a cut's speed can be timed before it is trained."""
+    if Path(path).suffix == ".cfg":
+        return tame_random_weights(load_model(cfg=path), seed=0)
+    return load_model(path).eval()
+
+
 def build_parser() -> Parser:
     ap = Parser(prog="python -m bench.speed", description=__doc__)
-    ap.add_argument("--before", required=True, help="the reference checkpoint (.pt), e.g. the baseline")
-    ap.add_argument("--after", required=True, help="the checkpoint compared with it, e.g. the pruned model")
+    ap.add_argument("--before", required=True,
+                    help="the reference checkpoint (.pt), e.g. the baseline, or a .cfg (random weights)")
+    ap.add_argument("--after", required=True,
+                    help="the checkpoint compared with it, e.g. the pruned model, or a .cfg (random weights)")
     ap.add_argument("--sizes", type=IMG_SIZE, nargs="+", default=[224, 416])
     ap.add_argument("--runs", type=COUNT, default=50, help="timed runs of each model per size")
     ap.add_argument("--torch-threads", type=COUNT, default=None,
@@ -57,7 +70,7 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> dict[int, dict]:
     a = build_parser().parse_args(argv)
-    before, after = load_model(a.before).eval(), load_model(a.after).eval()
+    before, after = load(a.before), load(a.after)
     threads = torch.get_num_threads()
     try:
         if a.torch_threads:

@@ -59,6 +59,25 @@ def test_speed_times_two_real_checkpoints_in_both_runtimes(tmp_path, capsys, mon
     assert not any(scratch.iterdir())  # the ONNX files went to a temporary folder, now removed
 
 
+def test_speed_times_a_cut_given_as_a_cfg_against_a_checkpoint(tmp_path, capsys):
+    """--after a .cfg: the cut is timed with tame random weights, its GFLOPs counted from the cfg."""
+    from bench import speed
+    from bench.capacity import scaled_cfg
+    from models.cfg import write_cfg
+    from models.io import save_checkpoint
+    from tests.conftest import REPO, tame_model
+
+    before, after = tmp_path / "before.pt", tmp_path / "quarter.cfg"
+    save_checkpoint(before, tame_model(REPO / "cfg" / "yolo-small.cfg"))
+    after.write_text(write_cfg(scaled_cfg("yolo-small-w0.25")))
+    result = speed.main(["--before", str(before), "--after", str(after), "--sizes", "64", "--runs", "3"])
+    assert all(v > 0 for v in result[64].values()) and len(result[64]) == 4
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    g0, g1 = (float(v) for v in row.split("|")[2].split("(")[0].split("/"))
+    assert g1 < g0 / 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["before.pt", "quarter.cfg"]
+
+
 def test_speed_times_pytorch_on_the_threads_asked_for_and_restores_them(tmp_path, capsys):
     import torch
 
