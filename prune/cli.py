@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.cfg import ModelCfg, read_cfg
 from models.darknet import Darknet
 from models.io import open_checkpoint, resolve_img_size, save_checkpoint, save_darknet_weights
 from models.summary import measure, ratio_spread
@@ -62,6 +63,10 @@ class PruneOptions:
     round_to: int | None = option(None, "--round-to", type=MULTIPLE,
                                   help="kept widths are rounded up to multiples of this (default: 8 for "
                                        "regular, 16 for the other channel methods; 1: no rounding)")
+    widths_from: str = option("", "--widths-from", metavar="CFG",
+                              help="give every conv the width it has in this cfg (a cut of the same network, "
+                                   "e.g. one timed with bench.speed), keeping its best channels; replaces "
+                                   "--percent, --layer-keep and --round-to")
     shortcuts: int = option(2, "--shortcuts", "--shortcut", type=COUNT, help="residual blocks to remove")
     img_size: int | None = option(None, "--img-size", type=IMG_SIZE,
                                   help="evaluation, GFLOPs and latency size (default: the checkpoint's, else "
@@ -83,7 +88,7 @@ def applies(name: str) -> Callable[[str], bool]:
     ``--round-to``) only for methods that cut channels, ``--shortcuts`` only for block removal."""
     m = method(name)
     needs = {"percent": m.channels, "layer_keep": m.channels, "round_to": m.channels,
-             "shortcuts": m.blocks}
+             "widths_from": m.channels and not m.blocks, "shortcuts": m.blocks}
     return lambda field_name: needs.get(field_name, True)
 
 
@@ -114,10 +119,10 @@ class Measure:
 
 
 def apply_method(model: Darknet, name: str, percent: float = 0.5, layer_keep: float = 0.01,
-                 round_to: int | None = None, shortcuts: int = 2, compensate: bool = True
-                 ) -> tuple[Darknet, list[str]]:
+                 round_to: int | None = None, shortcuts: int = 2, compensate: bool = True,
+                 widths: ModelCfg | None = None) -> tuple[Darknet, list[str]]:
     """Prune ``model`` with the registered method ``name``: the pruned model and lines saying what went."""
-    p = plan(model, name, percent, layer_keep, round_to, shortcuts)
+    p = plan(model, name, percent, layer_keep, round_to, shortcuts, widths)
     return apply_plan(model, p, compensate), p.notes()
 
 
@@ -173,7 +178,8 @@ def _loaders(data_path: str, img_size: int, batch: int, stride: int, need_train:
 
 def run(o: PruneOptions) -> StageResult:
     """Prune, measure before and after, write the outputs; the result's value is the report."""
-    if o.round_to is None and method(o.method).channels:  # recorded as used
+    widths = read_cfg(o.widths_from) if o.widths_from else None
+    if o.round_to is None and method(o.method).channels and widths is None:  # recorded as used
         o = dataclasses.replace(o, round_to=method(o.method).round_to)
     opened = open_checkpoint(o.weights, o.cfg or None)
     model, meta, weights = opened.model.eval(), opened.meta, opened.path
@@ -191,13 +197,13 @@ def run(o: PruneOptions) -> StageResult:
     out_dir = Path(o.output) if o.output else next_run_dir("runs/prune", o.method)
     paths = {k: out_dir / f"pruned.{k}" for k in ("cfg", "weights", "pt")}
     paths["report"] = out_dir / "report.json"
-    outputs = OutputPlan([weights, o.cfg, o.data], o.exist_ok)
+    outputs = OutputPlan([weights, o.cfg, o.data, o.widths_from], o.exist_ok)
     for p in paths.values():
         outputs.add(p)
     outputs.check()  # before the work: a refused run neither prunes nor writes
 
     pruned, notes = apply_method(model, o.method, o.percent, o.layer_keep, o.round_to, o.shortcuts,
-                                 not o.no_compensate)
+                                 not o.no_compensate, widths)
     if o.recalibrate:
         batches = (imgs.float() / 255 for k, (imgs, *_) in zip(range(o.recalibrate), train_loader))
         n = recalibrate_bn(pruned, batches)

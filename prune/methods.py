@@ -26,7 +26,7 @@ from models.darknet import Darknet
 from models.graph import ChannelGraph
 from prune.blocks import ResidualBlock, channel_candidates, residual_blocks
 from prune.engine import prune_channels, remove_blocks
-from prune.policies import ChannelPlan, channel_plan, lowest_blocks
+from prune.policies import ChannelPlan, channel_plan, lowest_blocks, width_plan
 from utils.errors import UserError
 
 
@@ -103,11 +103,16 @@ class PrunePlan:
 
 
 def plan(model: Darknet, m: PruneMethod | str, percent: float = 0.5, layer_keep: float = 0.01,
-         round_to: int | None = None, shortcuts: int = 2) -> PrunePlan:
+         round_to: int | None = None, shortcuts: int = 2, widths: ModelCfg | None = None) -> PrunePlan:
     """What method ``m`` removes from ``model`` at these settings (nothing is changed yet); ``round_to``
-    None: the method's default."""
+    None: the method's default; ``widths``: the conv widths of that cfg instead of a threshold."""
     m = method(m) if isinstance(m, str) else m
-    channels = channel_plan(model, m, percent, layer_keep, round_to) if m.channels else None
+    if widths is not None and not m.channels:
+        raise UserError(f"{m.name} pruning removes no channels: it cannot take the widths of {widths.source}")
+    channels = None
+    if m.channels:
+        channels = width_plan(model, m, widths) if widths is not None else \
+            channel_plan(model, m, percent, layer_keep, round_to)
     blocks = lowest_blocks(model, shortcuts) if m.blocks else []
     return PrunePlan(m, channels, blocks)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from models.cfg import ModelCfg
 from models.darknet import Darknet
 from models.graph import ChannelGraph
 from prune.blocks import ResidualBlock, residual_blocks
@@ -42,8 +43,12 @@ class ChannelPlan:
     floored: list[str] = field(default_factory=list)  # units whose floor kept more than the threshold
     round_to: int = 1
     rounded: int = 0  # channel groups at or below the threshold kept to round widths up to round_to
+    widths_from: str = ""  # a cfg whose widths were taken instead of a threshold (:func:`width_plan`)
 
     def summary(self) -> str:
+        if self.widths_from:
+            return (f"widths of {self.widths_from}: every layer keeps that many of its channel groups, the "
+                    f"best by |gamma|")
         lines = [f"threshold |gamma| <= {self.threshold:.4g}; the largest percent that leaves every layer "
                  f"a channel without a floor: {self.safe_percent:.1%}"]
         if self.rounded:
@@ -95,12 +100,7 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
     round_to = method.round_to if round_to is None else round_to
     if round_to < 1:
         raise UserError(f"--round-to {round_to}: must be >= 1")
-    graph = ChannelGraph(model.cfg)
-    convs = method.channel_convs(graph)
-    if not convs:
-        raise UserError(f"{model.cfg.source}: no conv that {method.name} pruning may cut (every conv feeds "
-                        f"a head, lacks batch norm or is tied)")
-    gammas = {i: _gamma(model, i) for i in convs}
+    convs, gammas = _candidates(model, method)
     everything = torch.cat(list(gammas.values()))
     threshold = float(torch.quantile(everything, percent)) if percent > 0 else -1.0
 
@@ -108,10 +108,7 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
     floored = []
     rounded = 0
     safe = float("inf")
-    for unit in channel_units(graph, convs):
-        scores = [group_score(torch.stack([gammas[i][c] for i, c in chans]), method.group_score)
-                  for chans in unit]
-        ranked = sorted(range(len(unit)), key=lambda k: -scores[k])
+    for unit, scores, ranked in _ranked_units(model, method, convs, gammas):
         safe = min(safe, scores[ranked[0]])
         n_keep = sum(score > threshold for score in scores)
         floor = max(1, math.ceil(layer_keep * len(unit)))
@@ -124,9 +121,62 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
             n_keep = wide
         for rank, k in enumerate(ranked):
             keep.update(dict.fromkeys(unit[k], rank < n_keep))
-    masks = {i: torch.tensor([keep[(i, c)] for c in range(len(gammas[i]))]) for i in convs}
     safe_percent = float((everything < safe).double().mean())
-    return ChannelPlan(masks, threshold, safe_percent, floored, round_to, rounded)
+    return ChannelPlan(_masks(keep, gammas), threshold, safe_percent, floored, round_to, rounded)
+
+
+def width_plan(model: Darknet, method: PruneMethod, target: ModelCfg) -> ChannelPlan:
+    """The masks that give ``model`` the conv widths of ``target`` (a cut of the same network, e.g. one
+    timed with ``bench.speed`` before training): every unit keeps that many of its channel groups,
+    the best by the method's score. Anything but a narrower width of a conv the method may cut is a
+    UserError naming the layer."""
+    where = target.source
+    if len(target.layers) != len(model.cfg.layers):
+        raise UserError(f"{where}: {len(target.layers)} layers, {model.cfg.source} has "
+                        f"{len(model.cfg.layers)}: not a cut of this network")
+    convs, gammas = _candidates(model, method)
+    for i, (mine, theirs) in enumerate(zip(model.cfg.layers, target.layers)):
+        if mine.type != theirs.type:
+            raise UserError(f"{where}: layer {i} is [{theirs.type}], {model.cfg.source}'s is "
+                            f"[{mine.type}]: not a cut of this network")
+        if mine.type == "convolutional" and i not in gammas and theirs["filters"] != mine["filters"]:
+            raise UserError(f"{where}: layer {i} has {theirs['filters']} filters; {method.name} pruning "
+                            f"does not cut that conv, so it keeps {mine['filters']}")
+    keep: dict[tuple[int, int], bool] = {}
+    for unit, _, ranked in _ranked_units(model, method, convs, gammas):
+        widths = {target.layers[i]["filters"] for i in sorted({i for chans in unit for i, _ in chans})}
+        first = unit[0][0][0]
+        if len(widths) > 1:
+            raise UserError(f"{where}: layer {first} and the convs tied to it by shortcuts have widths "
+                            f"{sorted(widths)}; tied convs keep one width")
+        (width,) = widths
+        if not 1 <= width <= len(unit):
+            raise UserError(f"{where}: layer {first} has {width} filters; a cut keeps 1 to "
+                            f"{len(unit)} of its channels")
+        for rank, k in enumerate(ranked):
+            keep.update(dict.fromkeys(unit[k], rank < width))
+    return ChannelPlan(_masks(keep, gammas), float("nan"), 0.0, widths_from=str(where))
+
+
+def _candidates(model: Darknet, method: PruneMethod) -> tuple[list[int], dict[int, torch.Tensor]]:
+    """The convs ``method`` may cut, and each one's |γ|."""
+    convs = method.channel_convs(ChannelGraph(model.cfg))
+    if not convs:
+        raise UserError(f"{model.cfg.source}: no conv that {method.name} pruning may cut (every conv feeds "
+                        f"a head, lacks batch norm or is tied)")
+    return convs, {i: _gamma(model, i) for i in convs}
+
+
+def _ranked_units(model: Darknet, method: PruneMethod, convs: list[int], gammas: dict[int, torch.Tensor]):
+    """Each unit of ``convs``, its groups' scores, and the group indices best first."""
+    for unit in channel_units(ChannelGraph(model.cfg), convs):
+        scores = [group_score(torch.stack([gammas[i][c] for i, c in chans]), method.group_score)
+                  for chans in unit]
+        yield unit, scores, sorted(range(len(unit)), key=lambda k: -scores[k])
+
+
+def _masks(keep: dict[tuple[int, int], bool], gammas: dict[int, torch.Tensor]) -> Masks:
+    return {i: torch.tensor([keep[(i, c)] for c in range(len(g))]) for i, g in gammas.items()}
 
 
 def block_score(model: Darknet, block: ResidualBlock) -> float:

@@ -337,3 +337,75 @@ def test_nested_residual_blocks_are_not_removed_together(spread_models):
     assert len(lowest_blocks(model, 1)) == 1
     with pytest.raises(UserError, match="nested; at most 1"):
         lowest_blocks(model, 2)
+
+
+# ---------------------------------------------------------------- widths from a cfg
+def narrower(model: Darknet, method: str, share: float = 0.4):
+    """``model``'s cfg with every unit ``method`` may cut at ``share`` of its channel groups."""
+    from prune.policies import channel_units
+
+    target = model.cfg.copy()
+    target.source = "cut.cfg"
+    graph = ChannelGraph(model.cfg)
+    for unit in channel_units(graph, METHODS[method].channel_convs(graph)):
+        for i in {i for chans in unit for i, _ in chans}:
+            target.layers[i].set("filters", max(1, int(share * len(unit))))
+    return target
+
+
+@pytest.mark.parametrize("method", ["slim", "shortcut", "regular"])
+def test_widths_from_a_cfg_keep_the_best_groups_at_exactly_its_widths(spread_models, method):
+    from prune.policies import channel_units, group_score
+
+    model = spread_models("yolo-small")
+    target = narrower(model, method)
+    p = plan(model, method, widths=target)
+    pruned = apply_plan(model, p)
+    assert [b["filters"] for b in pruned.cfg.layers if b.type == "convolutional"] == \
+        [b["filters"] for b in target.layers if b.type == "convolutional"]
+    assert "widths of cut.cfg" in p.channels.summary()
+    graph = ChannelGraph(model.cfg)
+
+    def score(chans):
+        return group_score(torch.stack([model.layers[i].bn.weight.abs()[c] for i, c in chans]),
+                           METHODS[method].group_score)
+
+    for unit in channel_units(graph, METHODS[method].channel_convs(graph)):
+        kept = [score(chans) for chans in unit if p.channels.masks[chans[0][0]][chans[0][1]]]
+        gone = [score(chans) for chans in unit if not p.channels.masks[chans[0][0]][chans[0][1]]]
+        assert len(kept) == int(0.4 * len(unit)) and min(kept) >= max(gone)
+
+
+def test_widths_from_a_cfg_that_is_no_cut_of_the_model_are_one_line_errors(spread_models):
+    model = spread_models("yolo-small")
+    other = load_model(cfg=cfg_file("yolov3-tiny")).cfg
+    with pytest.raises(UserError, match="not a cut of this network"):
+        plan(model, "slim", widths=other)
+    wider = narrower(model, "slim", 2.0)
+    with pytest.raises(UserError, match="a cut keeps 1 to"):
+        plan(model, "slim", widths=wider)
+    untied = narrower(model, "slim")
+    chain = ChannelGraph(model.cfg).chains()[0]
+    untied.layers[chain[-1]].set("filters", untied.layers[chain[0]]["filters"] + 1)
+    with pytest.raises(UserError, match="tied convs keep one width"):
+        plan(model, "slim", widths=untied)
+    tied_cut = narrower(model, "slim")  # normal pruning does not cut the shortcut-tied convs
+    with pytest.raises(UserError, match="normal pruning does not cut that conv"):
+        plan(model, "normal", widths=tied_cut)
+    with pytest.raises(UserError, match="layer pruning removes no channels"):
+        plan(model, "layer", widths=tied_cut)
+
+
+def test_the_widths_from_flag_prunes_to_a_cfg_file_and_never_writes_it(trained_small, tmp_path):
+    from models.cfg import write_cfg
+
+    model = load_model(trained_small)
+    cut = tmp_path / "cut.cfg"
+    text = write_cfg(narrower(model, "slim", 0.5))
+    cut.write_text(text)
+    report = cli.main("slim", ["--weights", str(trained_small), "--widths-from", str(cut), "--img-size", "64",
+                               "--latency-runs", "1", "--output", str(tmp_path / "out")])
+    wanted = [b["filters"] for b in narrower(model, "slim", 0.5).layers if b.type == "convolutional"]
+    assert [w[1] for w in report["widths"].values()] == wanted
+    assert cut.read_text() == text
+    assert load_model(tmp_path / "out" / "pruned.pt").cfg_text.count("filters=") == text.count("filters=")
