@@ -33,6 +33,7 @@ from utils.cli import (
     MULTIPLE,
     SHARE_BELOW_1,
     from_namespace,
+    given_flags,
     option,
     options_parser,
     run_cli,
@@ -179,6 +180,8 @@ def _loaders(data_path: str, img_size: int, batch: int, stride: int, need_train:
 def run(o: PruneOptions) -> StageResult:
     """Prune, measure before and after, write the outputs; the result's value is the report."""
     widths = read_cfg(o.widths_from) if o.widths_from else None
+    if widths is not None and (unused := given_flags(o, ["percent", "layer_keep", "round_to"])):
+        raise UserError(f"{', '.join(unused)}: does nothing with --widths-from (the cfg gives every width)")
     if o.round_to is None and method(o.method).channels and widths is None:  # recorded as used
         o = dataclasses.replace(o, round_to=method(o.method).round_to)
     opened = open_checkpoint(o.weights, o.cfg or None)

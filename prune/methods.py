@@ -107,8 +107,9 @@ def plan(model: Darknet, m: PruneMethod | str, percent: float = 0.5, layer_keep:
     """What method ``m`` removes from ``model`` at these settings (nothing is changed yet); ``round_to``
     None: the method's default; ``widths``: the conv widths of that cfg instead of a threshold."""
     m = method(m) if isinstance(m, str) else m
-    if widths is not None and not m.channels:
-        raise UserError(f"{m.name} pruning removes no channels: it cannot take the widths of {widths.source}")
+    if widths is not None and (m.blocks or not m.channels):
+        raise UserError(f"{m.name} pruning {'removes blocks' if m.blocks else 'removes no channels'}: it "
+                        f"cannot take the widths of {widths.source}")
     channels = None
     if m.channels:
         channels = width_plan(model, m, widths) if widths is not None else \

@@ -47,8 +47,8 @@ class ChannelPlan:
 
     def summary(self) -> str:
         if self.widths_from:
-            return (f"widths of {self.widths_from}: every layer keeps that many of its channel groups, the "
-                    f"best by |gamma|")
+            return (f"widths of {self.widths_from}: every layer keeps that many of its channels, the best "
+                    f"by the method's score (|gamma|)")
         lines = [f"threshold |gamma| <= {self.threshold:.4g}; the largest percent that leaves every layer "
                  f"a channel without a floor: {self.safe_percent:.1%}"]
         if self.rounded:
@@ -100,7 +100,7 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
     round_to = method.round_to if round_to is None else round_to
     if round_to < 1:
         raise UserError(f"--round-to {round_to}: must be >= 1")
-    convs, gammas = _candidates(model, method)
+    graph, convs, gammas = _candidates(model, method)
     everything = torch.cat(list(gammas.values()))
     threshold = float(torch.quantile(everything, percent)) if percent > 0 else -1.0
 
@@ -108,7 +108,7 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
     floored = []
     rounded = 0
     safe = float("inf")
-    for unit, scores, ranked in _ranked_units(model, method, convs, gammas):
+    for unit, scores, ranked in _ranked_units(graph, method, convs, gammas):
         safe = min(safe, scores[ranked[0]])
         n_keep = sum(score > threshold for score in scores)
         floor = max(1, math.ceil(layer_keep * len(unit)))
@@ -127,55 +127,75 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
 
 def width_plan(model: Darknet, method: PruneMethod, target: ModelCfg) -> ChannelPlan:
     """The masks that give ``model`` the conv widths of ``target`` (a cut of the same network, e.g. one
-    timed with ``bench.speed`` before training): every unit keeps that many of its channel groups,
-    the best by the method's score. Anything but a narrower width of a conv the method may cut is a
-    UserError naming the layer."""
-    where = target.source
-    if len(target.layers) != len(model.cfg.layers):
-        raise UserError(f"{where}: {len(target.layers)} layers, {model.cfg.source} has "
-                        f"{len(model.cfg.layers)}: not a cut of this network")
-    convs, gammas = _candidates(model, method)
+    timed with ``bench.speed`` before training): every unit keeps as many of its channel groups as
+    the target's widths need, the best by the method's score. A target that differs in anything but
+    narrower widths of convs the method may cut is a UserError naming its block."""
+    _same_network_but_widths(model.cfg, target, method)
+    graph, convs, gammas = _candidates(model, method)
     for i, (mine, theirs) in enumerate(zip(model.cfg.layers, target.layers)):
-        if mine.type != theirs.type:
-            raise UserError(f"{where}: layer {i} is [{theirs.type}], {model.cfg.source}'s is "
-                            f"[{mine.type}]: not a cut of this network")
         if mine.type == "convolutional" and i not in gammas and theirs["filters"] != mine["filters"]:
-            raise UserError(f"{where}: layer {i} has {theirs['filters']} filters; {method.name} pruning "
-                            f"does not cut that conv, so it keeps {mine['filters']}")
+            raise UserError(f"{theirs.where()}: filters={theirs['filters']}, but {method.name} pruning does "
+                            f"not cut this conv: it keeps {mine['filters']}")
     keep: dict[tuple[int, int], bool] = {}
-    for unit, _, ranked in _ranked_units(model, method, convs, gammas):
-        widths = {target.layers[i]["filters"] for i in sorted({i for chans in unit for i, _ in chans})}
-        first = unit[0][0][0]
-        if len(widths) > 1:
-            raise UserError(f"{where}: layer {first} and the convs tied to it by shortcuts have widths "
-                            f"{sorted(widths)}; tied convs keep one width")
-        (width,) = widths
-        if not 1 <= width <= len(unit):
-            raise UserError(f"{where}: layer {first} has {width} filters; a cut keeps 1 to "
-                            f"{len(unit)} of its channels")
+    for unit, _, ranked in _ranked_units(graph, method, convs, gammas):
+        per: dict[int, int] = {}  # channels of each conv in one group (a grouped [route] puts several)
+        for i, _ in unit[0]:
+            per[i] = per.get(i, 0) + 1
+        counts = set()
+        for i, n in per.items():
+            block, filters = target.layers[i], target.layers[i]["filters"]
+            if filters % n or not n <= filters <= n * len(unit):
+                step = f" in steps of {n} (a grouped [route] splits it)" if n > 1 else ""
+                raise UserError(f"{block.where()}: filters={filters}; a cut of this conv keeps {n} to "
+                                f"{n * len(unit)} channels{step}")
+            counts.add(filters // n)
+        if len(counts) > 1:
+            tied = ", ".join(map(str, sorted(per)))
+            raise UserError(f"{target.layers[min(per)].where()}: the convs tied to it (layers {tied}) are "
+                            f"cut to different widths; tied convs keep one width")
+        (n_keep,) = counts
         for rank, k in enumerate(ranked):
-            keep.update(dict.fromkeys(unit[k], rank < width))
-    return ChannelPlan(_masks(keep, gammas), float("nan"), 0.0, widths_from=str(where))
+            keep.update(dict.fromkeys(unit[k], rank < n_keep))
+    return ChannelPlan(_masks(keep, gammas), float("nan"), 0.0, widths_from=str(target.source))
 
 
-def _candidates(model: Darknet, method: PruneMethod) -> tuple[list[int], dict[int, torch.Tensor]]:
-    """The convs ``method`` may cut, and each one's |γ|."""
-    convs = method.channel_convs(ChannelGraph(model.cfg))
+def _same_network_but_widths(cfg: ModelCfg, target: ModelCfg, method: PruneMethod) -> None:
+    if len(target.layers) != len(cfg.layers) or target.net["channels"] != cfg.net["channels"]:
+        raise UserError(f"{target.source}: {len(target.layers)} layers on {target.net['channels']} input "
+                        f"channels, {cfg.source} has {len(cfg.layers)} on {cfg.net['channels']}: not a cut "
+                        f"of this network")
+    for mine, theirs in zip(cfg.layers, target.layers):
+        if mine.type != theirs.type:
+            raise UserError(f"{theirs.where()}: {cfg.source} has [{mine.type}] here: not a cut of this "
+                            f"network")
+        for key in sorted((set(mine.options) | set(theirs.options)) - {"filters"}):
+            if mine[key] != theirs[key]:
+                raise UserError(f"{theirs.where()}: {key}={theirs[key]}, {cfg.source} has {mine[key]}: a "
+                                f"cut for {method.name} pruning changes only filters")
+
+
+Gammas = dict[int, torch.Tensor]  # |γ| of each candidate conv
+
+
+def _candidates(model: Darknet, method: PruneMethod) -> tuple[ChannelGraph, list[int], Gammas]:
+    """The model's channel graph, the convs ``method`` may cut, and each one's |γ|."""
+    graph = ChannelGraph(model.cfg)
+    convs = method.channel_convs(graph)
     if not convs:
         raise UserError(f"{model.cfg.source}: no conv that {method.name} pruning may cut (every conv feeds "
                         f"a head, lacks batch norm or is tied)")
-    return convs, {i: _gamma(model, i) for i in convs}
+    return graph, convs, {i: _gamma(model, i) for i in convs}
 
 
-def _ranked_units(model: Darknet, method: PruneMethod, convs: list[int], gammas: dict[int, torch.Tensor]):
+def _ranked_units(graph: ChannelGraph, method: PruneMethod, convs: list[int], gammas: Gammas):
     """Each unit of ``convs``, its groups' scores, and the group indices best first."""
-    for unit in channel_units(ChannelGraph(model.cfg), convs):
+    for unit in channel_units(graph, convs):
         scores = [group_score(torch.stack([gammas[i][c] for i, c in chans]), method.group_score)
                   for chans in unit]
         yield unit, scores, sorted(range(len(unit)), key=lambda k: -scores[k])
 
 
-def _masks(keep: dict[tuple[int, int], bool], gammas: dict[int, torch.Tensor]) -> Masks:
+def _masks(keep: dict[tuple[int, int], bool], gammas: Gammas) -> Masks:
     return {i: torch.tensor([keep[(i, c)] for c in range(len(g))]) for i, g in gammas.items()}
 
 

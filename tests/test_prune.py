@@ -341,23 +341,26 @@ def test_nested_residual_blocks_are_not_removed_together(spread_models):
 
 # ---------------------------------------------------------------- widths from a cfg
 def narrower(model: Darknet, method: str, share: float = 0.4):
-    """``model``'s cfg with every unit ``method`` may cut at ``share`` of its channel groups."""
+    """``model``'s cfg with every unit ``method`` may cut at ``share`` of its channel groups (a conv that
+    a grouped [route] splits keeps whole groups)."""
     from prune.policies import channel_units
 
     target = model.cfg.copy()
     target.source = "cut.cfg"
     graph = ChannelGraph(model.cfg)
     for unit in channel_units(graph, METHODS[method].channel_convs(graph)):
-        for i in {i for chans in unit for i, _ in chans}:
-            target.layers[i].set("filters", max(1, int(share * len(unit))))
+        for i in {i for i, _ in unit[0]}:
+            per = sum(1 for j, _ in unit[0] if j == i)
+            target.layers[i].set("filters", per * max(1, int(share * len(unit))))
     return target
 
 
-@pytest.mark.parametrize("method", ["slim", "shortcut", "regular"])
-def test_widths_from_a_cfg_keep_the_best_groups_at_exactly_its_widths(spread_models, method):
+@pytest.mark.parametrize("name,method", [("yolo-small", "slim"), ("yolo-small", "shortcut"),
+                                         ("yolo-small", "regular"), ("yolov4-tiny", "slim")])
+def test_widths_from_a_cfg_keep_the_best_groups_at_exactly_its_widths(spread_models, name, method):
     from prune.policies import channel_units, group_score
 
-    model = spread_models("yolo-small")
+    model = spread_models(name)
     target = narrower(model, method)
     p = plan(model, method, widths=target)
     pruned = apply_plan(model, p)
@@ -373,7 +376,7 @@ def test_widths_from_a_cfg_keep_the_best_groups_at_exactly_its_widths(spread_mod
     for unit in channel_units(graph, METHODS[method].channel_convs(graph)):
         kept = [score(chans) for chans in unit if p.channels.masks[chans[0][0]][chans[0][1]]]
         gone = [score(chans) for chans in unit if not p.channels.masks[chans[0][0]][chans[0][1]]]
-        assert len(kept) == int(0.4 * len(unit)) and min(kept) >= max(gone)
+        assert len(kept) == max(1, int(0.4 * len(unit))) and min(kept) >= max(gone)
 
 
 def test_widths_from_a_cfg_that_is_no_cut_of_the_model_are_one_line_errors(spread_models):
@@ -382,18 +385,33 @@ def test_widths_from_a_cfg_that_is_no_cut_of_the_model_are_one_line_errors(sprea
     with pytest.raises(UserError, match="not a cut of this network"):
         plan(model, "slim", widths=other)
     wider = narrower(model, "slim", 2.0)
-    with pytest.raises(UserError, match="a cut keeps 1 to"):
+    with pytest.raises(UserError, match="a cut of this conv keeps 1 to"):
         plan(model, "slim", widths=wider)
     untied = narrower(model, "slim")
     chain = ChannelGraph(model.cfg).chains()[0]
     untied.layers[chain[-1]].set("filters", untied.layers[chain[0]]["filters"] + 1)
     with pytest.raises(UserError, match="tied convs keep one width"):
         plan(model, "slim", widths=untied)
+    resized = narrower(model, "slim")
+    resized.layers[chain[0]].set("size", 1)
+    with pytest.raises(UserError, match=r"size=1, .* has 3: a cut for slim pruning changes only filters"):
+        plan(model, "slim", widths=resized)
     tied_cut = narrower(model, "slim")  # normal pruning does not cut the shortcut-tied convs
-    with pytest.raises(UserError, match="normal pruning does not cut that conv"):
+    with pytest.raises(UserError, match="normal pruning does not cut this conv"):
         plan(model, "normal", widths=tied_cut)
-    with pytest.raises(UserError, match="layer pruning removes no channels"):
+    with pytest.raises(UserError, match="layer pruning removes blocks"):
         plan(model, "layer", widths=tied_cut)
+    with pytest.raises(UserError, match="layer_channel pruning removes blocks"):
+        plan(model, "layer_channel", widths=tied_cut)
+    grouped = spread_models("yolov4-tiny")  # its grouped [route]s split convs into halves
+    odd = narrower(grouped, "slim")
+    split = next(i for i, b in enumerate(odd.layers) if b.type == "convolutional"
+                 and b["filters"] != grouped.cfg.layers[i]["filters"] and b["filters"] % 2 == 0
+                 and i + 1 < len(odd.layers) and odd.layers[i + 1].type == "route"
+                 and odd.layers[i + 1]["groups"] > 1)
+    odd.layers[split].set("filters", odd.layers[split]["filters"] + 1)
+    with pytest.raises(UserError, match=r"in steps of 2 \(a grouped \[route\] splits it\)"):
+        plan(grouped, "slim", widths=odd)
 
 
 def test_the_widths_from_flag_prunes_to_a_cfg_file_and_never_writes_it(trained_small, tmp_path):
@@ -401,11 +419,20 @@ def test_the_widths_from_flag_prunes_to_a_cfg_file_and_never_writes_it(trained_s
 
     model = load_model(trained_small)
     cut = tmp_path / "cut.cfg"
-    text = write_cfg(narrower(model, "slim", 0.5))
-    cut.write_text(text)
-    report = cli.main("slim", ["--weights", str(trained_small), "--widths-from", str(cut), "--img-size", "64",
-                               "--latency-runs", "1", "--output", str(tmp_path / "out")])
+    cut.write_text(write_cfg(narrower(model, "slim", 0.5)))
+    common = ["--weights", str(trained_small), "--img-size", "64", "--latency-runs", "1"]
+    report = cli.main("slim", [*common, "--widths-from", str(cut), "--output", str(tmp_path / "out")])
     wanted = [b["filters"] for b in narrower(model, "slim", 0.5).layers if b.type == "convolutional"]
     assert [w[1] for w in report["widths"].values()] == wanted
-    assert cut.read_text() == text
-    assert load_model(tmp_path / "out" / "pruned.pt").cfg_text.count("filters=") == text.count("filters=")
+    pruned = load_model(tmp_path / "out" / "pruned.pt").cfg
+    assert [b["filters"] for b in pruned.layers if b.type == "convolutional"] == wanted
+    with pytest.raises(UserError, match="--percent: does nothing with --widths-from"):
+        cli.main("slim", [*common, "--widths-from", str(cut), "--percent", "0.3",
+                          "--output", str(tmp_path / "x")])
+    mine = tmp_path / "mine"  # the cut is named like an output: refused before anything is written
+    mine.mkdir()
+    (mine / "pruned.cfg").write_text(cut.read_text())
+    with pytest.raises(UserError, match="would overwrite the input"):
+        cli.main("slim", [*common, "--widths-from", str(mine / "pruned.cfg"), "--output", str(mine),
+                          "--exist-ok"])
+    assert (mine / "pruned.cfg").read_text() == cut.read_text() and len(list(mine.iterdir())) == 1
