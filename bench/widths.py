@@ -40,6 +40,7 @@ def time_width(c: int, k: int, size: int, runs: int) -> dict:
     torch.onnx.export(m, (x,), buffer, input_names=["x"], opset_version=13, dynamo=False)
     (ort_ms,) = ort_latencies([buffer.getvalue()], x.numpy(), runs)
     m.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)  # as every conv after the first gets it, deployed
     with torch.no_grad():
         (pt_ms,) = latencies([lambda: m(x)], runs)
     macs = c * c * k * k * size * size

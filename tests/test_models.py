@@ -96,6 +96,8 @@ def test_deploy_matches_unfused_and_leaves_its_input_alone(cfg_path):
     convs = [m.conv for m in deployed.layers if isinstance(m, ConvBN)]
     kernels = [c.weight for c in convs if c.weight.shape[-1] > 1]
     assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) for w in kernels)
+    acts = [m.act for m in deployed.layers if isinstance(m, ConvBN) and hasattr(m.act, "inplace")]
+    assert acts and all(a.inplace for a in acts)
 
 
 def test_input_size_not_multiple_of_stride_is_a_clear_error():
