@@ -130,17 +130,25 @@ class Upsample(nn.Module):
 
 
 class MaxPool(nn.Module):
-    """``[maxpool]`` as darknet pools: ``padding`` (default size-1) split padding//2 before, rest after."""
+    """``[maxpool]`` as darknet pools: ``padding`` (default size-1) split padding//2 before, rest after.
+
+    Even padding of at most half the window (SPP's 5, 9 and 13 at stride 1) is the pool's own
+    padding, which ignores the border as the -inf pad does: one op instead of two, and in the float
+    ONNX a MaxPool with ``pads`` that onnxruntime keeps in its blocked layout, where a Pad needed two
+    layout reorders around it (5 fewer nodes in yolo-small's optimized graph; no latency change
+    beyond the noise, measured). Other paddings (yolov3-tiny's 2x2 at stride 1 pads one side) are an
+    explicit -inf pad first."""
 
     def __init__(self, block: Block):
         super().__init__()
         self.size, self.stride, p = block["size"], block["stride"], block["padding"]
-        self.pad = (p // 2, p - p // 2, p // 2, p - p // 2)
+        self.pad = (p // 2, p - p // 2, p // 2, p - p // 2)  # darknet's: left, right, top, bottom
+        self.own_pad = p // 2 if p % 2 == 0 and p // 2 <= self.size // 2 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(self.pad):
-            x = F.pad(x, self.pad, value=float("-inf"))
-        return F.max_pool2d(x, self.size, self.stride)
+        if self.own_pad is not None:
+            return F.max_pool2d(x, self.size, self.stride, self.own_pad)
+        return F.max_pool2d(F.pad(x, self.pad, value=float("-inf")), self.size, self.stride)
 
 
 class GlobalAvgPool(nn.Module):

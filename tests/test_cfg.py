@@ -68,6 +68,23 @@ def test_maxpool_size2_stride1_keeps_the_size_and_pads_right_bottom():
     assert torch.equal(y[0, 0], expected)
 
 
+@pytest.mark.parametrize("size", [3, 5, 9, 13])
+def test_spp_maxpool_pads_inside_the_pool_as_darknet_pads_with_minus_infinity(size):
+    """An even padding (SPP's) is the pool's own: on all-negative maps its border must still lose to
+    the inside, as darknet's -inf pad does, and the explicit pad is gone from the graph."""
+    cfg = parse_cfg(NET + f"[maxpool]\nsize={size}\nstride=1\n[convolutional]\nfilters=21\nsize=1\n"
+                    "activation=linear\n" + HEAD.format(f=21).split("\n", 5)[-1])
+    pool = Darknet(cfg).layers[0]
+    x = -1 - torch.rand(1, 4, 11, 11)
+    q = (size - 1) // 2
+    darknet = torch.nn.functional.max_pool2d(torch.nn.functional.pad(x, (q, q, q, q), value=float("-inf")),
+                                             size, 1)
+    assert torch.equal(pool(x), darknet)
+    assert pool.pad == (q, q, q, q)  # what the FPGA package describes
+    traced = torch.jit.trace(pool, x)
+    assert "constant_pad_nd" not in str(traced.graph) and "aten::pad" not in str(traced.graph)
+
+
 def test_route_groups_take_the_group_id_slice():
     text = tiny("[route]\nlayers=-1\ngroups=2\ngroup_id=1\n")
     model = Darknet(parse_cfg(text))
