@@ -128,16 +128,30 @@ def channel_plan(model: Darknet, method: PruneMethod, percent: float, layer_keep
 def width_plan(model: Darknet, method: PruneMethod, target: ModelCfg) -> ChannelPlan:
     """The masks that give ``model`` the conv widths of ``target`` (a cut of the same network, e.g. one
     timed with ``bench.speed`` before training): every unit keeps as many of its channel groups as
-    the target's widths need, the best by the method's score. A target that differs in anything but
-    narrower widths of convs the method may cut is a UserError naming its block."""
-    _same_network_but_widths(model.cfg, target, method)
+    the target's widths need (:func:`unit_keeps`), the best by the method's score."""
+    keeps = unit_keeps(model.cfg, method, target)
     graph, convs, gammas = _candidates(model, method)
-    for i, (mine, theirs) in enumerate(zip(model.cfg.layers, target.layers)):
-        if mine.type == "convolutional" and i not in gammas and theirs["filters"] != mine["filters"]:
+    keep: dict[tuple[int, int], bool] = {}
+    for (unit, _, ranked), n_keep in zip(_ranked_units(graph, method, convs, gammas), keeps, strict=True):
+        for rank, k in enumerate(ranked):
+            keep.update(dict.fromkeys(unit[k], rank < n_keep))
+    return ChannelPlan(_masks(keep, gammas), float("nan"), 0.0, widths_from=str(target.source))
+
+
+def unit_keeps(cfg: ModelCfg, method: PruneMethod, target: ModelCfg) -> list[int]:
+    """How many channel groups each unit of ``method``'s candidate convs keeps (in
+    :func:`channel_units` order) to give ``cfg`` the conv widths of ``target``: what pruning with
+    ``--widths-from`` keeps, and what sparse training with ``--sr-keep-from`` spares. A target that
+    differs in anything but narrower widths of convs the method may cut is a UserError naming its
+    block."""
+    _same_network_but_widths(cfg, target, method)
+    graph, convs = _cut_convs(cfg, method)
+    for i, (mine, theirs) in enumerate(zip(cfg.layers, target.layers)):
+        if mine.type == "convolutional" and i not in convs and theirs["filters"] != mine["filters"]:
             raise UserError(f"{theirs.where()}: filters={theirs['filters']}, but {method.name} pruning does "
                             f"not cut this conv: it keeps {mine['filters']}")
-    keep: dict[tuple[int, int], bool] = {}
-    for unit, _, ranked in _ranked_units(graph, method, convs, gammas):
+    keeps = []
+    for unit in channel_units(graph, convs):
         per: dict[int, int] = {}  # channels of each conv in one group (a grouped [route] puts several)
         for i, _ in unit[0]:
             per[i] = per.get(i, 0) + 1
@@ -153,10 +167,8 @@ def width_plan(model: Darknet, method: PruneMethod, target: ModelCfg) -> Channel
             tied = ", ".join(map(str, sorted(per)))
             raise UserError(f"{target.layers[min(per)].where()}: the convs tied to it (layers {tied}) are "
                             f"cut to different widths; tied convs keep one width")
-        (n_keep,) = counts
-        for rank, k in enumerate(ranked):
-            keep.update(dict.fromkeys(unit[k], rank < n_keep))
-    return ChannelPlan(_masks(keep, gammas), float("nan"), 0.0, widths_from=str(target.source))
+        keeps.append(counts.pop())
+    return keeps
 
 
 def _same_network_but_widths(cfg: ModelCfg, target: ModelCfg, method: PruneMethod) -> None:
@@ -177,13 +189,19 @@ def _same_network_but_widths(cfg: ModelCfg, target: ModelCfg, method: PruneMetho
 Gammas = dict[int, torch.Tensor]  # |γ| of each candidate conv
 
 
-def _candidates(model: Darknet, method: PruneMethod) -> tuple[ChannelGraph, list[int], Gammas]:
-    """The model's channel graph, the convs ``method`` may cut, and each one's |γ|."""
-    graph = ChannelGraph(model.cfg)
+def _cut_convs(cfg: ModelCfg, method: PruneMethod) -> tuple[ChannelGraph, list[int]]:
+    """The cfg's channel graph and the convs ``method`` may cut (none: a UserError)."""
+    graph = ChannelGraph(cfg)
     convs = method.channel_convs(graph)
     if not convs:
-        raise UserError(f"{model.cfg.source}: no conv that {method.name} pruning may cut (every conv feeds "
+        raise UserError(f"{cfg.source}: no conv that {method.name} pruning may cut (every conv feeds "
                         f"a head, lacks batch norm or is tied)")
+    return graph, convs
+
+
+def _candidates(model: Darknet, method: PruneMethod) -> tuple[ChannelGraph, list[int], Gammas]:
+    """The model's channel graph, the convs ``method`` may cut, and each one's |γ|."""
+    graph, convs = _cut_convs(model.cfg, method)
     return graph, convs, {i: _gamma(model, i) for i in convs}
 
 

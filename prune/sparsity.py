@@ -34,6 +34,10 @@ local share ``K = --sr-keep``):
   ``global`` over all selected channels (the older tools'), or ``layer``: within each layer, channels
   tied by shortcuts ranked together as the pruning method scores them (one group per tied set), so
   every layer keeps its share instead of a layer whose γ happen to be a little smaller being emptied.
+  ``--sr-keep-from CFG`` (with ``--sr-rank layer``) spares each layer as many channels as it has in
+  CFG, a cut of the same network (``docs/cuts/``; one a benchmark timed before training), instead of
+  one share for all: the sparse stage empties exactly what ``prune/*_prune.py --widths-from CFG``
+  will remove.
 
 A γ the threshold zeroes is zeroed in the weights' moving average too (what is evaluated and saved).
 Every epoch the hook prints and logs to TensorBoard, for the model the checkpoint keeps (the moving
@@ -51,10 +55,11 @@ import torch
 from torch import nn
 
 from engine.hooks import TrainContext, TrainHook
+from models.cfg import ModelCfg, read_cfg
 from models.graph import ChannelGraph
 from prune.methods import METHODS, SPARSITY_ALIASES, PruneMethod, method
-from prune.policies import channel_units, group_score
-from utils.cli import FRACTION, SPARSITY, option, refuse_unused
+from prune.policies import channel_units, group_score, unit_keeps
+from utils.cli import FRACTION, SPARSITY, given_flags, option, refuse_unused
 from utils.errors import UserError
 
 SCHEDULES = ("constant", "global", "local")
@@ -91,6 +96,10 @@ class SparsityOptions:
     sr_rank: str = option("global", "--sr-rank", choices=RANKS,
                           help="local decay: take the --sr-keep share over all penalized channels (global) "
                                "or within each layer, tied channels together (layer: no layer is emptied)")
+    sr_keep_from: str = option("", "--sr-keep-from", metavar="CFG",
+                               help="local decay ranked by layer: spare as many channels in each layer as it "
+                                    "has in this cfg (a cut of the same network, as prune --widths-from "
+                                    "takes), instead of the --sr-keep share")
 
     @property
     def method(self) -> PruneMethod:
@@ -102,6 +111,17 @@ class SparsityOptions:
         if self.sr_rank != "global" and self.sr_schedule != "local":
             raise UserError(f"--sr-rank {self.sr_rank}: only the local schedule ranks channels; add "
                             f"--sr-schedule local (now {self.sr_schedule})")
+        if self.sr_keep_from:
+            if self.sr_rank != "layer":
+                raise UserError(f"--sr-keep-from {self.sr_keep_from}: it gives each layer its own count; add "
+                                f"--sr-schedule local --sr-rank layer")
+            if given_flags(self, ["sr_keep"]):
+                raise UserError(f"--sr-keep {self.sr_keep}: does nothing with --sr-keep-from (the cfg gives "
+                                f"every layer's count)")
+            m = self.method
+            if not m.channels or m.blocks:
+                raise UserError(f"--sr-keep-from: {m.name} pruning does not take its widths from a cfg; "
+                                f"use a channel method (--prune-method normal, shortcut, slim or regular)")
         if self.sr and self.s is None:  # recorded as used, so a later default cannot change a resumed run
             self.s = DEFAULT_S[self.sr_mode]
 
@@ -109,8 +129,9 @@ class SparsityOptions:
         if not self.sr:
             return None
         s = DEFAULT_S[self.sr_mode] if self.s is None else self.s
+        keep_from = read_cfg(self.sr_keep_from) if self.sr_keep_from else None
         return SparsityHook(s, self.method, self.sr_schedule, self.sr_decay_at, self.sr_keep,
-                            self.sr_mode, self.sr_rank)
+                            self.sr_mode, self.sr_rank, keep_from)
 
 
 def sparse_convs(model: nn.Module, m: PruneMethod | str) -> list[int]:
@@ -122,26 +143,28 @@ Units = list[list[torch.Tensor]]  # per unit, each channel group's indices into 
 
 
 def kept_channels(gammas: torch.Tensor, keep: float, units: Units | None = None,
-                  score: str = "max") -> torch.Tensor:
+                  score: str = "max", counts: list[int] | None = None) -> torch.Tensor:
     """True for the channels of the share ``keep`` of groups with the largest score in each unit
-    (:func:`prune.policies.group_score`); ``units`` None: every channel is a group of one, all in one
-    unit."""
+    (:func:`prune.policies.group_score`), or of the ``counts[u]`` best groups of unit ``u`` where
+    ``counts`` is given; ``units`` None: every channel is a group of one, all in one unit."""
     g = gammas.abs()
     mask = torch.zeros_like(g, dtype=torch.bool)
     if units is None:
         mask[g.topk(math.ceil(keep * g.numel())).indices] = True
         return mask
-    for groups in units:
+    for u, groups in enumerate(units):
         scores = torch.tensor([group_score(g[idx], score) for idx in groups])
-        for k in scores.topk(math.ceil(keep * len(groups))).indices.tolist():
+        n = counts[u] if counts is not None else math.ceil(keep * len(groups))
+        for k in scores.topk(n).indices.tolist():
             mask[groups[k]] = True
     return mask
 
 
 def sparsity_scale(schedule: str, s: float, epoch: int, epochs: int, decay_at: float, keep: float,
-                   gammas: torch.Tensor, units: Units | None = None, score: str = "max") -> torch.Tensor:
+                   gammas: torch.Tensor, units: Units | None = None, score: str = "max",
+                   counts: list[int] | None = None) -> torch.Tensor:
     """The per-channel penalty ``s_c`` for the flattened γ of all selected convs (see module doc);
-    ``units``/``score``: where the local schedule's share is taken (:func:`kept_channels`)."""
+    ``units``/``score``/``counts``: where the local schedule's share is taken (:func:`kept_channels`)."""
     if schedule not in SCHEDULES:
         raise UserError(f"--sr-schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
     scale = torch.full_like(gammas, s)
@@ -149,7 +172,7 @@ def sparsity_scale(schedule: str, s: float, epoch: int, epochs: int, decay_at: f
         return scale
     if schedule == "global":
         return scale * DECAY
-    scale[kept_channels(gammas, keep, units, score)] = s * DECAY
+    scale[kept_channels(gammas, keep, units, score, counts)] = s * DECAY
     return scale
 
 
@@ -168,7 +191,8 @@ class SparsityHook(TrainHook):
     after the step (``proximal``) or ``s_c · sign(γ)`` added to the gradient (``subgradient``)."""
 
     def __init__(self, s: float, prune_method: PruneMethod | str = "normal", schedule: str = "constant",
-                 decay_at: float = 0.5, keep: float = 0.15, mode: str = "proximal", rank: str = "global"):
+                 decay_at: float = 0.5, keep: float = 0.15, mode: str = "proximal", rank: str = "global",
+                 keep_from: ModelCfg | None = None):
         if s < 0:
             raise UserError(f"--s {s}: the sparsity rate must be >= 0")
         if not 0 <= decay_at <= 1 or not 0 <= keep <= 1:
@@ -179,6 +203,10 @@ class SparsityHook(TrainHook):
             raise UserError(f"--sr-mode {mode!r}: expected one of {', '.join(MODES)}")
         if rank not in RANKS:
             raise UserError(f"--sr-rank {rank!r}: expected one of {', '.join(RANKS)}")
+        if keep_from is not None and (rank != "layer" or schedule != "local"):
+            raise UserError(f"--sr-keep-from {keep_from.source}: needs --sr-schedule local --sr-rank layer")
+        self.keep_from = keep_from  # a cut whose widths say how many channels each layer spares
+        self.counts: list[int] | None = None
         self.mode, self.rank = mode, rank
         self.method = method(prune_method) if isinstance(prune_method, str) else prune_method
         self.s, self.schedule, self.decay_at, self.keep = s, schedule, decay_at, keep
@@ -201,8 +229,10 @@ class SparsityHook(TrainHook):
             self.bns = [ctx.model.layers[i].bn for i in convs]
             if self.rank == "layer":
                 self.units = layer_units(ctx.model, convs)
+            if self.keep_from is not None:
+                self.counts = unit_keeps(ctx.model.cfg, self.method, self.keep_from)
         flat = sparsity_scale(self.schedule, self.s, epoch, ctx.epochs, self.decay_at, self.keep,
-                              self._gammas(), self.units, self.method.group_score)
+                              self._gammas(), self.units, self.method.group_score, self.counts)
         self.scales = list(flat.split([bn.num_features for bn in self.bns]))
 
     @torch.no_grad()

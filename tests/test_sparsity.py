@@ -84,6 +84,70 @@ def test_local_schedule_ranked_by_layer_keeps_each_layers_share_with_tied_channe
     assert {i for unit in units for chans in unit for i, _ in chans} == set(convs)
 
 
+def uneven_cut(model: Darknet, method: str):
+    """A cut of ``model``'s cfg for ``method``: unit u keeps 1/4, 2/4 or 3/4 of its groups by turns."""
+    target = model.cfg.copy()
+    target.source = "cut.cfg"
+    graph = ChannelGraph(model.cfg)
+    for u, unit in enumerate(channel_units(graph, METHODS[method].channel_convs(graph))):
+        for i in {i for i, _ in unit[0]}:
+            per = sum(1 for j, _ in unit[0] if j == i)
+            target.layers[i].set("filters", per * max(1, (u % 3 + 1) * len(unit) // 4))
+    return target
+
+
+@pytest.mark.parametrize("cfg,name", [("yolo-small", "slim"), ("yolo-small", "shortcut"),
+                                      ("yolov4-tiny", "slim"), ("yolo-small", "regular")])
+def test_keep_from_a_cut_spares_exactly_the_channels_pruning_to_that_cut_keeps(cfg, name):
+    """--sr-keep-from: in every layer the channels whose penalty decays are the ones
+    ``--widths-from`` with the same cfg keeps, so the sparse stage empties exactly what it removes."""
+    from prune.methods import plan
+
+    model = Darknet(REPO / "cfg" / f"{cfg}.cfg")
+    gen = torch.Generator().manual_seed(1)
+    for i in sparse_convs(model, name):
+        bn = model.layers[i].bn
+        bn.weight.data = (0.5 + torch.rand(bn.num_features, generator=gen)) * torch.where(
+            torch.rand(bn.num_features, generator=gen) < 0.5, -1.0, 1.0)
+    target = uneven_cut(model, name)
+    hook = SparsityHook(1.0, name, "local", decay_at=0, rank="layer", keep_from=target)
+    ctx = TrainContext(model=model, device=torch.device("cpu"), epochs=4, sizes=(64, 64, 64), amp=False,
+                       gains=None, main=True)
+    hook.on_epoch_start(ctx, 0)
+    spared = {i: scale < 1.0 for i, scale in zip(hook.convs, hook.scales)}
+    masks = plan(model, name, widths=target).channels.masks
+    assert set(spared) == set(masks)
+    for i, mask in masks.items():
+        assert torch.equal(spared[i], mask), f"layer {i}"
+        assert int(mask.sum()) == target.layers[i]["filters"]
+
+
+def test_keep_from_options_that_cannot_work_are_one_line_errors(tmp_path):
+    cut = tmp_path / "cut.cfg"
+    cut.write_text((REPO / "cfg" / "yolov3-tiny.cfg").read_text())
+    local = {"sr": True, "sr_schedule": "local", "sr_keep_from": str(cut)}
+    with pytest.raises(UserError, match=r"--sr-keep-from .*cut\.cfg: it gives each layer its own count"):
+        SparsityOptions(**local).check()
+    with pytest.raises(UserError, match=r"--sr-keep 0\.5: does nothing with --sr-keep-from"):
+        SparsityOptions(**local, sr_rank="layer", sr_keep=0.5).check()
+    with pytest.raises(UserError, match="layer_channel pruning does not take its widths from a cfg"):
+        SparsityOptions(**local, sr_rank="layer", prune_method="layer_channel").check()
+    with pytest.raises(UserError, match="--sr-keep-from: does nothing without -sr"):
+        SparsityOptions(sr_keep_from=str(cut)).check()
+    with pytest.raises(UserError, match=r"missing\.cfg"):
+        SparsityOptions(**{**local, "sr_keep_from": str(tmp_path / "missing.cfg")}, sr_rank="layer",
+                        prune_method="slim").hook()
+    options = SparsityOptions(**local, sr_rank="layer", prune_method="slim")
+    options.check()
+    hook = options.hook()  # yolov3-tiny's cfg is no cut of yolo-small: said when training starts
+    ctx = TrainContext(model=Darknet(REPO / "cfg" / "yolo-small.cfg"), device=torch.device("cpu"), epochs=1,
+                       sizes=(64, 64, 64), amp=False, gains=None, main=True)
+    with pytest.raises(UserError, match=r"cut\.cfg: .* not a cut of this network"):
+        hook.on_epoch_start(ctx, 0)
+    with pytest.raises(UserError, match="needs --sr-schedule local --sr-rank layer"):
+        SparsityHook(1.0, "slim", "local", rank="global", keep_from=hook.keep_from)
+
+
 class GradProbe(TrainHook):
     """Records the γ gradients of ``sparsity``'s batch norms that it sees in ``after_backward`` (place it
     before or after the penalty). With ``amp_scale`` it gives ``owner`` a real, enabled loss scaler, as
