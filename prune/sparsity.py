@@ -152,9 +152,9 @@ def kept_channels(gammas: torch.Tensor, keep: float, units: Units | None = None,
     if units is None:
         mask[g.topk(math.ceil(keep * g.numel())).indices] = True
         return mask
-    for u, groups in enumerate(units):
+    for groups, count in zip(units, counts if counts is not None else [None] * len(units), strict=True):
         scores = torch.tensor([group_score(g[idx], score) for idx in groups])
-        n = counts[u] if counts is not None else math.ceil(keep * len(groups))
+        n = count if count is not None else math.ceil(keep * len(groups))
         for k in scores.topk(n).indices.tolist():
             mask[groups[k]] = True
     return mask
@@ -215,6 +215,9 @@ class SparsityHook(TrainHook):
         self.scales: list[torch.Tensor] = []
         self.units: Units | None = None  # --sr-rank layer: the channel groups of each layer
         self.history: list[tuple[int, torch.Tensor]] = []  # (epoch, |γ|) for the plot
+
+    def inputs(self) -> list[str]:
+        return [self.keep_from.source] if self.keep_from is not None else []
 
     def _gammas(self) -> torch.Tensor:
         return torch.cat([bn.weight.detach().flatten() for bn in self.bns])

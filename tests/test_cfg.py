@@ -68,21 +68,37 @@ def test_maxpool_size2_stride1_keeps_the_size_and_pads_right_bottom():
     assert torch.equal(y[0, 0], expected)
 
 
-@pytest.mark.parametrize("size", [3, 5, 9, 13])
-def test_spp_maxpool_pads_inside_the_pool_as_darknet_pads_with_minus_infinity(size):
-    """An even padding (SPP's) is the pool's own: on all-negative maps its border must still lose to
-    the inside, as darknet's -inf pad does, and the explicit pad is gone from the graph."""
-    cfg = parse_cfg(NET + f"[maxpool]\nsize={size}\nstride=1\n[convolutional]\nfilters=21\nsize=1\n"
-                    "activation=linear\n" + HEAD.format(f=21).split("\n", 5)[-1])
+def darknet_maxpool(x: torch.Tensor, size: int, stride: int, padding: int) -> torch.Tensor:
+    """darknet's forward_maxpool_layer, loop for loop: output (in + padding - size) / stride + 1, the
+    window starting padding // 2 before the map, positions outside it skipped."""
+    c, h, w = x.shape[1:]
+    oh, ow = (h + padding - size) // stride + 1, (w + padding - size) // stride + 1
+    y = torch.full((1, c, oh, ow), float("-inf"))
+    for i in range(oh):
+        for j in range(ow):
+            for n in range(size):
+                for m in range(size):
+                    r, s = i * stride + n - padding // 2, j * stride + m - padding // 2
+                    if 0 <= r < h and 0 <= s < w:
+                        y[0, :, i, j] = torch.maximum(y[0, :, i, j], x[0, :, r, s])
+    return y
+
+
+@pytest.mark.parametrize("size,stride,padding,own", [(3, 1, 2, True), (5, 1, 4, True), (9, 1, 8, True),
+                                                    (13, 1, 12, True), (5, 1, 2, True), (3, 2, 2, True),
+                                                    (2, 2, 2, True), (2, 2, 1, False), (2, 1, 4, False)])
+def test_maxpool_padding_inside_the_pool_or_before_it_is_darknets(size, stride, padding, own):
+    """An even padding of at most half the window (SPP's) is the pool's own, others an explicit -inf
+    pad first: on all-negative maps both must match darknet's loop, border positions included."""
+    head = "[convolutional]\nfilters=21\nsize=1\nactivation=linear\n" + HEAD.format(f=21).split("\n", 5)[-1]
+    cfg = parse_cfg(NET + f"[maxpool]\nsize={size}\nstride={stride}\npadding={padding}\n" + head)
     pool = Darknet(cfg).layers[0]
     x = -1 - torch.rand(1, 4, 11, 11)
-    q = (size - 1) // 2
-    darknet = torch.nn.functional.max_pool2d(torch.nn.functional.pad(x, (q, q, q, q), value=float("-inf")),
-                                             size, 1)
-    assert torch.equal(pool(x), darknet)
-    assert pool.pad == (q, q, q, q)  # what the FPGA package describes
-    traced = torch.jit.trace(pool, x)
-    assert "constant_pad_nd" not in str(traced.graph) and "aten::pad" not in str(traced.graph)
+    assert torch.equal(pool(x), darknet_maxpool(x, size, stride, padding))
+    p = padding
+    assert pool.pad == (p // 2, p - p // 2, p // 2, p - p // 2)  # darknet's, as the FPGA package describes it
+    graph = str(torch.jit.trace(pool, x).graph)
+    assert ("constant_pad_nd" in graph or "aten::pad" in graph) != own
 
 
 def test_route_groups_take_the_group_id_slice():

@@ -140,6 +140,7 @@ def test_keep_from_options_that_cannot_work_are_one_line_errors(tmp_path):
     options = SparsityOptions(**local, sr_rank="layer", prune_method="slim")
     options.check()
     hook = options.hook()  # yolov3-tiny's cfg is no cut of yolo-small: said when training starts
+    assert hook.inputs() == [str(cut)]  # an input of the run: never written over
     ctx = TrainContext(model=Darknet(REPO / "cfg" / "yolo-small.cfg"), device=torch.device("cpu"), epochs=1,
                        sizes=(64, 64, 64), amp=False, gains=None, main=True)
     with pytest.raises(UserError, match=r"cut\.cfg: .* not a cut of this network"):
