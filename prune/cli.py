@@ -89,7 +89,7 @@ def applies(name: str) -> Callable[[str], bool]:
     ``--round-to``) only for methods that cut channels, ``--shortcuts`` only for block removal."""
     m = method(name)
     needs = {"percent": m.channels, "layer_keep": m.channels, "round_to": m.channels,
-             "widths_from": m.channels and not m.blocks, "shortcuts": m.blocks}
+             "widths_from": m.takes_widths, "shortcuts": m.blocks}
     return lambda field_name: needs.get(field_name, True)
 
 

@@ -42,6 +42,12 @@ class PruneMethod:
     round_to: int = 16
     blocks: bool = False  # removes whole residual blocks (--shortcuts of them)
 
+    @property
+    def takes_widths(self) -> bool:
+        """Whether a cut cfg can say its widths (``--widths-from``, ``--sr-keep-from``): it cuts channels
+        and removes no blocks, so the cut is the same network with narrower convs."""
+        return self.channels and not self.blocks
+
     def channel_convs(self, graph: ChannelGraph) -> list[int]:
         """The convs whose output channels this method may cut."""
         return channel_candidates(graph, self.include_tied) if self.channels else []
@@ -107,7 +113,7 @@ def plan(model: Darknet, m: PruneMethod | str, percent: float = 0.5, layer_keep:
     """What method ``m`` removes from ``model`` at these settings (nothing is changed yet); ``round_to``
     None: the method's default; ``widths``: the conv widths of that cfg instead of a threshold."""
     m = method(m) if isinstance(m, str) else m
-    if widths is not None and (m.blocks or not m.channels):
+    if widths is not None and not m.takes_widths:
         raise UserError(f"{m.name} pruning {'removes blocks' if m.blocks else 'removes no channels'}: it "
                         f"cannot take the widths of {widths.source}")
     channels = None

@@ -119,7 +119,7 @@ class SparsityOptions:
                 raise UserError(f"--sr-keep {self.sr_keep}: does nothing with --sr-keep-from (the cfg gives "
                                 f"every layer's count)")
             m = self.method
-            if not m.channels or m.blocks:
+            if not m.takes_widths:
                 raise UserError(f"--sr-keep-from: {m.name} pruning does not take its widths from a cfg; "
                                 f"use a channel method (--prune-method normal, shortcut, slim or regular)")
         if self.sr and self.s is None:  # recorded as used, so a later default cannot change a resumed run
